@@ -1,0 +1,92 @@
+"""Checkpoints: safetensors + JSON, never pickles, swapped in atomically.
+
+    out_dir/model.safetensors   weights (the tied lm_head dropped: safetensors refuses shared memory)
+    out_dir/config.json         {"model": GPTConfig, "run": run config, "tokenizer_hash", "step", "metrics"}
+    out_dir/tokenizer.json      the tokenizer the weights were trained with
+    out_dir/resume.safetensors  optimizer moments and RNG state (resume only; later stages ignore it)
+
+A checkpoint is written to `out_dir.tmp` and swapped in with `os.replace`, so a kill at any moment leaves
+one complete checkpoint: the previous one or the new one.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanoalign.model import GPT
+from nanoalign.tokenizer import Tokenizer, check_tokenizer_hash
+
+
+def write_checkpoint(out_dir, model_state: dict, meta: dict, tokenizer: Tokenizer, resume_state=None) -> None:
+    """Write a full-precision state dict and its metadata to `out_dir`, atomically.
+
+    model_state: name -> tensor (full, unsharded; on rank 0). meta: JSON-serialisable, merged into config.json.
+    resume_state: (optimizer state dict as returned by `get_optimizer_state_dict`, {name: tensor} of RNG states).
+    """
+    out_dir = Path(out_dir)
+    tmp, old = Path(f"{out_dir}.tmp"), Path(f"{out_dir}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items() if k != "lm_head.weight"}
+    save_file(tensors, tmp / "model.safetensors")
+    tokenizer.save(tmp / "tokenizer.json")
+    meta = {**meta, "tokenizer_hash": tokenizer.hash}
+    if resume_state is not None:
+        optim_state, rng = resume_state
+        flat, meta["optimizer"] = _flatten_optimizer(optim_state)
+        save_file({**flat, **{f"rng/{k}": v for k, v in rng.items()}}, tmp / "resume.safetensors")
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+    for extra in ("log.jsonl", "eval.json"):  # run artefacts live beside the weights and survive the swap
+        if (out_dir / extra).exists():
+            shutil.copy2(out_dir / extra, tmp / extra)
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)  # the previous checkpoint survives until the swap completes
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def read_resume_state(path) -> tuple[dict, dict]:
+    """Inverse of the resume part of `write_checkpoint`: (optimizer state dict, RNG tensors)."""
+    path = Path(path)
+    flat = load_file(path / "resume.safetensors")
+    rng = {k.removeprefix("rng/"): v for k, v in flat.items() if k.startswith("rng/")}
+    return _unflatten_optimizer(flat, read_meta(path)["optimizer"]), rng
+
+
+def load_model(path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
+    """`--init_from`: a nanoalign checkpoint or a local HF GPT-2 directory with tokenizer.json beside it.
+    Checks the tokenizer hash recorded in the checkpoint; grows the vocabulary if the tokenizer added
+    special tokens (GPT-2's tokenizer lacks PAD and the role markers)."""
+    path = Path(path)
+    tokenizer = tokenizer or Tokenizer.load(path)
+    check_tokenizer_hash(tokenizer, path)
+    model = GPT.from_pretrained(path)
+    model.resize_vocab(len(tokenizer))
+    return model, tokenizer
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    """Optimizer state dict keyed by parameter name -> ({"optim/<param>/<key>": tensor}, JSON param groups)."""
+    flat = {}
+    for name, entry in state["state"].items():
+        for key, value in entry.items():
+            flat[f"optim/{name}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    return flat, state["param_groups"]
+
+
+def _unflatten_optimizer(flat: dict, param_groups: list) -> dict:
+    state = {}
+    for key, value in flat.items():
+        if key.startswith("optim/"):
+            name, field = key.removeprefix("optim/").rsplit("/", 1)
+            state.setdefault(name, {})[field] = value
+    return {"state": state, "param_groups": param_groups}

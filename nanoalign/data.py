@@ -1,0 +1,168 @@
+"""Read and validate preference/demonstration files, tokenize through the chat template, pad and collate.
+
+Schemas (TRL-style JSONL, one object per line):
+    sft       {"prompt", "completion"}
+    prefs     {"prompt", "responses": [K str], "ranking": [indices into responses, best first], "gold"?: [K]}
+    pairs     {"prompt", "chosen", "rejected"}
+    prompts   {"prompt"}
+    hh        {"chosen", "rejected"}: Anthropic-HH text ("\n\nHuman: ...\n\nAssistant: ..."), read as pairs
+A prompt is a user message (str) or a list of {"role", "content"} messages. Bad input raises one
+ValueError naming file, line and field, before anything is written.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from nanoalign.tokenizer import ROLES, Tokenizer, render_prompt
+
+SCHEMAS = {  # name -> required fields (checked in this order when detecting)
+    "prefs": ("prompt", "responses", "ranking"),
+    "pairs": ("prompt", "chosen", "rejected"),
+    "sft": ("prompt", "completion"),
+    "hh": ("chosen", "rejected"),
+    "prompts": ("prompt",),
+}
+
+
+def read_jsonl(path, schema: str | None = None) -> list[dict]:
+    """Records of a JSONL file, validated against `schema` (detected from the first line if None).
+    Each record keeps where it came from in "where" ("file:line") for later error messages;
+    HH records come back in the pairs schema."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if schema is None:
+            schema = next((s for s, keys in SCHEMAS.items() if all(k in rec for k in keys)), None)
+            if schema is None:
+                raise ValueError(f"{where}: unknown schema with fields {sorted(rec)}; expected one of "
+                                 + "; ".join(f"{s}: {list(k)}" for s, k in SCHEMAS.items()))
+        records.append(_validate(rec, schema, where))
+    if not records:
+        raise ValueError(f"{path}: empty file, expected JSONL records")
+    return records
+
+
+def _validate(rec: dict, schema: str, where: str) -> dict:
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}; expected one of {sorted(SCHEMAS)}")
+    for key in SCHEMAS[schema]:
+        if key not in rec:
+            raise ValueError(f"{where}: missing field {key!r} (schema {schema}: {list(SCHEMAS[schema])})")
+    for key in ("completion", "chosen", "rejected"):
+        if key in SCHEMAS[schema]:
+            _check_text(rec[key], where, key)
+    if schema == "hh":
+        return _parse_hh(rec, where)
+    _check_prompt(rec["prompt"], where)
+    if schema == "prefs":
+        responses, ranking = rec["responses"], rec["ranking"]
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise ValueError(f"{where}: field 'responses' must be a list of at least 2 strings")
+        for i, r in enumerate(responses):
+            _check_text(r, where, f"responses[{i}]")
+        if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))):
+            raise ValueError(f"{where}: field 'ranking' must list each of the {len(responses)} response "
+                             f"indices once, best first; got {ranking!r}")
+    return {**rec, "where": where}
+
+
+def _check_text(value, where: str, field: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: field {field!r} is empty")
+
+
+def _check_prompt(prompt, where: str) -> None:
+    if isinstance(prompt, list):
+        if not prompt:
+            raise ValueError(f"{where}: field 'prompt' is an empty message list")
+        for i, m in enumerate(prompt):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: field 'prompt[{i}]' must be {{'role': one of {sorted(ROLES)}, "
+                                 f"'content': str}}, got {m!r}")
+    else:
+        _check_text(prompt, where, "prompt")
+
+
+def _parse_hh(rec: dict, where: str) -> dict:
+    """Anthropic-HH: both texts share the dialogue up to the last "\\n\\nAssistant:"; what follows differs."""
+    parsed = []
+    for field in ("chosen", "rejected"):
+        head, sep, answer = rec[field].rpartition("\n\nAssistant:")
+        if not sep or not head.startswith("\n\nHuman:"):
+            raise ValueError(f"{where}: field {field!r} is not HH text ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+        messages = []
+        for turn in head.split("\n\n")[1:]:
+            role, _, content = turn.partition(":")
+            if role not in ("Human", "Assistant"):  # a paragraph break inside a turn
+                messages[-1]["content"] += "\n\n" + turn
+                continue
+            messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+        parsed.append((messages, answer.strip()))
+    if parsed[0][0] != parsed[1][0]:
+        raise ValueError(f"{where}: fields 'chosen' and 'rejected' must share the dialogue before the last answer")
+    return {"prompt": parsed[0][0], "chosen": parsed[0][1], "rejected": parsed[1][1], "where": where}
+
+
+# ----- tokenization -------------------------------------------------------------------------------------
+
+
+def encode_example(tok: Tokenizer, prompt, response: str, max_len: int, where: str = "") -> tuple[list[int], int]:
+    """Prompt through the chat template + response + EOS -> (token ids, number of prompt tokens).
+    A prompt that leaves no room for a response is an error; a long response is truncated (losing EOS)."""
+    prompt_ids = tok.encode(render_prompt(prompt))
+    if len(prompt_ids) >= max_len:
+        raise ValueError(f"{where}: field 'prompt' is {len(prompt_ids)} tokens, longer than the context "
+                         f"({max_len} tokens, leaving no room for a response)")
+    ids = prompt_ids + tok.encode_response(response)
+    return ids[:max_len], len(prompt_ids)
+
+
+def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
+    """Right-pad (ids, n_prompt) examples -> input_ids, attention_mask, loss_mask, each [B, T].
+    loss_mask is 1 on response tokens (including EOS): masks come from lengths, never from comparing ids
+    with PAD."""
+    T = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(examples), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(examples), T)
+    for b, (ids, n_prompt) in enumerate(examples):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        attention_mask[b, :len(ids)] = 1
+        loss_mask[b, n_prompt:len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for generation -> (ids [B, P], attention_mask [B, P])."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), P, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[b, P - len(s):] = 1
+    return ids, mask
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The global batch of step `step`: a seeded permutation per epoch, so the data position is a pure
+    function of the step and resuming needs no loader state."""
+    per_epoch = n // batch_size
+    assert per_epoch > 0, f"batch_size {batch_size} is larger than the dataset ({n} examples)"
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size].tolist()

@@ -1,0 +1,138 @@
+"""Every equation of nanoalign, as pure tensor functions: tensors and floats in, tensors out.
+
+Shapes: B rows, T tokens, V vocabulary. Label shift: logits at position t score token t+1, so per-token
+tensors are [B, T-1] with labels `input_ids[:, 1:]` and mask `loss_mask[:, 1:]` (ALGORITHMS.md §1).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_rows: int = 4096) -> Tensor:
+    """Per-token log-probability of `labels` under softmax(logits / temperature), in fp32.
+
+    logits [B, T, V] (any float dtype), labels [B, T] -> [B, T]. Computed as z[y] - logsumexp(z) over chunks
+    of rows, so no fp32 log-softmax [B, T, V] is materialised (fp16 log-probs give NaN losses: trl #878).
+    Dividing by the sampling temperature everywhere keeps rollout, reference and training log-probs
+    of the same distribution (N detail 10).
+    """
+    assert logits.shape[:-1] == labels.shape, f"logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}"
+    flat, y = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)  # [N, V], [N]
+    out = []
+    for s in range(0, flat.shape[0], chunk_rows):
+        z = flat[s:s + chunk_rows].float() / temperature  # [n, V]
+        out.append(z.gather(1, y[s:s + chunk_rows, None])[:, 0] - z.logsumexp(-1))
+    return torch.cat(out).view(labels.shape)
+
+
+def sequence_logps(logps: Tensor, mask: Tensor) -> Tensor:
+    """S(y|x) = sum_t m_t * logp_t over response tokens: logps, mask [B, T] -> [B]."""
+    return (logps * mask).sum(-1)
+
+
+def sft_loss(logps: Tensor, mask: Tensor, n_tokens: float | None = None) -> Tensor:
+    """Negative log-likelihood of the response tokens, a token mean over the *global* batch (ALGORITHMS.md §2).
+
+    logps, mask [B, T]: mask is 1 on response tokens including the final EOS, 0 on prompt and PAD.
+    n_tokens: response tokens in the whole global batch (all micro-batches and ranks); default this batch's.
+    A mean of micro-batch means would over-weight short answers and break accumulation/sharding parity.
+    """
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    return -(logps * mask).sum() / n_tokens
+
+
+# ----- reward model (ALGORITHMS.md §3) ------------------------------------------------------------------
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float | None = None) -> Tensor:
+    """Pairwise Bradley-Terry loss -log sigma(r_c - r_r - m) = softplus(r_r - r_c + m), mean over pairs.
+
+    InstructGPT Eq. 1 at K = 2; DPO Eqs. 1-2; the optional margin as in TRL's RewardTrainer.
+    r_chosen, r_rejected [P] scalar rewards; margin [P] or a float.
+    """
+    delta = r_chosen - r_rejected - (0.0 if margin is None else margin)
+    return F.softplus(-delta).mean()
+
+
+def kwise_ranking_loss(rewards: Tensor, ranking: Tensor) -> Tensor:
+    """InstructGPT's K-wise loss: all C(K,2) pairs of one prompt's ranking, averaged (InstructGPT §3.5, Eq. 1).
+
+    rewards [N, K]: one scalar per candidate (K forward passes, not 2·C(K,2)); ranking [N, K]: candidate
+    indices best first. Returns the mean over prompts of (1/C(K,2)) sum_{i above j} softplus(r_j - r_i).
+    """
+    rank = torch.argsort(ranking, dim=-1)  # [N, K]: rank of each candidate, 0 = best
+    above = rank[:, :, None] < rank[:, None, :]  # [N, K, K]: i ranked above j
+    pair_losses = F.softplus(rewards[:, None, :] - rewards[:, :, None])  # [N, K, K]: softplus(r_j - r_i)
+    K = rewards.shape[-1]
+    return (pair_losses * above).sum((1, 2)).mean() / (K * (K - 1) / 2)
+
+
+def plackett_luce_loss(rewards: Tensor, ranking: Tensor) -> Tensor:
+    """Negative log-likelihood of the full ranking under Plackett-Luce (DPO App. A.3, Eq. 18), divided by K-1
+    so that K = 2 equals Bradley-Terry (a nanoalign choice).
+
+    rewards [N, K]; ranking [N, K] candidate indices best first.
+    -log P = -sum_{k<K} [r_(k) - logsumexp_{j>=k} r_(j)] with r_(k) the k-th ranked reward.
+    """
+    r = rewards.gather(-1, ranking)  # [N, K], best first
+    tail_lse = torch.logcumsumexp(r.flip(-1), -1).flip(-1)  # [N, K]: logsumexp over r_(k..K)
+    return -(r - tail_lse)[:, :-1].sum(-1).mean() / (r.shape[-1] - 1)
+
+
+def soft_bradley_terry_loss(r_first: Tensor, r_second: Tensor, p: Tensor) -> Tensor:
+    """Bradley-Terry with soft labels p = P(first > second) (CAI §4.1; RLAIF): binary cross-entropy on the
+    reward gap, -[p log sigma(Δ) + (1-p) log sigma(-Δ)], mean. p = 1 is the hard loss; the minimiser is
+    Δ* = log(p / (1-p)), so the gap stays bounded. r_first, r_second, p [P]."""
+    delta = r_first - r_second
+    return (p * F.softplus(-delta) + (1 - p) * F.softplus(delta)).mean()
+
+
+# ----- DPO family (ALGORITHMS.md §5) --------------------------------------------------------------------
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "ipo_sum", "simpo")
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: Tensor | float = 0.0, chosen_lengths: Tensor | None = None,
+             rejected_lengths: Tensor | None = None, simpo_gamma: float = 1.0,
+             rpo_alpha: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The DPO family on summed sequence log-probs S (all [B]) -> (losses [B], chosen_rewards [B],
+    rejected_rewards [B]); rewards are the implicit rewards beta·(S_θ - S_ref), detached.
+
+    With h = (S_θ(y_w) - S_ref(y_w)) - (S_θ(y_l) - S_ref(y_l)):
+      sigmoid   -(1-ε) log σ(βh) - ε log σ(-βh)          DPO Eq. 7; ε = label_smoothing is cDPO (Mitchell 2023)
+      robust    [-(1-ε) log σ(βh) + ε log σ(-βh)]/(1-2ε)  rDPO (Chowdhury et al. 2024), unbiased under ε flips
+      hinge     max(0, 1 - βh)                            SLiC-style hinge on reference-normalised likelihoods
+      ipo       (h̄ - 1/(2β))², h̄ from length-averaged log-probs (as TRL computes it; β plays τ)
+      ipo_sum   (h - 1/(2β))², summed log-probs               IPO Eq. 17 read on sequences (DPO-ref, OpenRLHF)
+      simpo     -log σ(β S̄_θ(y_w) - β S̄_θ(y_l) - γ)      SimPO (Meng et al. 2024): reference-free, averaged
+    ε may be a [B] tensor (per-pair soft labels p = 1 - ε, for AI feedback). rpo_alpha > 0 adds the RPO term
+    α·(-S̄_θ(y_w)) (Pang et al. 2024), an NLL on the chosen answer that keeps its likelihood from falling.
+    chosen_lengths, rejected_lengths [B]: response tokens, needed by ipo, simpo and rpo_alpha.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    eps = label_smoothing
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B]
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = F.relu(1 - beta * h)
+    elif loss_type == "ipo_sum":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "ipo":
+        h_mean = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
+        losses = (h_mean - 1 / (2 * beta)) ** 2
+    else:  # simpo
+        chosen_logratios = policy_chosen_logps / chosen_lengths  # its implicit reward: β·S̄_θ
+        rejected_logratios = policy_rejected_logps / rejected_lengths
+        losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios) - simpo_gamma)
+    if rpo_alpha > 0:
+        losses = losses - rpo_alpha * policy_chosen_logps / chosen_lengths
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

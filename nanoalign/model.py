@@ -1,0 +1,228 @@
+"""A GPT-2-architecture language model with a KV cache, padding-aware positions and hidden-state output.
+
+Module names follow GPT-2 (`wte`, `c_attn`, `c_proj`, ...) so Hugging Face weights map one to one
+(the HF `Conv1D` weights are stored transposed). Shapes: B batch, T new tokens, S tokens attended to
+(cache + new), V vocabulary, D width, H heads.
+
+Padding. Prompts are left-padded and responses right-padded, so positions come from the attention mask,
+`pos = clamp(cumsum(mask) - 1, min=0)` (ALGORITHMS.md §1; N detail 3): a padded row then gives the same
+log-probs on its real tokens as the row alone. Every query may attend to itself, so rows of pure padding
+stay finite (their outputs are never used).
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # maximum sequence length (learned positions)
+    vocab_size: int = 2048  # rows of the token embedding (tied to the LM head)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # width D
+    layer_norm_epsilon: float = 1e-5  # GPT-2's value
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: [n_layer, B, H, max_len, D/H] each."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens already stored; the model advances it after the last layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # [B, H, S, D/H]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+        q, k, v = rearrange(self.c_attn(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # [B, H, S, D/H]
+        if attn_mask is None:  # plain causal: lets SDPA pick its fastest kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.c_proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings (GPT-2)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, return_hidden=False):
+        """idx [B, T] -> logits [B, T, V], or the final hidden states [B, T, D] with `return_hidden=True`
+        (after ln_f: what the scalar heads of later stages read).
+
+        attention_mask [B, S]: 1 on real tokens, covering the cached tokens and the new ones (S = past + T).
+        kv_cache: a KVCache; the new keys/values are appended and its length advanced by T.
+        """
+        B, T = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        S = past + T
+        assert S <= self.config.block_size, f"sequence of {S} tokens exceeds block_size {self.config.block_size}"
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, S, device=idx.device).expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
+        attn_mask = None
+        if attention_mask is not None or past > 0:
+            q_pos = torch.arange(past, S, device=idx.device)[:, None]  # [T, 1]
+            k_pos = torch.arange(S, device=idx.device)[None, :]  # [1, S]
+            attn_mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S] causal
+            if attention_mask is not None:  # drop padded keys, but always keep the query's own slot
+                attn_mask = attn_mask & (attention_mask[:, None, None, :].bool() | (k_pos == q_pos))
+        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # [B, T, D]
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length = S
+        x = self.transformer.ln_f(x)
+        return x if return_hidden else self.lm_head(x)
+
+    # ----- weights in and out ------------------------------------------------------------------------
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the (tied) embedding to `vocab_size` rows, new rows = mean embedding (e.g. for added special tokens)."""
+        old = self.transformer.wte.weight.data
+        if vocab_size <= old.shape[0]:
+            return
+        new = old.mean(0, keepdim=True).expand(vocab_size - old.shape[0], -1)
+        self.transformer.wte = nn.Embedding(vocab_size, old.shape[1], device=old.device, dtype=old.dtype)
+        self.transformer.wte.weight.data.copy_(torch.cat([old, new]))
+        self.lm_head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = self.transformer.wte.weight
+        self.config.vocab_size = vocab_size
+
+    def save_hf(self, path) -> None:
+        """Export as a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, t in self.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to wte; HF re-ties on load
+            if name.endswith(_CONV1D):
+                t = t.t()
+            tensors[name] = t.detach().contiguous().cpu()
+        c = self.config
+        hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
+                  n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                  layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(hf, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path) -> "GPT":
+        """Load a nanoalign checkpoint directory or a local Hugging Face GPT-2 directory."""
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json; expected a nanoalign checkpoint or a HF GPT-2 directory")
+        meta = json.loads((path / "config.json").read_text())
+        if "model_type" in meta:
+            return cls.from_hf(path)
+        if "model" not in meta:
+            raise ValueError(f"{path / 'config.json'}: missing field 'model' (nanoalign) or 'model_type' (HF)")
+        model = cls(GPTConfig(**meta["model"]))
+        state = load_file(path / "model.safetensors")
+        state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: dropped on save
+        model.load_state_dict(state, strict=True)
+        return model
+
+    @classmethod
+    def from_hf(cls, path) -> "GPT":
+        """Load a local Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+        path = Path(path)
+        hf = json.loads((path / "config.json").read_text())
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(f"{path / 'config.json'}: field 'model_type' must be 'gpt2', got {hf.get('model_type')!r}")
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{path / 'config.json'}: field 'activation_function' must be gelu_new, "
+                             f"got {hf['activation_function']!r}")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"],
+                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        model = cls(config)
+        state = {}
+        for name, t in load_file(path / "model.safetensors").items():
+            if not name.startswith(("transformer.", "lm_head.")):
+                name = "transformer." + name  # the original GPT-2 upload has no prefix
+            if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
+                continue  # old HF checkpoints store the causal mask as a buffer
+            state[name] = t.t() if name.endswith(_CONV1D) else t
+        state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+        model.load_state_dict(state, strict=True)
+        return model
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights counted once
+
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+

@@ -1,0 +1,207 @@
+"""The training scaffold every script shares: config parsing, processes and devices, FSDP2 and compile,
+AdamW with warmup + cosine, the optimizer step, resume state and logging.
+
+One multi-process path: under `torchrun` the scaffold starts NCCL (GPU) or gloo (CPU) and shards with FSDP2;
+as a plain script it does neither. Loss normalisation under accumulation and sharding: every script divides
+its summed loss by the *global* count (tokens, pairs) and multiplies by the world size, because FSDP2 averages
+gradients over ranks; then 1 process and N processes take the same step (ALGORITHMS.md §2).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+# ----- config ------------------------------------------------------------------------------------------
+
+
+def parse_config(cls, argv=None):
+    """Build the dataclass `cls` from `--key=value` arguments, converting each value to its field's type.
+    `None` is accepted for optional fields, `True`/`False` for booleans; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    overrides = {}
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep:
+            raise SystemExit(f"expected --key=value, got {arg!r}")
+        if key not in fields:
+            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
+        overrides[key] = _convert(value, hints[key], key)
+    return cls(**overrides)
+
+
+def _convert(value: str, hint, key: str):
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        if value == "None":
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if hint is bool:
+            if value not in ("True", "False"):
+                raise ValueError("expected True or False")
+            return value == "True"
+        return hint(value)
+    except ValueError as e:
+        raise SystemExit(f"--{key}={value}: cannot convert to {getattr(hint, '__name__', hint)} ({e})")
+
+
+# ----- processes and devices ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup(seed: int, device: str = "auto") -> Dist:
+    """Start the process group under torchrun, pick the device, seed. Every rank seeds identically here so
+    that models are built with the same initial weights; per-rank seeds (seed + 100003·rank, N detail 6)
+    are for sampling and are derived by the caller."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    torch.manual_seed(seed)
+    return Dist(rank, world, torch.device(device))
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def global_sum(x: float, ctx: Dist) -> float:
+    """Sum a Python number over ranks (token counts for the global loss normalisation)."""
+    if ctx.world == 1:
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item()
+
+
+def wrap_model(model: torch.nn.Module, ctx: Dist, compile: bool = False) -> torch.nn.Module:
+    """Compile each block in place, shard each block, then the root (embeddings, tied head, final norm).
+    Build the optimizer only afterwards: sharding turns parameters into DTensors."""
+    model.to(ctx.device)
+    if ctx.device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()  # fp32 on CPU keeps the parity tests tight
+    for block in model.transformer.h:
+        if compile:
+            block.compile(fullgraph=True)  # in place: state_dict keys stay clean (no _orig_mod.)
+        if ctx.world > 1:
+            fully_shard(block, mp_policy=mp)
+    if ctx.world > 1:
+        fully_shard(model, mp_policy=mp)
+    return model
+
+
+def set_grad_sync(model, sync: bool) -> None:
+    """Skip the reduce-scatter on all accumulation micro-steps but the last."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+# ----- optimizer ----------------------------------------------------------------------------------------
+
+
+def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):
+    """AdamW; weight decay on matrices only (not biases, LayerNorm gains or position/token tables' ties)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr: float) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_step(model, optimizer, lr: float, grad_clip: float) -> float:
+    """Set the learning rate, clip the global gradient norm, step, zero the gradients; returns the norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+# ----- state for checkpoints ---------------------------------------------------------------------------
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model, optimizer=None):
+    """Full (unsharded, CPU) model state, and optimizer state keyed by parameter name; empty off rank 0."""
+    model_state = get_model_state_dict(model, options=_FULL)
+    if optimizer is None:
+        return model_state
+    return model_state, get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ----- logging -----------------------------------------------------------------------------------------
+
+
+class Logger:
+    """Rank 0 prints one progress line per call and appends every metric to out_dir/log.jsonl."""
+
+    def __init__(self, out_dir, ctx: Dist, max_steps: int, resume_step: int = 0):
+        self.path = Path(out_dir) / "log.jsonl"
+        self.master, self.max_steps = ctx.master, max_steps
+        self.t0, self.step0 = time.time(), resume_step
+        if self.master:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if resume_step and self.path.exists():  # drop lines logged after the checkpoint we resume from
+                kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+
+    def log(self, step: int, metrics: dict, tokens_per_s: float | None = None) -> None:
+        if not self.master:
+            return
+        elapsed = time.time() - self.t0
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": round(elapsed, 3), **metrics}) + "\n")
+        done = max(1, step - self.step0)
+        eta = elapsed / done * (self.max_steps - step)
+        shown = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        speed = f" | {tokens_per_s / 1e3:.1f}k tok/s" if tokens_per_s else ""
+        print(f"step {step:5d}/{self.max_steps} | {shown}{speed} | eta {int(eta) // 60}m{int(eta) % 60:02d}s",
+              flush=True)

@@ -1,0 +1,85 @@
+"""Reading, validating, tokenizing and collating data."""
+
+import json
+
+import pytest
+import torch
+
+from nanoalign.data import batch_indices, collate, encode_example, left_pad, read_jsonl
+from nanoalign.tokenizer import Tokenizer
+
+
+def write(tmp_path, lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+GOOD = {"prompt": "Where is my order?", "completion": "It shipped."}
+
+BAD = [  # (lines, schema, message fragment): each names the file, the line and the field
+    (["{not json"], "sft", r":1: malformed JSON"),
+    ([GOOD, {"prompt": "Hi"}], "sft", r":2: missing field 'completion'"),
+    ([{"prompt": "Hi", "completion": ""}], "sft", r":1: field 'completion' is empty"),
+    ([{"prompt": "Hi", "completion": 3}], "sft", r":1: field 'completion' must be a string, got int"),
+    ([{"prompt": ["Hi"], "completion": "ok"}], "sft", r":1: field 'prompt\[0\]' must be"),
+    ([{"question": "Hi", "answer": "ok"}], None, r":1: unknown schema"),
+    ([[1, 2]], "sft", r":1: expected a JSON object"),
+    ([{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}], "prefs", r":1: field 'ranking'"),
+    ([{"prompt": "p", "responses": ["a"], "ranking": [0]}], "prefs", r":1: field 'responses'"),
+    ([{"prompt": "p", "chosen": "a", "rejected": ["b"]}], "pairs", r":1: field 'rejected' must be a string"),
+    ([{"chosen": "no human turn", "rejected": "x"}], "hh", r":1: field 'chosen' is not HH text"),
+    ([GOOD, "", "[]"], "sft", r":3: expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("lines,schema,match", BAD)
+def test_bad_input_names_file_line_and_field(tmp_path, lines, schema, match):
+    path = write(tmp_path, lines)
+    with pytest.raises(ValueError, match=match) as err:
+        read_jsonl(path, schema)
+    assert str(path) in str(err.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="empty file"):
+        read_jsonl(write(tmp_path, []), "sft")
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_prompt_longer_than_context_is_an_error(tmp_path):
+    tok = Tokenizer.train(["word " * 50], vocab_size=270)
+    rec = read_jsonl(write(tmp_path, [{"prompt": "word " * 40, "completion": "ok"}]), "sft")[0]
+    with pytest.raises(ValueError, match=r"data.jsonl:1: field 'prompt' is \d+ tokens, longer than the context"):
+        encode_example(tok, rec["prompt"], rec["completion"], 16, rec["where"])
+
+
+def test_schema_detection_and_hh_parsing(tmp_path):
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Refund?\n\nAssistant: Sure, here is how.",
+          "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Refund?\n\nAssistant: No."}
+    rec = read_jsonl(write(tmp_path, [hh]))[0]
+    assert rec["prompt"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                             {"role": "user", "content": "Refund?"}]
+    assert (rec["chosen"], rec["rejected"]) == ("Sure, here is how.", "No.")
+    diverging = dict(hh, rejected="\n\nHuman: Bye\n\nAssistant: No.")
+    with pytest.raises(ValueError, match="share the dialogue"):
+        read_jsonl(write(tmp_path, [diverging]))
+    assert read_jsonl(write(tmp_path, [GOOD]))[0]["where"].endswith("data.jsonl:1")
+
+
+def test_collate_masks_response_and_eos_only():
+    batch = collate([([5, 6, 7, 8, 2], 2), ([5, 9, 2], 2)], pad_id=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2], [5, 9, 2, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]  # EOS (2) weight 1, PAD 0
+    ids, mask = left_pad([[4, 5, 6], [7]], pad_id=1)
+    assert ids.tolist() == [[4, 5, 6], [1, 1, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batch_indices_cover_each_epoch_once_and_are_pure():
+    seen = sum((batch_indices(20, 5, s, seed=3) for s in range(4)), [])
+    assert sorted(seen) == list(range(20))
+    assert batch_indices(20, 5, 6, seed=3) == batch_indices(20, 5, 6, seed=3)
+    assert sorted(sum((batch_indices(20, 5, s, seed=3) for s in range(4, 8)), [])) == list(range(20))
+    assert torch.tensor(batch_indices(20, 5, 4, 3)).tolist() != batch_indices(20, 5, 0, 3)

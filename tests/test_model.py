@@ -1,0 +1,129 @@
+"""The model against a second implementation (transformers' GPT-2) and against itself under padding and caching."""
+
+import pytest
+import torch
+
+from nanoalign.losses import token_logps
+from nanoalign.model import GPT, GPTConfig, KVCache
+
+CFG = GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=64)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(CFG).eval()
+    with torch.no_grad():  # non-trivial biases and norms, so a mis-mapped tensor cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def random_hf_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    hf_cfg = transformers.GPT2Config(vocab_size=61, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "hf")
+    return hf
+
+
+def test_hf_gpt2_parity(tmp_path):
+    hf = random_hf_gpt2(tmp_path)
+    ours = GPT.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 61, (3, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx), hf(idx).logits, atol=1e-5)
+        # with a left-padded attention mask too: HF derives no positions from the mask, so pass them
+        mask = torch.ones_like(idx)
+        mask[0, :5] = 0
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ref = hf(idx, attention_mask=mask, position_ids=pos).logits
+        assert torch.allclose(ours(idx, attention_mask=mask)[mask.bool()], ref[mask.bool()], atol=1e-5)
+
+
+def test_save_hf_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model()
+    model.save_hf(tmp_path / "export")
+    idx = torch.randint(0, 61, (2, 16))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    back = GPT.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, model(idx), atol=1e-5)
+        assert torch.equal(back(idx), model(idx))
+
+
+def test_left_padding_invariance():
+    """A left-padded row gives the same per-token log-probs on its real tokens as the row alone (N detail 2)."""
+    model = tiny_model()
+    lengths = [12, 7, 3]
+    seqs = [torch.randint(0, 61, (n,)) for n in lengths]
+    T = max(lengths)
+    idx = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        idx[b, T - len(s):], mask[b, T - len(s):] = s, 1
+    with torch.no_grad():
+        batched = token_logps(model(idx, attention_mask=mask)[:, :-1], idx[:, 1:])
+        for b, s in enumerate(seqs):
+            alone = token_logps(model(s[None])[:, :-1], s[None, 1:])[0]
+            assert torch.allclose(batched[b, T - len(s):], alone, atol=1e-5)
+
+
+def test_right_padding_leaves_real_tokens_unchanged():
+    model = tiny_model()
+    idx = torch.randint(0, 61, (1, 10))
+    padded = torch.cat([idx, torch.zeros(1, 5, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 5)], 1).long()
+    with torch.no_grad():
+        assert torch.allclose(model(padded, attention_mask=mask)[:, :10], model(idx), atol=1e-5)
+        assert torch.isfinite(model(padded, attention_mask=mask)).all()
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    """Prefill a left-padded batch, then feed one token at a time: logits equal the full forward (fp32, 1e-5)."""
+    model = tiny_model()
+    idx = torch.randint(0, 61, (3, 20))
+    mask = torch.ones_like(idx)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    with torch.no_grad():
+        full = model(idx, attention_mask=mask)
+        cache = KVCache(CFG, 3, 20, "cpu")
+        steps = [model(idx[:, :8], attention_mask=mask[:, :8], kv_cache=cache)]
+        for t in range(8, 20):
+            steps.append(model(idx[:, t:t + 1], attention_mask=mask[:, :t + 1], kv_cache=cache))
+    incremental = torch.cat(steps, 1)
+    real = mask.bool()
+    assert cache.length == 20
+    assert torch.allclose(incremental[real], full[real], atol=1e-5)
+
+
+def test_hidden_states_feed_the_lm_head():
+    model = tiny_model()
+    idx = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        hidden = model(idx, return_hidden=True)
+        assert hidden.shape == (2, 9, 64)
+        assert torch.allclose(model.lm_head(hidden), model(idx))
+
+
+def test_dropout_free_train_mode_is_deterministic():
+    """No dropout (N+ D7): two train-mode forwards are identical."""
+    model = tiny_model().train()
+    idx = torch.randint(0, 61, (2, 9))
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_resize_vocab_keeps_old_rows_and_ties():
+    model = tiny_model()
+    idx = torch.randint(0, 61, (1, 6))
+    before = model(idx).detach()
+    model.resize_vocab(64)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.allclose(model(idx)[..., :61], before, atol=1e-6)

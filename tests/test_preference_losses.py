@@ -1,0 +1,124 @@
+"""Bradley-Terry, K-wise, Plackett-Luce, soft labels and the DPO family, each computed a second way."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoalign.losses import (bradley_terry_loss, dpo_loss, kwise_ranking_loss, plackett_luce_loss,
+                              soft_bradley_terry_loss)
+
+
+def test_bradley_terry_equals_bce_and_hand_value():
+    rc, rr = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    bce = F.binary_cross_entropy_with_logits(rc - rr, torch.ones(10, dtype=torch.float64))
+    assert torch.allclose(bradley_terry_loss(rc, rr), bce)
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(0.31326, abs=1e-5)
+    m = torch.rand(10, dtype=torch.float64)
+    assert torch.allclose(bradley_terry_loss(rc, rr, m), bradley_terry_loss(rc - m, rr))
+
+
+def test_kwise_equals_mean_over_all_pairs():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ranking = torch.stack([torch.randperm(4, generator=g) for _ in range(3)])
+    per_prompt = []
+    for n in range(3):
+        order = ranking[n].tolist()
+        pairs = [(order[a], order[b]) for a, b in itertools.combinations(range(4), 2)]  # (better, worse)
+        per_prompt.append(sum(math.log1p(math.exp(rewards[n, j] - rewards[n, i])) for i, j in pairs) / len(pairs))
+    assert kwise_ranking_loss(rewards, ranking).item() == pytest.approx(sum(per_prompt) / 3, abs=1e-12)
+
+
+def test_plackett_luce_k2_is_bt_and_k3_is_sequential_softmax():
+    r = torch.randn(5, 2, dtype=torch.float64)
+    ranking = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [1, 0]])
+    best, worst = r.gather(1, ranking[:, :1])[:, 0], r.gather(1, ranking[:, 1:])[:, 0]
+    assert torch.allclose(plackett_luce_loss(r, ranking), bradley_terry_loss(best, worst))
+    assert torch.allclose(kwise_ranking_loss(r, ranking), bradley_terry_loss(best, worst))
+    r3 = torch.tensor([[0.3, -1.0, 2.0]], dtype=torch.float64)
+    order = [2, 0, 1]
+    p = r3[0].exp()
+    prob = p[2] / p.sum() * p[0] / (p[0] + p[1])  # choose 2 first from all, then 0 from {0, 1}
+    assert plackett_luce_loss(r3, torch.tensor([order])).item() == pytest.approx(-math.log(prob) / 2, abs=1e-12)
+
+
+def test_soft_labels_reduce_to_bt_and_have_bounded_minimiser():
+    rc, rr = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    assert torch.allclose(soft_bradley_terry_loss(rc, rr, torch.ones(6, dtype=torch.float64)),
+                          bradley_terry_loss(rc, rr))
+    p = 0.8
+    delta = torch.tensor([math.log(p / (1 - p))], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(soft_bradley_terry_loss(delta, torch.zeros(1, dtype=torch.float64), torch.tensor([p], dtype=torch.float64)), delta)
+    assert abs(grad.item()) < 1e-12
+
+
+def dpo_inputs(h_values, beta=1.0):
+    """Policy/reference sums giving log-ratio difference h per pair, lengths 4 (chosen) and 2 (rejected)."""
+    h = torch.tensor(h_values, dtype=torch.float64)
+    z = torch.zeros_like(h)
+    return (h.clone().requires_grad_(), z.clone().requires_grad_(), z, z), dict(
+        chosen_lengths=torch.full_like(h, 4.0), rejected_lengths=torch.full_like(h, 2.0))
+
+
+def test_dpo_sigmoid_hand_values_and_bt_equivalence():
+    (pc, pr, rc, rr), _ = dpo_inputs([0.0, 1.0, -2.0])
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    expected = [math.log(2), math.log1p(math.exp(-0.5)), math.log1p(math.exp(1.0))]
+    assert losses.tolist() == pytest.approx(expected, abs=1e-12)
+    assert torch.allclose(losses.mean(), bradley_terry_loss(cr, rj))  # DPO = BT on the implicit rewards
+    # adding any f(x) to both log-ratios changes nothing
+    shift = torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64)
+    assert torch.allclose(dpo_loss(pc + shift, pr + shift, rc, rr, beta=0.5)[0], losses)
+
+
+def test_dpo_gradient_matches_closed_form():
+    """∇L = -β σ(r̂_l - r̂_w) (∇S(y_w) - ∇S(y_l)) (DPO §4): w.r.t. S(y_w) it is -β σ(-βh)."""
+    (pc, pr, rc, rr), _ = dpo_inputs([0.7, -0.4])
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3)
+    gc, gr = torch.autograd.grad(losses.sum(), (pc, pr))
+    expected = -0.3 * torch.sigmoid(-0.3 * torch.tensor([0.7, -0.4], dtype=torch.float64))
+    assert torch.allclose(gc, expected) and torch.allclose(gr, -expected)
+    assert (gc < 0).all() and (gr > 0).all()  # descent pushes chosen up, rejected down
+
+
+def test_dpo_variants_by_hand():
+    (pc, pr, rc, rr), lengths = dpo_inputs([0.0, 0.8, 3.0])
+    beta, eps = 0.5, 0.1
+    bh = 0.5 * torch.tensor([0.0, 0.8, 3.0], dtype=torch.float64)
+    ls = lambda x: -math.log1p(math.exp(-x))  # log σ(x)
+    cdpo, _, _ = dpo_loss(pc, pr, rc, rr, beta, label_smoothing=eps)
+    assert cdpo.tolist() == pytest.approx([-(1 - eps) * ls(x) - eps * ls(-x) for x in bh.tolist()])
+    robust, _, _ = dpo_loss(pc, pr, rc, rr, beta, "robust", label_smoothing=eps)
+    assert robust.tolist() == pytest.approx([(-(1 - eps) * ls(x) + eps * ls(-x)) / 0.8 for x in bh.tolist()])
+    hinge, _, _ = dpo_loss(pc, pr, rc, rr, beta, "hinge")
+    assert hinge.tolist() == pytest.approx([1.0, 0.6, 0.0])
+    ipo_sum, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo_sum")
+    assert ipo_sum.tolist() == pytest.approx([1.0, 0.04, 4.0])  # (h - 1/(2β))², 1/(2β) = 1
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo", **lengths)  # h̄ = h/4 (chosen length 4, rejected 0)
+    assert ipo.tolist() == pytest.approx([1.0, 0.64, 0.0625])
+    simpo, cw, _ = dpo_loss(pc, pr, rc, rr, 2.0, "simpo", simpo_gamma=1.0, **lengths)
+    assert simpo.tolist() == pytest.approx([-ls(2.0 * h / 4 - 1.0) for h in (0.0, 0.8, 3.0)])
+    assert cw.tolist() == pytest.approx([2.0 * h / 4 for h in (0.0, 0.8, 3.0)])
+    rpo, _, _ = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha=1.0, **lengths)
+    base, _, _ = dpo_loss(pc, pr, rc, rr, beta)
+    assert (rpo - base).tolist() == pytest.approx([-h / 4 for h in (0.0, 0.8, 3.0)])
+    with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
+        dpo_loss(pc, pr, rc, rr, beta, "kto")
+
+
+def test_robust_dpo_is_unbiased_under_label_flips_and_cdpo_is_soft_labels():
+    h = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    z = torch.zeros(3, dtype=torch.float64)
+    eps = 0.2
+    clean = dpo_loss(h, z, z, z, 1.0, "sigmoid")[0]
+    flipped = dpo_loss(-h, z, z, z, 1.0, "robust", label_smoothing=eps)[0]
+    kept = dpo_loss(h, z, z, z, 1.0, "robust", label_smoothing=eps)[0]
+    assert torch.allclose((1 - eps) * kept + eps * flipped, clean)  # E over ε-flipped labels = clean loss
+    cdpo = dpo_loss(h, z, z, z, 1.0, label_smoothing=eps)[0]
+    soft = torch.stack([soft_bradley_terry_loss(h[i:i + 1], z[i:i + 1], torch.tensor([1 - eps])) for i in range(3)])
+    assert torch.allclose(cdpo, soft)
+    per_pair = dpo_loss(h, z, z, z, 1.0, label_smoothing=torch.tensor([0.0, eps, 0.0]))[0]
+    assert torch.allclose(per_pair[1], cdpo[1]) and torch.allclose(per_pair[0], clean[0])

@@ -1,0 +1,45 @@
+"""Config parsing and the learning-rate schedule."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from nanoalign.scaffold import lr_at, parse_config
+
+
+@dataclass
+class Cfg:
+    lr: float = 1e-3  # learning rate
+    steps: int = 10  # steps
+    name: str = "run"  # name
+    compile: bool = False  # compile
+    max_len: int | None = None  # optional
+
+
+def test_parse_types_and_defaults():
+    cfg = parse_config(Cfg, ["--lr=0.5", "--steps=3", "--compile=True", "--max_len=None", "--name=x=y"])
+    assert cfg == Cfg(lr=0.5, steps=3, name="x=y", compile=True, max_len=None)
+    assert parse_config(Cfg, ["--max_len=7"]).max_len == 7
+    assert parse_config(Cfg, []) == Cfg()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--lrr=1"], "unknown config key 'lrr'; valid keys: compile, lr, max_len, name, steps"),
+    (["--steps=1.5"], "cannot convert to int"),
+    (["--compile=yes"], "expected True or False"),
+    (["steps=3"], "expected --key=value"),
+    (["--steps"], "expected --key=value"),
+])
+def test_parse_errors(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        parse_config(Cfg, argv)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(max_steps=110, lr=1.0, warmup_steps=10, min_lr=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    assert lr_at(110, **kw) == pytest.approx(0.1)

@@ -1,0 +1,143 @@
+"""Supervised fine-tuning: imitate the demonstrations, loss on response tokens only (step 1 of RLHF).
+
+    python train_sft.py                                    # helpdesk world, tiny GPT from scratch, CPU, ~3 min
+    python train_sft.py --init_from=path/to/gpt2           # a local HF GPT-2 directory (tokenizer.json beside it)
+    torchrun --nproc_per_node=2 train_sft.py --compile=True
+
+With no --init_from it generates the helpdesk world into data/ if missing, trains a BPE tokenizer on it and a
+small GPT from scratch (pretraining-like, ALGORITHMS.md §10), saves out/sft, prints sampled answers and writes
+out/sft/eval.json. SFT imitates: the demonstrations' failures come back at about their rates.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from nanoalign import helpdesk
+from nanoalign.checkpoint import load_model, read_meta, read_resume_state, write_checkpoint
+from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
+from nanoalign.evaluate import evaluate_policy, write_json
+from nanoalign.losses import sft_loss, token_logps
+from nanoalign.model import GPT, GPTConfig
+from nanoalign.scaffold import (Logger, full_state, global_sum, load_optimizer_state, lr_at, make_optimizer,
+                                optimizer_step, parse_config, set_grad_sync, setup, teardown, wrap_model)
+from nanoalign.tokenizer import Tokenizer
+
+
+@dataclass
+class Config:
+    data_dir: str = "data"  # helpdesk world (generated if missing) or your own sft.jsonl / sft_test.jsonl
+    out_dir: str = "out/sft"  # checkpoint, log.jsonl and eval.json go here
+    init_from: str = ""  # "" = new tokenizer + model; else a nanoalign or local HF GPT-2 directory
+    resume: bool = False  # continue from out_dir's checkpoint (optimizer, RNG, data position)
+    vocab_size: int = 1024  # BPE vocabulary when training a tokenizer
+    n_layer: int = 2  # new model only
+    n_head: int = 4  # new model only
+    n_embd: int = 128  # new model only
+    block_size: int = 160  # context length in tokens, new model only
+    batch_size: int = 32  # sequences per optimizer step (global, over ranks and micro-batches)
+    micro_batch_size: int = 32  # sequences per forward per process
+    max_steps: int = 500  # optimizer steps
+    lr: float = 2e-3  # peak AdamW learning rate
+    min_lr: float = 1e-4  # end of the cosine
+    warmup_steps: int = 50  # linear warmup
+    weight_decay: float = 0.1  # on matrices only
+    grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+    log_interval: int = 25  # steps between progress lines
+    ckpt_interval: int = 250  # steps between checkpoints (also at the end)
+    n_eval: int = 200  # held-out prompts answered for eval.json (0 = skip)
+    max_new_tokens: int = 96  # answer length limit when sampling
+    temperature: float = 1.0  # sampling temperature for eval (0 = greedy)
+    compile: bool = False  # torch.compile each transformer block
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1234  # model init and data order; sampling uses seed + 100003 * rank
+
+
+def main(cfg: Config) -> dict:
+    # 1. processes, seeds, data (the helpdesk world is generated on first use)
+    ctx = setup(cfg.seed, cfg.device)
+    data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
+    if not (data_dir / "sft.jsonl").exists():
+        if ctx.master:
+            helpdesk.write_world(data_dir, seed=cfg.seed)
+        if ctx.world > 1:
+            torch.distributed.barrier()
+    train = read_jsonl(data_dir / "sft.jsonl", "sft")
+
+    # 2. tokenizer and model: resumed, chained from --init_from, or new
+    step = 0
+    if cfg.resume:
+        model, tok = load_model(out_dir)
+        step = read_meta(out_dir)["step"]
+    elif cfg.init_from:
+        model, tok = load_model(cfg.init_from)
+    else:
+        tok = Tokenizer.train((t for r in train for t in (r["prompt"], r["completion"])), cfg.vocab_size)
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=len(tok), n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd))
+    if ctx.master:
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
+    model = wrap_model(model, ctx, cfg.compile)
+
+    # 3. demonstrations -> token ids; loss on the response tokens (+ EOS) only
+    examples = [encode_example(tok, r["prompt"], r["completion"], model.config.block_size, r["where"]) for r in train]
+    assert cfg.batch_size % (ctx.world * cfg.micro_batch_size) == 0, "batch_size must split into ranks x micro-batches"
+
+    # 4. optimizer; on resume its moments and the RNG state come back
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    if cfg.resume:
+        optim_state, rng = read_resume_state(out_dir)
+        load_optimizer_state(model, optimizer, optim_state)
+        torch.set_rng_state(rng["torch"])
+    logger = Logger(out_dir, ctx, cfg.max_steps, resume_step=step)
+
+    # 5. train
+    model.train()
+    t_last, tokens_seen, metrics = time.time(), 0, {}
+    while step < cfg.max_steps:
+        rows = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)[ctx.rank::ctx.world]
+        micros = [collate([examples[i] for i in rows[s:s + cfg.micro_batch_size]], tok.pad_id)
+                  for s in range(0, len(rows), cfg.micro_batch_size)]
+        n_tokens = global_sum(sum(m["loss_mask"][:, 1:].sum().item() for m in micros), ctx)
+        loss_sum = 0.0
+        for k, m in enumerate(micros):
+            set_grad_sync(model, k == len(micros) - 1)
+            m = {key: v.to(ctx.device) for key, v in m.items()}
+            logits = model(m["input_ids"], attention_mask=m["attention_mask"])  # [B, T, V]
+            logps = token_logps(logits[:, :-1], m["input_ids"][:, 1:])  # [B, T-1]
+            # FSDP averages gradients over ranks: scale by the world size so the sum is the global token mean
+            loss = sft_loss(logps, m["loss_mask"][:, 1:], n_tokens) * ctx.world
+            loss.backward()
+            loss_sum += loss.item() / ctx.world
+            tokens_seen += m["attention_mask"].sum().item()
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+        grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+        step += 1
+        metrics = {"loss": global_sum(loss_sum, ctx), "lr": lr, "grad_norm": grad_norm}
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
+            t_last, tokens_seen = time.time(), 0
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
+            model_state, optim_state = full_state(model, optimizer)
+            if ctx.master:
+                meta = {"model": asdict(model.config), "run": asdict(cfg), "step": step, "metrics": metrics}
+                write_checkpoint(out_dir, model_state, meta, tok, (optim_state, {"torch": torch.get_rng_state()}))
+
+    # 6. evaluate on held-out prompts with the gold judge; print a few answers
+    result = {"train_loss": metrics.get("loss")}
+    if cfg.n_eval > 0 and ctx.master:
+        eval_model = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device)
+        result, prompts, answers = evaluate_policy(eval_model, tok, data_dir, cfg.n_eval, cfg.max_new_tokens,
+                                                   cfg.temperature, seed=cfg.seed + 100003 * ctx.rank)
+        for p, a in list(zip(prompts, answers))[:4]:
+            print(f"\n> {p}\n{a}")
+        write_json(out_dir / "eval.json", result)
+        print("\neval:", {k: result[k] for k in ("gold", "demo_gold", "failures")})
+    teardown()
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
