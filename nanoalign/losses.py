@@ -26,6 +26,15 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_
     return torch.cat(out).view(labels.shape)
 
 
+def last_token_values(values: Tensor, attention_mask: Tensor) -> Tensor:
+    """Read per-position values at each row's last real token, i* = argmax_t (t · a_t) (ALGORITHMS.md §3.1):
+    the same index under left padding, right padding or none, and never a PAD slot (PAD != EOS).
+    values [B, T], attention_mask [B, T] -> [B]."""
+    positions = torch.arange(values.shape[1], device=values.device)
+    last = (positions * attention_mask).argmax(-1)  # [B]
+    return values.gather(1, last[:, None])[:, 0]
+
+
 def sequence_logps(logps: Tensor, mask: Tensor) -> Tensor:
     """S(y|x) = sum_t m_t * logp_t over response tokens: logps, mask [B, T] -> [B]."""
     return (logps * mask).sum(-1)

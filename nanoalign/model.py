@@ -12,7 +12,7 @@ stay finite (their outputs are never used).
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ class GPTConfig:
     n_head: int = 4  # attention heads
     n_embd: int = 128  # width D
     layer_norm_epsilon: float = 1e-5  # GPT-2's value
+    scalar_head: bool = False  # a linear D -> 1 head on the final hidden states (reward model, value head)
 
 
 class KVCache:
@@ -93,7 +94,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.config = config
+        self.config = config = replace(config)  # a private copy: resize_vocab edits it
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -106,6 +107,16 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.scalar_head:
+            self.scalar_head = nn.Linear(config.n_embd, 1)
+            self.reset_scalar_head()
+
+    def reset_scalar_head(self, std: float | None = None) -> None:
+        """Reward-model head init: weight ~ N(0, 1/sqrt(D+1)), bias 0 (N detail 8); std=0 gives the
+        zero-initialised value head (N detail 11)."""
+        std = 1 / math.sqrt(self.config.n_embd + 1) if std is None else std
+        nn.init.normal_(self.scalar_head.weight, std=std) if std > 0 else nn.init.zeros_(self.scalar_head.weight)
+        nn.init.zeros_(self.scalar_head.bias)
 
     @staticmethod
     def _init_weights(module):
@@ -114,9 +125,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, return_hidden=False):
-        """idx [B, T] -> logits [B, T, V], or the final hidden states [B, T, D] with `return_hidden=True`
-        (after ln_f: what the scalar heads of later stages read).
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, output="logits"):
+        """idx [B, T] -> by `output`: "logits" [B, T, V]; "hidden" [B, T, D], the final hidden states after
+        ln_f; "scalar" [B, T], the scalar head at every position; "both" (logits, scalar). One forward
+        serves every head, so FSDP's hooks see each call.
 
         attention_mask [B, S]: 1 on real tokens, covering the cached tokens and the new ones (S = past + T).
         kv_cache: a KVCache; the new keys/values are appended and its length advanced by T.
@@ -143,7 +155,14 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length = S
         x = self.transformer.ln_f(x)
-        return x if return_hidden else self.lm_head(x)
+        if output == "logits":
+            return self.lm_head(x)
+        if output == "hidden":
+            return x
+        if output == "scalar":
+            return self.scalar_head(x)[..., 0]
+        assert output == "both", f"unknown output {output!r}"
+        return self.lm_head(x), self.scalar_head(x)[..., 0]
 
     # ----- weights in and out ------------------------------------------------------------------------
 
@@ -165,8 +184,8 @@ class GPT(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name, t in self.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied to wte; HF re-ties on load
+            if name == "lm_head.weight" or name.startswith("scalar_head."):
+                continue  # lm_head is tied to wte (HF re-ties on load); HF GPT-2 has no scalar head
             if name.endswith(_CONV1D):
                 t = t.t()
             tensors[name] = t.detach().contiguous().cpu()
@@ -179,27 +198,34 @@ class GPT(nn.Module):
         (path / "config.json").write_text(json.dumps(hf, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path) -> "GPT":
-        """Load a nanoalign checkpoint directory or a local Hugging Face GPT-2 directory."""
+    def from_pretrained(cls, path, scalar_head: bool | None = None) -> "GPT":
+        """Load a nanoalign checkpoint directory or a local Hugging Face GPT-2 directory.
+        scalar_head=True adds a freshly initialised head if the checkpoint has none (an SFT model becoming a
+        reward model); False drops a stored one; None keeps what the checkpoint has."""
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: no config.json; expected a nanoalign checkpoint or a HF GPT-2 directory")
         meta = json.loads((path / "config.json").read_text())
         if "model_type" in meta:
-            return cls.from_hf(path)
-        if "model" not in meta:
+            config, state = cls._hf_config_and_state(path, meta)
+        elif "model" in meta:
+            config, state = GPTConfig(**meta["model"]), load_file(path / "model.safetensors")
+        else:
             raise ValueError(f"{path / 'config.json'}: missing field 'model' (nanoalign) or 'model_type' (HF)")
-        model = cls(GPTConfig(**meta["model"]))
-        state = load_file(path / "model.safetensors")
+        if scalar_head is not None:
+            config.scalar_head = scalar_head
+        model = cls(config)
         state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: dropped on save
-        model.load_state_dict(state, strict=True)
+        if not config.scalar_head:
+            state = {k: v for k, v in state.items() if not k.startswith("scalar_head.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("scalar_head.") for k in missing):
+            raise ValueError(f"{path}/model.safetensors: missing {missing}, unexpected {unexpected}")
         return model
 
-    @classmethod
-    def from_hf(cls, path) -> "GPT":
-        """Load a local Hugging Face GPT-2 directory (config.json + model.safetensors)."""
-        path = Path(path)
-        hf = json.loads((path / "config.json").read_text())
+    @staticmethod
+    def _hf_config_and_state(path: Path, hf: dict) -> tuple[GPTConfig, dict]:
+        """A local Hugging Face GPT-2 directory (config.json + model.safetensors) in nanoalign's names."""
         if hf.get("model_type") != "gpt2":
             raise ValueError(f"{path / 'config.json'}: field 'model_type' must be 'gpt2', got {hf.get('model_type')!r}")
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -208,7 +234,6 @@ class GPT(nn.Module):
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"],
                            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-        model = cls(config)
         state = {}
         for name, t in load_file(path / "model.safetensors").items():
             if not name.startswith(("transformer.", "lm_head.")):
@@ -216,9 +241,7 @@ class GPT(nn.Module):
             if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
                 continue  # old HF checkpoints store the causal mask as a buffer
             state[name] = t.t() if name.endswith(_CONV1D) else t
-        state.setdefault("lm_head.weight", state["transformer.wte.weight"])
-        model.load_state_dict(state, strict=True)
-        return model
+        return config, state
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once

@@ -1,4 +1,5 @@
-"""The one sampler: batched, KV-cached, temperature / top-k / top-p, stopping at EOS.
+"""The one sampler (batched, KV-cached, temperature / top-k / top-p, stopping at EOS) and the one scorer of
+what it produced (per-token log-probs under a model at a temperature).
 
 It serves SFT samples, PPO rollouts, best-of-N, AI-feedback judging and evaluation. Prompts are left-padded
 so that every row's next token sits in the last column; a row that has emitted EOS receives PAD (masked out)
@@ -9,7 +10,17 @@ filtering makes the samples come from a distribution other than the one whose lo
 import torch
 
 from nanoalign.data import left_pad
+from nanoalign.losses import token_logps
 from nanoalign.model import GPT, KVCache
+
+
+def model_logps(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs of each row's own tokens, zero outside `loss_mask` (the response):
+    input_ids, attention_mask, loss_mask [B, T] -> [B, T-1], aligned with `input_ids[:, 1:]`.
+    The one log-prob path for DPO, PPO, KL and the AI judge; sum over the last dim for S(y|x)."""
+    logits = model(input_ids, attention_mask=attention_mask)  # [B, T, V]
+    return token_logps(logits[:, :-1], input_ids[:, 1:], temperature) * loss_mask[:, 1:]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

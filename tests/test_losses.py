@@ -64,3 +64,14 @@ def test_accumulated_micro_batches_equal_one_batch():
     assert torch.allclose(g_acc, g_full, atol=1e-6)
     mean_of_means = sum(sft_loss(token_logps(x[s:s + 2] @ w, labels[s:s + 2]), mask[s:s + 2]) for s in (0, 2)) / 2
     assert abs(mean_of_means.item() - full.item()) > 1e-4
+
+
+def test_last_token_values_under_left_right_and_no_padding():
+    """The reward is read at the last real token whatever the padding (ALGORITHMS.md §3.1)."""
+    from nanoalign.losses import last_token_values
+    values = torch.arange(12.0).view(2, 6)
+    right = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0]])
+    assert last_token_values(values, right).tolist() == [2.0, 11.0]
+    assert last_token_values(values, left).tolist() == [5.0, 10.0]
+    assert last_token_values(values, torch.ones(2, 6, dtype=torch.long)).tolist() == [5.0, 11.0]

@@ -108,9 +108,35 @@ def test_hidden_states_feed_the_lm_head():
     model = tiny_model()
     idx = torch.randint(0, 61, (2, 9))
     with torch.no_grad():
-        hidden = model(idx, return_hidden=True)
+        hidden = model(idx, output="hidden")
         assert hidden.shape == (2, 9, 64)
         assert torch.allclose(model.lm_head(hidden), model(idx))
+
+
+def test_scalar_head_init_and_loading(tmp_path):
+    """Reward head ~ N(0, 1/sqrt(D+1)), bias 0 (N detail 8); an SFT checkpoint gains a head on request,
+    a checkpoint with a head keeps it, and the head reads the same hidden states as the LM head."""
+    from dataclasses import asdict
+    from nanoalign.checkpoint import write_checkpoint
+    from nanoalign.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    wide = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=1024, scalar_head=True))
+    assert abs(wide.scalar_head.weight.std().item() - 1 / 1025 ** 0.5) < 0.003
+    assert (wide.scalar_head.bias == 0).all()
+    tok = Tokenizer.train(["a b c"] * 5, vocab_size=270)
+    sft = tiny_model()
+    sft.resize_vocab(len(tok))
+    write_checkpoint(tmp_path / "sft", sft.state_dict(), {"model": asdict(sft.config)}, tok)
+    rm = GPT.from_pretrained(tmp_path / "sft", scalar_head=True)
+    idx = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        logits, scores = rm(idx, output="both")
+        assert torch.allclose(logits, sft(idx))
+        assert torch.allclose(scores, rm.scalar_head(rm(idx, output="hidden"))[..., 0])
+    write_checkpoint(tmp_path / "rm", rm.state_dict(), {"model": asdict(rm.config)}, tok)
+    back = GPT.from_pretrained(tmp_path / "rm")
+    assert back.config.scalar_head and torch.equal(back.scalar_head.weight, rm.scalar_head.weight)
+    assert not hasattr(GPT.from_pretrained(tmp_path / "rm", scalar_head=False), "scalar_head")
 
 
 def test_dropout_free_train_mode_is_deterministic():

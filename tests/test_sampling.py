@@ -68,3 +68,30 @@ def test_filter_logits_top_k_and_top_p_by_hand():
     assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False, False]
     assert kept(filter_logits(logits, top_p=0.86)) == [True, True, True, True, False]
     assert kept(filter_logits(logits)) == [True] * 5
+
+
+def test_model_logps_score_the_sampled_tokens_at_the_sampling_temperature():
+    """Scoring the sampler's output with one full forward at temperature T gives the log-probs the sampler
+    drew from: the per-step softmax(z/T) of a naive loop (N details 4 and 22: first PPO ratio exactly 1)."""
+    from nanoalign.sampling import model_logps
+    model = tiny_model()
+    temperature = 0.7
+    out = sample(model, [[5, 6, 7], [9]], 6, eos_id=EOS, pad_id=PAD, temperature=temperature,
+                 generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
+    loss_mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)
+    with torch.no_grad():
+        scored = model_logps(model, ids, attn, loss_mask, temperature)
+    P = out["prompt_ids"].shape[1]
+    for b, prompt in enumerate([[5, 6, 7], [9]]):
+        seq = list(prompt)
+        for t in range(out["response_ids"].shape[1]):
+            if not out["response_mask"][b, t]:
+                assert scored[b, P + t - 1] == 0
+                continue
+            y = out["response_ids"][b, t].item()
+            with torch.no_grad():
+                expected = (model(torch.tensor([seq]))[0, -1] / temperature).log_softmax(-1)[y]
+            assert abs(scored[b, P + t - 1].item() - expected.item()) < 1e-5
+            seq.append(y)
