@@ -1,9 +1,11 @@
 """Evaluate a policy on held-out helpdesk prompts with the gold judge and write `eval.json`.
 
-    python -m nanoalign.evaluate --checkpoint=out/sft            # writes out/sft/eval.json
+    python -m nanoalign.evaluate --checkpoint=out/sft                            # writes out/sft/eval.json
+    python -m nanoalign.evaluate --checkpoint=out/dpo --reference=out/sft        # + KL and win rate vs SFT
 
 eval.json is the contract every stage writes (ALGORITHMS.md §1.1):
     {"gold", "principles": {name: mean}, "failures": {"disparage", "canned", "leak"}, "n", "demo_gold"}
+and, against a reference policy, "kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures".
 """
 
 import json
@@ -16,6 +18,7 @@ import torch
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model
 from nanoalign.data import read_jsonl
+from nanoalign.losses import token_kl, token_logps
 from nanoalign.sampling import sample
 from nanoalign.scaffold import parse_config
 
@@ -29,33 +32,66 @@ class Config:
     temperature: float = 1.0  # sampling temperature (0 = greedy)
     batch_size: int = 64  # prompts per sampler call
     seed: int = 0  # sampling seed
+    reference: str = ""  # SFT checkpoint for KL and win rate ("" = none)
 
 
-def generate(model, tok, prompts: list, max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64,
-             seed: int = 0) -> list[str]:
-    """Answer each prompt with the shared sampler; returns the decoded responses (special tokens dropped)."""
+def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: float = 1.0,
+                   batch_size: int = 64, seed: int = 0) -> tuple[list[str], list[dict]]:
+    """Answer each prompt with the shared sampler -> (decoded answers, the sampler's token batches)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    answers = []
+    answers, batches = [], []
     for s in range(0, len(prompts), batch_size):
         ids = [tok.encode_prompt(p) for p in prompts[s:s + batch_size]]
         out = sample(model, ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature, generator=g)
         for row, m in zip(out["response_ids"].tolist(), out["response_mask"].tolist()):
             answers.append(tok.decode([t for t, keep in zip(row, m) if keep]))
+        batches.append(out)
     model.train(was_training)
-    return answers
+    return answers, batches
+
+
+@torch.no_grad()
+def reference_kl(model, reference, batches: list[dict], temperature: float = 1.0) -> dict:
+    """Sequence KL(π‖π_ref) on the policy's own samples, both at the sampling temperature (ALGORITHMS.md §1.1):
+    `kl` = mean Σ_t exact per-token KL (terms >= 0, low variance), `kl_k1` = mean Σ_t (log π - log π_ref)."""
+    exact, k1 = [], []
+    for out in batches:
+        ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)  # [B, P+N]
+        attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
+        mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:]  # [B, P+N-1]
+        logits, ref_logits = (m(ids, attention_mask=attn)[:, :-1] for m in (model, reference))
+        exact.append((token_kl(logits, ref_logits, temperature) * mask).sum(-1))
+        labels = ids[:, 1:]
+        k1.append(((token_logps(logits, labels, temperature) - token_logps(ref_logits, labels, temperature))
+                   * mask).sum(-1))
+    return {"kl": torch.cat(exact).mean().item(), "kl_k1": torch.cat(k1).mean().item()}
+
+
+def win_rate(gold: list[float], baseline_gold: list[float]) -> float:
+    """Share of prompts where the answer's gold beats the baseline's; ties count half."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold, baseline_gold)) / len(gold)
 
 
 def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96, temperature: float = 1.0,
-                    batch_size: int = 64, seed: int = 0) -> tuple[dict, list, list]:
-    """Gold-judge the policy's answers to the first n held-out prompts -> (eval dict, prompts, answers)."""
+                    batch_size: int = 64, seed: int = 0, reference=None) -> tuple[dict, list, list]:
+    """Gold-judge the policy's answers to the first n held-out prompts -> (eval dict, prompts, answers).
+    With a reference (the SFT model) also: `kl`, `kl_k1`, `win_rate_vs_sft`, and the reference's own
+    `sft_gold` and `sft_failures` on the same prompts and seed."""
     demos = read_jsonl(Path(data_dir) / "sft_test.jsonl", "sft")[:n]
     prompts = [d["prompt"] for d in demos]
-    answers = generate(model, tok, prompts, max_new_tokens, temperature, batch_size, seed)
+    answers, batches = sample_answers(model, tok, prompts, max_new_tokens, temperature, batch_size, seed)
     metrics = helpdesk.judge_many(prompts, answers)
     metrics["demo_gold"] = helpdesk.judge_many(prompts, [d["completion"] for d in demos])["gold"]
+    if reference is not None:
+        metrics.update(reference_kl(model, reference, batches, temperature))
+        sft_answers, _ = sample_answers(reference, tok, prompts, max_new_tokens, temperature, batch_size, seed)
+        sft = helpdesk.judge_many(prompts, sft_answers)
+        metrics["sft_gold"], metrics["sft_failures"] = sft["gold"], sft["failures"]
+        metrics["win_rate_vs_sft"] = win_rate([helpdesk.judge(p, a)["gold"] for p, a in zip(prompts, answers)],
+                                              [helpdesk.judge(p, a)["gold"] for p, a in zip(prompts, sft_answers)])
     return metrics, prompts, answers
 
 
@@ -69,8 +105,9 @@ def write_json(path, obj) -> None:
 
 def main(cfg: Config) -> dict:
     model, tok = load_model(cfg.checkpoint)
+    reference = load_model(cfg.reference, tok)[0].eval() if cfg.reference else None
     metrics, prompts, answers = evaluate_policy(model, tok, cfg.data_dir, cfg.n, cfg.max_new_tokens,
-                                                cfg.temperature, cfg.batch_size, cfg.seed)
+                                                cfg.temperature, cfg.batch_size, cfg.seed, reference)
     for p, a in list(zip(prompts, answers))[:3]:
         print(f"> {p}\n{a}\n")
     write_json(Path(cfg.checkpoint) / "eval.json", metrics)

@@ -4,6 +4,8 @@ Shapes: B rows, T tokens, V vocabulary. Label shift: logits at position t score 
 tensors are [B, T-1] with labels `input_ids[:, 1:]` and mask `loss_mask[:, 1:]` (ALGORITHMS.md §1).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -145,3 +147,131 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     if rpo_alpha > 0:
         losses = losses - rpo_alpha * policy_chosen_logps / chosen_lengths
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# ----- KL and evaluation statistics (ALGORITHMS.md §1.1, §4.2, §7.2) ------------------------------------
+
+
+def token_kl(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Exact per-token KL(π‖π_ref) = Σ_v π(v) [log π(v) - log π_ref(v)], both at the sampling temperature.
+    logits, ref_logits [B, T, V] -> [B, T], every term >= 0. Summed over a response's tokens it is an
+    unbiased, low-variance estimate of the sequence KL (DPO footnote 3; ALGORITHMS.md §1.1)."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    ref_logp = (ref_logits.float() / temperature).log_softmax(-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def best_of_n_kl(n: int) -> float:
+    """Analytic KL of best-of-n to the base policy, log n - (n-1)/n (Stiennon Table 10; Gao); exact without ties."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_pool(proxy: Tensor, gold: Tensor, n: int) -> Tensor:
+    """Unbiased estimate of E[gold of the best-of-n answer] from a pool of N >= n samples per prompt
+    (a U-statistic, ALGORITHMS.md §7.2): sort by proxy ascending; the i-th (1-based) is the best of a random
+    n-subset with probability C(i-1, n-1) / C(N, n). proxy, gold [P, N] -> [P]. Ties in proxy should be
+    broken at random by the caller."""
+    N = proxy.shape[-1]
+    order = proxy.argsort(-1)
+    i = torch.arange(1, N + 1, dtype=torch.float64)
+    log_w = torch.where(i >= n, torch.lgamma(i) - torch.lgamma(i - n + 1) - math.lgamma(n), -math.inf)
+    log_w = log_w - (math.lgamma(N + 1) - math.lgamma(n + 1) - math.lgamma(N - n + 1))  # / C(N, n)
+    return (gold.gather(-1, order).double() * log_w.exp()).sum(-1)
+
+
+# ----- PPO for language models (ALGORITHMS.md §4) -------------------------------------------------------
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x over the positions where mask is 1 (x, mask broadcastable)."""
+    return (x * mask).sum() / mask.sum()
+
+
+def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimates of KL(π‖π_ref) from tokens sampled from π (Schulman 2020, "Approximating KL"):
+    with u = log π_ref - log π, k1 = -u (unbiased, can be < 0), k2 = u²/2 (biased, >= 0),
+    k3 = (e^u - 1) - u (unbiased, >= 0). logps, ref_logps [B, T] -> [B, T]; the caller masks."""
+    u = ref_logps - logps
+    if kind == "k1":
+        return -u
+    if kind == "k2":
+        return 0.5 * u ** 2
+    if kind == "k3":
+        return torch.expm1(u) - u
+    raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2 or k3")
+
+
+def adaptive_kl_beta(beta: float, kl: float, kl_target: float, n_steps: int, horizon: int) -> float:
+    """Ziegler et al. 2019 adaptive KL controller, as in its code (lm-human-preferences AdaptiveKLController):
+    e = clip(KL/target - 1, -0.2, 0.2); β <- β (1 + e · n_steps / horizon). n_steps = episodes per update."""
+    error = min(max(kl / kl_target - 1, -0.2), 0.2)
+    return beta * (1 + error * n_steps / horizon)
+
+
+def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """r_t = -β·kl_t on every response token, plus the sequence score on the last real one (Ziegler §2;
+    InstructGPT Eq. 2; N detail 17). scores [B]; kl, mask [B, T] (mask a prefix of 1s per row) -> [B, T]."""
+    rewards = -beta * kl * mask
+    last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)  # [B]
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x - μ)/sqrt(σ² + 1e-8) over masked positions, μ added back when not shifting (OAI-19; N detail 18).
+    σ² is the biased (population) variance, as in the OpenAI code. Masked positions come back as 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16), per row backwards over its tokens:
+    δ_t = r_t + γ V_{t+1} - V_t with V = 0 after the last real token; Â_t = δ_t + γλ Â_{t+1}; returns
+    R_t = Â_t + V_t. rewards, values, mask [B, T] (mask a prefix of 1s; padding after EOS contributes
+    nothing) -> (advantages [B, T], returns [B, T]), zero outside the mask."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]  # a padded slot resets the sum for its row
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
+                    clip_eps: float = 0.2) -> tuple[Tensor, Tensor, Tensor]:
+    """Clipped surrogate (PPO Eq. 7), minimised: mean_m max(-Â ρ, -Â clip(ρ, 1-ε, 1+ε)), ρ = e^(ℓ - ℓ_old).
+    All [B, T] -> (loss, clipfrac = mean_m 1[|ρ-1| > ε], approx_kl = mean_m (ℓ - ℓ_old)²/2), stats detached.
+    Masked slots may hold any finite or non-finite sentinel: they are zeroed before they reach the loss."""
+    log_ratio = torch.where(mask.bool(), logps - old_logps, 0.0)
+    ratio = log_ratio.exp()
+    surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    loss = masked_mean(torch.where(mask.bool(), surrogate, 0.0), mask)
+    clipfrac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).detach()
+    return loss, clipfrac, masked_mean(0.5 * log_ratio ** 2, mask).detach()
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                   clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Clipped value loss (openai/baselines ppo2; OAI-19; N detail 19): V_c = V_old + clip(V - V_old, ±ε_v),
+    ½ mean_m max((V - R)², (V_c - R)²). All [B, T] -> (loss, value clipfrac)."""
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    clipfrac = masked_mean(((values - old_values).abs() > clip_eps).float(), mask).detach()
+    return loss, clipfrac
+
+
+def rloo_advantages(returns: Tensor) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): A_i = R_i - mean_{j≠i} R_j = k/(k-1)·(R_i - R̄).
+    returns [P, k] sequence returns of k samples per prompt -> [P, k]."""
+    k = returns.shape[-1]
+    return k / (k - 1) * (returns - returns.mean(-1, keepdim=True))
+
+
+def grpo_advantages(returns: Tensor, eps: float = 1e-4) -> Tensor:
+    """GRPO outcome advantages (Shao et al. 2024): (R_i - mean_j R_j) / (std_j R_j + ε), std unbiased
+    (torch's default). returns [P, k] -> [P, k]; equal returns give 0."""
+    return (returns - returns.mean(-1, keepdim=True)) / (returns.std(-1, keepdim=True) + eps)

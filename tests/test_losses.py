@@ -75,3 +75,39 @@ def test_last_token_values_under_left_right_and_no_padding():
     assert last_token_values(values, right).tolist() == [2.0, 11.0]
     assert last_token_values(values, left).tolist() == [5.0, 10.0]
     assert last_token_values(values, torch.ones(2, 6, dtype=torch.long)).tolist() == [5.0, 11.0]
+
+
+def test_token_kl_matches_float64_enumeration_and_k1_mean():
+    from nanoalign.losses import token_kl
+    g = torch.Generator().manual_seed(0)
+    logits, ref = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 6, generator=g)
+    p, q = (logits.double() / 0.7).softmax(-1), (ref.double() / 0.7).softmax(-1)
+    assert torch.allclose(token_kl(logits, ref, 0.7).double(), (p * (p / q).log()).sum(-1), atol=1e-6)
+    # the k1 sample mean approaches the exact KL (4 standard errors)
+    x = torch.multinomial(p[0, 0], 200_000, replacement=True, generator=g)
+    k1 = p[0, 0].log()[x] - q[0, 0].log()[x]
+    assert abs(k1.mean() - token_kl(logits, ref, 0.7)[0, 0]) < 4 * k1.std() / len(x) ** 0.5
+
+
+def test_best_of_n_pool_estimator_equals_brute_force_over_subsets():
+    import itertools
+    from nanoalign.losses import best_of_n_pool
+    g = torch.Generator().manual_seed(1)
+    proxy, gold = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    for n in (1, 2, 4, 7):
+        for prompt in range(3):
+            subsets = list(itertools.combinations(range(7), n))
+            brute = sum(gold[prompt, max(s, key=lambda j: proxy[prompt, j])].item() for s in subsets) / len(subsets)
+            assert abs(best_of_n_pool(proxy, gold, n)[prompt].item() - brute) < 1e-9
+
+
+def test_best_of_n_kl_formula_against_exact_distribution():
+    """Tie-free base distribution uniform over M outcomes: best-of-n picks outcome of rank k with probability
+    (k/M)^n - ((k-1)/M)^n; its KL to uniform approaches log n - (n-1)/n as M grows."""
+    from nanoalign.losses import best_of_n_kl
+    M = 10_000
+    k = torch.arange(1, M + 1, dtype=torch.float64)
+    for n in (2, 4, 16, 64):
+        pi = (k / M) ** n - ((k - 1) / M) ** n
+        exact = (pi * (pi * M).log()).sum().item()
+        assert abs(exact - best_of_n_kl(n)) < 0.01
