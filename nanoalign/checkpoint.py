@@ -1,14 +1,17 @@
 """Checkpoints: safetensors + JSON, never pickles, swapped in atomically.
 
     out_dir/model.safetensors   weights (the tied lm_head dropped: safetensors refuses shared memory)
-    out_dir/config.json         {"model": GPTConfig, "run": run config, "tokenizer_hash", "step", "metrics"}
+    out_dir/config.json         {"model": GPTConfig, "run": run config, "tokenizer_hash", "step", "metrics"},
+                                reward models also {"reward_norm": {"gain", "bias"}}
     out_dir/tokenizer.json      the tokenizer the weights were trained with
     out_dir/resume.safetensors  optimizer moments and RNG state (resume only; later stages ignore it)
 
 A checkpoint is written to `out_dir.tmp` and swapped in with `os.replace`, so a kill at any moment leaves
-one complete checkpoint: the previous one or the new one.
+one complete checkpoint: the previous one or the new one. Caches of computed tensors (DPO's reference
+log-probs) are safetensors files named by `content_hash` of their inputs and written the same way.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanoalign.losses import last_token_values
 from nanoalign.model import GPT
 from nanoalign.tokenizer import Tokenizer, check_tokenizer_hash
 
@@ -62,16 +66,67 @@ def read_resume_state(path) -> tuple[dict, dict]:
     return _unflatten_optimizer(flat, read_meta(path)["optimizer"]), rng
 
 
-def load_model(path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
+def load_model(path, tokenizer: Tokenizer | None = None, scalar_head: bool | None = None) -> tuple[GPT, Tokenizer]:
     """`--init_from`: a nanoalign checkpoint or a local HF GPT-2 directory with tokenizer.json beside it.
     Checks the tokenizer hash recorded in the checkpoint; grows the vocabulary if the tokenizer added
-    special tokens (GPT-2's tokenizer lacks PAD and the role markers)."""
+    special tokens (GPT-2's tokenizer lacks PAD and the role markers). scalar_head: as in
+    `GPT.from_pretrained` (True turns an SFT model into a reward model; None keeps what is stored)."""
     path = Path(path)
     tokenizer = tokenizer or Tokenizer.load(path)
     check_tokenizer_hash(tokenizer, path)
-    model = GPT.from_pretrained(path)
+    model = GPT.from_pretrained(path, scalar_head=scalar_head)
     model.resize_vocab(len(tokenizer))
     return model, tokenizer
+
+
+def load_reward_model(path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer, float, float]:
+    """A reward model written by train_rm.py -> (model, tokenizer, gain, bias). Consumers score with
+    `reward_scores(model, ..., gain, bias)` so that SFT samples score mean 0, std 1 (ALGORITHMS.md §3.6)."""
+    meta = read_meta(path)
+    if "reward_norm" not in meta:
+        raise ValueError(f"{path}/config.json: missing field 'reward_norm'; expected a reward model from train_rm.py")
+    model, tokenizer = load_model(path, tokenizer, scalar_head=True)
+    return model, tokenizer, meta["reward_norm"]["gain"], meta["reward_norm"]["bias"]
+
+
+def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, gain: float = 1.0,
+                  bias: float = 0.0) -> torch.Tensor:
+    """The one reward read-out: gain * r + bias, r the scalar head at each row's last real token (the EOS
+    of prompt + response + EOS, whether rows are left- or right-padded). input_ids, attention_mask [B, T]
+    -> [B], in fp32 whatever the model's dtype. Every consumer (PPO, best-of-N, evaluation) applies the stored
+    gain and bias: skipping them silently changes what the KL coefficient means (ALGORITHMS.md §3.6 pitfalls)."""
+    values = model(input_ids, attention_mask=attention_mask, output="scalar").float()  # [B, T]
+    return gain * last_token_values(values, attention_mask) + bias
+
+
+def content_hash(*parts) -> str:
+    """A cache key: sha256 over `parts`, each a state dict (every tensor's name, dtype, shape and bytes, in
+    name order), bytes, or anything else by its str(). Any changed weight, file byte or setting changes it."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, dict):
+            for name in sorted(part):
+                t = part[name].detach().cpu().contiguous()
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: bf16 has no numpy dtype
+        else:
+            h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\x00")  # a separator, so ("ab", "c") and ("a", "bc") differ
+    return h.hexdigest()[:16]
+
+
+def cached_tensors(path, compute) -> dict[str, torch.Tensor]:
+    """Tensors from the safetensors file `path`; on a miss, `compute()` -> {name: tensor} is written there
+    first (a temp file beside it, then os.replace, so a killed run leaves no half-written cache). Both
+    cases return what the file holds, on the CPU, so a first and a second run see identical values."""
+    path = Path(path)
+    if not path.exists():
+        tensors = {k: v.detach().contiguous().cpu() for k, v in compute().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    return load_file(path)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict, dict]:

@@ -3,7 +3,7 @@
 Schemas (TRL-style JSONL, one object per line):
     sft       {"prompt", "completion"}
     prefs     {"prompt", "responses": [K str], "ranking": [indices into responses, best first], "gold"?: [K]}
-    pairs     {"prompt", "chosen", "rejected"}
+    pairs     {"prompt", "chosen", "rejected", "p"?: probability that chosen is better (soft label, default 1)}
     prompts   {"prompt"}
     hh        {"chosen", "rejected"}: Anthropic-HH text ("\n\nHuman: ...\n\nAssistant: ..."), read as pairs
 A prompt is a user message (str) or a list of {"role", "content"} messages. Bad input raises one
@@ -76,7 +76,18 @@ def _validate(rec: dict, schema: str, where: str) -> dict:
         if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))):
             raise ValueError(f"{where}: field 'ranking' must list each of the {len(responses)} response "
                              f"indices once, best first; got {ranking!r}")
+        gold = rec.get("gold")  # optional: the true scores, for the accuracy ceilings (ALGORITHMS.md §3.7)
+        if gold is not None and not (isinstance(gold, list) and len(gold) == len(responses)
+                                     and all(_is_number(g) for g in gold)):
+            raise ValueError(f"{where}: field 'gold' must be a list of {len(responses)} numbers, got {gold!r}")
+    if schema == "pairs" and not (_is_number(rec.get("p", 1.0)) and 0 <= rec.get("p", 1.0) <= 1):
+        raise ValueError(f"{where}: field 'p' (probability that 'chosen' is better) must be a number in [0, 1], "
+                         f"got {rec['p']!r}")
     return {**rec, "where": where}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _check_text(value, where: str, field: str) -> None:
@@ -130,6 +141,24 @@ def encode_example(tok: Tokenizer, prompt, response: str, max_len: int, where: s
                          f"({max_len} tokens, leaving no room for a response)")
     ids = prompt_ids + tok.encode_response(response)
     return ids[:max_len], len(prompt_ids)
+
+
+def encode_pairs(tok: Tokenizer, records: list[dict], max_len: int) -> tuple[list, list[int], list[int]]:
+    """Pairs records -> (distinct (ids, n_prompt) sequences, chosen row per pair, rejected row per pair).
+    Each (prompt, answer) is encoded once: an answer ranked among K appears in K-1 pairs (helpdesk: 4
+    answers, 6 pairs, 4 sequences), so per-sequence reference log-probs need 3x fewer forwards."""
+    seqs, rows = [], {}
+
+    def row(prompt, response, where):
+        key = json.dumps([prompt, response])
+        if key not in rows:
+            rows[key] = len(seqs)
+            seqs.append(encode_example(tok, prompt, response, max_len, where))
+        return rows[key]
+
+    chosen = [row(r["prompt"], r["chosen"], r.get("where", "")) for r in records]
+    rejected = [row(r["prompt"], r["rejected"], r.get("where", "")) for r in records]
+    return seqs, chosen, rejected
 
 
 def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict:

@@ -2,6 +2,7 @@
 
     python -m nanoalign.evaluate --checkpoint=out/sft                            # writes out/sft/eval.json
     python -m nanoalign.evaluate --checkpoint=out/dpo --reference=out/sft        # + KL and win rate vs SFT
+    python -m nanoalign.evaluate --checkpoint=out/sft --reward_model=out/rm --best_of_n=64   # best-of-N curve
 
 eval.json is the contract every stage writes (ALGORITHMS.md §1.1):
     {"gold", "principles": {name: mean}, "failures": {"disparage", "canned", "leak"}, "n", "demo_gold"}
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 
 from nanoalign import helpdesk
-from nanoalign.checkpoint import load_model
+from nanoalign.checkpoint import load_model, load_reward_model, reward_scores
 from nanoalign.data import read_jsonl
-from nanoalign.losses import token_kl, token_logps
+from nanoalign.losses import best_of_n_kl, best_of_n_pool, token_kl, token_logps
 from nanoalign.sampling import sample
 from nanoalign.scaffold import parse_config
 
@@ -33,6 +34,9 @@ class Config:
     batch_size: int = 64  # prompts per sampler call
     seed: int = 0  # sampling seed
     reference: str = ""  # SFT checkpoint for KL and win rate ("" = none)
+    reward_model: str = ""  # with best_of_n > 0: the RM that picks the best answer
+    best_of_n: int = 0  # > 0: best-of-N curve up to this N (a power of 2) on n_bon prompts -> best_of_n.json
+    n_bon: int = 100  # held-out prompts for the best-of-N curve
 
 
 def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: float = 1.0,
@@ -95,6 +99,35 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
     return metrics, prompts, answers
 
 
+@torch.no_grad()
+def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: int = 64, max_new_tokens: int = 96,
+              temperature: float = 1.0, seed: int = 0) -> list[dict]:
+    """Best-of-N with the reward model: n_max answers per prompt, then for n = 1, 2, 4, ..., n_max the expected
+    proxy and gold score of the answer the RM ranks best among n, by the unbiased pool estimator, beside
+    the analytic KL log n - (n-1)/n (an upper bound when answers repeat: Beirami et al. 2024)."""
+    model.eval()
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    proxy, gold = [], []
+    for p in prompts:
+        out = sample(model, [tok.encode_prompt(p)] * n_max, max_new_tokens, tok.eos_id, tok.pad_id,
+                     temperature=temperature, generator=g)
+        ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
+        attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
+        proxy.append(reward_scores(rm, ids, attn, gain, bias).cpu())
+        answers = [tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])]
+        gold.append(torch.tensor([helpdesk.judge(p, a)["gold"] for a in answers]))
+    proxy, gold = torch.stack(proxy), torch.stack(gold)  # [P, n_max]
+    shuffle = torch.randperm(n_max, generator=torch.Generator().manual_seed(seed))  # random tie-breaking
+    proxy, gold = proxy[:, shuffle], gold[:, shuffle]
+    rows, n = [], 1
+    while n <= n_max:
+        rows.append({"n": n, "kl": best_of_n_kl(n), "proxy": best_of_n_pool(proxy, proxy, n).mean().item(),
+                     "gold": best_of_n_pool(proxy, gold, n).mean().item()})
+        n *= 2
+    return rows
+
+
 def write_json(path, obj) -> None:
     """Write JSON atomically: a temp file beside it, then rename."""
     path = Path(path)
@@ -112,6 +145,15 @@ def main(cfg: Config) -> dict:
         print(f"> {p}\n{a}\n")
     write_json(Path(cfg.checkpoint) / "eval.json", metrics)
     print(json.dumps(metrics, indent=2))
+    if cfg.best_of_n > 0:
+        rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
+        rows = best_of_n(model, tok, rm, gain, bias, prompts[:cfg.n_bon], cfg.best_of_n, cfg.max_new_tokens,
+                         cfg.temperature, cfg.seed)
+        print(f"{'N':>4} {'KL':>6} {'proxy':>7} {'gold':>7}")
+        for r in rows:
+            print(f"{r['n']:>4} {r['kl']:>6.3f} {r['proxy']:>7.3f} {r['gold']:>7.4f}")
+        write_json(Path(cfg.checkpoint) / "best_of_n.json", rows)
+        metrics["best_of_n"] = rows
     return metrics
 
 

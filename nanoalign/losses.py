@@ -169,10 +169,10 @@ def best_of_n_kl(n: int) -> float:
 def best_of_n_pool(proxy: Tensor, gold: Tensor, n: int) -> Tensor:
     """Unbiased estimate of E[gold of the best-of-n answer] from a pool of N >= n samples per prompt
     (a U-statistic, ALGORITHMS.md §7.2): sort by proxy ascending; the i-th (1-based) is the best of a random
-    n-subset with probability C(i-1, n-1) / C(N, n). proxy, gold [P, N] -> [P]. Ties in proxy should be
-    broken at random by the caller."""
+    n-subset with probability C(i-1, n-1) / C(N, n). proxy, gold [P, N] -> [P]. The sort is stable: shuffle
+    the columns first to break ties in proxy at random."""
     N = proxy.shape[-1]
-    order = proxy.argsort(-1)
+    order = proxy.argsort(dim=-1, stable=True)
     i = torch.arange(1, N + 1, dtype=torch.float64)
     log_w = torch.where(i >= n, torch.lgamma(i) - torch.lgamma(i - n + 1) - math.lgamma(n), -math.inf)
     log_w = log_w - (math.lgamma(N + 1) - math.lgamma(n + 1) - math.lgamma(N - n + 1))  # / C(N, n)

@@ -54,3 +54,18 @@ def test_sequence_kl_estimates_match_enumeration():
 
 def test_win_rate_counts_ties_half():
     assert win_rate([1.0, 0.5, 0.2, 0.9], [0.5, 0.5, 0.3, 0.1]) == (1 + 0.5 + 0 + 1) / 4
+
+
+def test_best_of_n_curve_properties():
+    """n = 1 is the plain sample mean; the proxy of the RM-picked answer never falls as n grows."""
+    from nanoalign.evaluate import best_of_n
+    from nanoalign.tokenizer import Tokenizer
+    tok = Tokenizer.train(["Where is my order #1234? It shipped."] * 10, vocab_size=280)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=32, vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16)).eval()
+    rm = GPT(GPTConfig(block_size=32, vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, scalar_head=True)).eval()
+    rows = best_of_n(policy, tok, rm, 2.0, 0.5, ["Where is my order #1234?", "Hi"], n_max=8, max_new_tokens=6)
+    assert [r["n"] for r in rows] == [1, 2, 4, 8]
+    assert rows[0]["kl"] == 0.0
+    proxies = [r["proxy"] for r in rows]
+    assert all(b >= a - 1e-9 for a, b in zip(proxies, proxies[1:])) and proxies[-1] > proxies[0]

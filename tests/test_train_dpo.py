@@ -1,0 +1,158 @@
+"""train_dpo.py end to end on a tiny config: it learns, the reference cache equals a live reference and is
+reused, and the concatenated chosen + rejected forward equals two separate forwards."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nanoalign.scaffold
+import train_dpo
+from nanoalign.checkpoint import content_hash, load_model
+from nanoalign.data import collate, encode_pairs, read_jsonl
+from nanoalign.sampling import model_logps
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tiny_run, tmp_path_factory):
+    """data/ with pairs.jsonl (the tiny demonstrations against a rude wrong answer) and sft_test.jsonl."""
+    root = tmp_path_factory.mktemp("pairs")
+    demos = read_jsonl(tiny_run / "data" / "sft.jsonl", "sft")
+    pairs = [{"prompt": d["prompt"], "chosen": d["completion"],
+              "rejected": d["completion"].replace("ships tomorrow", "is lost. Go away")} for d in demos]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (root / "sft_test.jsonl").write_text((tiny_run / "data" / "sft_test.jsonl").read_text())
+    return root
+
+
+def tiny(tiny_run, data_dir, out, **kw):
+    base = dict(data_dir=str(data_dir), out_dir=str(out), init_from=str(tiny_run / "init"),
+                cache_dir=str(Path(out).parent / "cache"), beta=0.5, batch_size=8, micro_batch_size=4,
+                max_steps=12, warmup_steps=2, lr=3e-3, log_interval=1, ckpt_interval=6, n_eval=0,
+                max_new_tokens=16, seed=7)
+    return train_dpo.Config(**{**base, **kw})
+
+
+def log(out, key="loss"):
+    return [json.loads(l)[key] for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_dpo_learns_and_writes_eval(tiny_run, pairs_dir, tmp_path, monkeypatch):
+    import nanoalign.evaluate
+    monkeypatch.setattr(nanoalign.evaluate.helpdesk, "judge_many",  # the tiny world has no gold judge
+                        lambda prompts, answers: {"gold": float(len(answers)), "failures": {}})
+    monkeypatch.setattr(nanoalign.evaluate.helpdesk, "judge", lambda prompt, answer: {"gold": 0.0})
+    result = train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "dpo", n_eval=4, max_steps=30))
+    loss = log(tmp_path / "dpo")
+    assert loss[0] == pytest.approx(0.6931, abs=0.02)  # log 2: the policy starts as the reference (h = 0)
+    assert loss[-1] < 0.3 * loss[0]
+    assert log(tmp_path / "dpo", "rewards/accuracies")[-1] == 1.0
+    assert json.loads((tmp_path / "dpo" / "eval.json").read_text()) == result
+    assert result["gold"] == result["sft_gold"] == 4.0 and result["kl"] > 0
+
+
+def test_reference_cache_equals_live_and_is_reused(tiny_run, pairs_dir, tmp_path, monkeypatch):
+    cfg = tiny(tiny_run, pairs_dir, tmp_path / "a", max_steps=4)
+    train_dpo.main(cfg)
+    (cache,) = (tmp_path / "cache").glob("ref_logps-*.safetensors")
+    mtime = cache.stat().st_mtime_ns
+
+    # live: the frozen reference scores the same sequences now; equal bit for bit, same dtype and device
+    reference, tok = load_model(cfg.init_from)
+    seqs, _, _ = encode_pairs(tok, read_jsonl(pairs_dir / "pairs.jsonl"), reference.config.block_size)
+    live = train_dpo.sequence_logps(reference.eval(), seqs, tok.pad_id, torch.device("cpu"))
+    cached = load_file(cache)["logps"]
+    assert cached.dtype == live.dtype == torch.float32 and cached.device == live.device
+    assert torch.equal(cached, live)
+
+    # a second run reads the file and never runs the reference forward
+    calls = []
+    monkeypatch.setattr(train_dpo, "sequence_logps", lambda *a, **k: calls.append(1))
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "b", max_steps=4))
+    assert calls == [] and cache.stat().st_mtime_ns == mtime
+    assert log(tmp_path / "b") == log(tmp_path / "a")
+
+    # the live reference forward in the training batch gives the same run up to float rounding (a row's
+    # padded length differs between the cache's length-sorted batches and the training batch)
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "c", max_steps=4, ref_cache=False))
+    assert log(tmp_path / "c") == pytest.approx(log(tmp_path / "a"), abs=1e-5)
+
+
+def test_cache_key_changes_with_data_and_weights(tiny_run):
+    reference, tok = load_model(tiny_run / "init")
+    state = reference.state_dict()
+    data = b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+    key = content_hash(state, data, tok.hash, 48)
+    assert key == content_hash(dict(reversed(list(state.items()))), data, tok.hash, 48)  # name order only
+    assert key != content_hash(state, data + data, tok.hash, 48)
+    assert key != content_hash(state, data, tok.hash, 47)
+    nudged = {**state, "transformer.ln_f.bias": state["transformer.ln_f.bias"] + 1e-7}
+    assert key != content_hash(nudged, data, tok.hash, 48)
+
+
+def test_changed_data_file_gives_a_new_cache(tiny_run, pairs_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (pairs_dir / "pairs.jsonl").read_text().splitlines(keepends=True)
+    (data / "sft_test.jsonl").write_text((pairs_dir / "sft_test.jsonl").read_text())
+    for i, n in enumerate((64, 63)):
+        (data / "pairs.jsonl").write_text("".join(lines[:n]))
+        train_dpo.main(tiny(tiny_run, data, tmp_path / f"run{i}", max_steps=1))
+    assert len(list((tmp_path / "cache").glob("ref_logps-*.safetensors"))) == 2
+
+
+def test_concatenated_forward_equals_separate_forwards(tiny_run, pairs_dir):
+    """One [2P, T] forward (chosen rows, then rejected) gives each row the log-prob of its own forward:
+    padding to the longer half changes nothing but float rounding (right padding, causal attention)."""
+    model, tok = load_model(tiny_run / "init")
+    model.eval()
+    seqs, chosen, rejected = encode_pairs(tok, read_jsonl(pairs_dir / "pairs.jsonl")[:6], 48)
+    with torch.no_grad():
+        together = model_logps(model, **collate([seqs[i] for i in chosen + rejected], tok.pad_id)).sum(-1)
+        alone_chosen = model_logps(model, **collate([seqs[i] for i in chosen], tok.pad_id)).sum(-1)
+        alone_rejected = model_logps(model, **collate([seqs[i] for i in rejected], tok.pad_id)).sum(-1)
+    assert max(len(seqs[i][0]) for i in chosen) != max(len(seqs[i][0]) for i in rejected)  # padded differently
+    assert torch.allclose(together[:6], alone_chosen, atol=1e-5, rtol=0)
+    assert torch.allclose(together[6:], alone_rejected, atol=1e-5, rtol=0)
+
+
+def test_resume_continues_the_same_loss_curve(tiny_run, pairs_dir, tmp_path, monkeypatch):
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "full"))
+    real_log = nanoalign.scaffold.Logger.log
+
+    def dies_at_step_9(self, step, metrics, *args):
+        real_log(self, step, metrics, *args)
+        if step == 9:
+            raise KeyboardInterrupt("killed")  # after the step-6 checkpoint, before the step-12 one
+
+    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", dies_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "cut"))
+    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", real_log)
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "cut", resume=True))
+    assert log(tmp_path / "cut") == pytest.approx(log(tmp_path / "full"), abs=1e-6)
+
+
+def test_two_process_fsdp_matches_single_process(tiny_run, pairs_dir, tmp_path):
+    """2 gloo processes with FSDP2 (each 1 micro-batch of 4 pairs) == 1 process (2 micro-batches of 4), same
+    global batch of 8; rank 0 writes the reference cache while rank 1 waits. Tolerance 1e-5: only the order of
+    floating-point reductions differs (a smaller lr than elsewhere: Adam amplifies it once gradients vanish)."""
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "one", max_steps=4, lr=1e-3))
+    args = [f"--{k}={v}" for k, v in vars(tiny(tiny_run, pairs_dir, tmp_path / "two", max_steps=4, lr=1e-3,
+                                               cache_dir=str(tmp_path / "cache2"))).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train_dpo.py"), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert log(tmp_path / "two") == pytest.approx(log(tmp_path / "one"), abs=1e-5)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

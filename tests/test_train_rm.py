@@ -1,0 +1,184 @@
+"""train_rm.py on a tiny config: it learns, calls the RM with K rows per prompt, reads the reward at the last
+real token, stores a normalisation that consumers reproduce, and 2 FSDP processes match 1."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_rm
+from nanoalign.checkpoint import load_model, load_reward_model, reward_scores
+from nanoalign.data import collate, left_pad, read_jsonl
+from nanoalign.model import GPT, GPTConfig
+from conftest import tiny_sft_records
+
+REPO = Path(__file__).resolve().parents[1]
+K = 3
+
+
+def tiny_prefs(n, seed):
+    """K = 3 answers per prompt, ranked by a gold score the RM can learn: right > vague > rude."""
+    rng = random.Random(seed)
+    out = []
+    for r in tiny_sft_records(n, seed):
+        answers = [r["completion"], "Your order is on its way. Anything else?", "Ugh, read the website."]
+        order = rng.sample(range(K), K)  # shuffle the answers so that position says nothing
+        gold = [1.0, 0.5, 0.0]
+        out.append({"prompt": r["prompt"], "responses": [answers[i] for i in order],
+                    "ranking": sorted(range(K), key=lambda j: -gold[order[j]]), "gold": [gold[i] for i in order]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def prefs_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prefs")
+    for name, n, seed in (("prefs.jsonl", 64, 0), ("prefs_test.jsonl", 8, 1)):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in tiny_prefs(n, seed)))
+    return d
+
+
+def tiny(tiny_run, prefs_dir, out, **kw):
+    base = dict(data_dir=str(prefs_dir), out_dir=str(out), init_from=str(tiny_run / "init"), epochs=4,
+                batch_size=8, micro_batch_size=4, rows_per_forward=5, lr=3e-3, min_lr=3e-4, warmup_steps=2,
+                log_interval=1, n_norm=12, max_new_tokens=8, seed=7)
+    return train_rm.Config(**{**base, **kw})
+
+
+def log(out, key="loss"):
+    return [json.loads(l)[key] for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def rm_run(tiny_run, prefs_dir, tmp_path_factory):
+    """One default-shaped run, watched: every GPT forward (rows, grad on?, output) and the sampler's batches."""
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    calls, batches = [], []
+    real_forward, real_sample = GPT.forward, train_rm.sample_answers
+
+    def counting_forward(self, idx, *args, **kwargs):
+        calls.append((idx.shape[0], torch.is_grad_enabled(), kwargs.get("output", "logits")))
+        return real_forward(self, idx, *args, **kwargs)
+
+    def recording_sample(*args, **kwargs):
+        answers, out_batches = real_sample(*args, **kwargs)
+        batches.extend(out_batches)
+        return answers, out_batches
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GPT, "forward", counting_forward)
+        mp.setattr(train_rm, "sample_answers", recording_sample)
+        result = train_rm.main(tiny(tiny_run, prefs_dir, out))
+    return {"out": out, "result": result, "calls": calls, "batches": batches}
+
+
+def test_rm_learns_and_writes_eval(rm_run):
+    curve = log(rm_run["out"])
+    assert len(curve) == 4 * 64 // 8
+    assert sum(curve[-4:]) < 0.5 * sum(curve[:4])  # ln 2 ~ 0.69 at the start: the head is nearly flat
+    result = json.loads((rm_run["out"] / "eval.json").read_text())
+    assert result == rm_run["result"]
+    assert {"accuracy", "bayes_ceiling", "n_pairs", "accuracy_vs_gold", "realised_ceiling", "loss"} <= result.keys()
+    assert result["n_pairs"] == 8 * K * (K - 1) // 2
+    assert result["realised_ceiling"] == 1.0  # the tiny labels are noise-free
+    assert result["accuracy"] > 0.8
+
+
+def test_rm_sees_exactly_k_rows_per_prompt(rm_run):
+    """InstructGPT §3.5: K rows per prompt, not 2·C(K,2) rows of separate pairs (ALGORITHMS.md §8 #6). Training
+    forwards are the ones with gradients on: 32 steps x 2 micro-batches of 4 prompts = 12 rows, forwarded in
+    length-sorted chunks of 5, 5 and 2 rows."""
+    training = [(rows, output) for rows, grad, output in rm_run["calls"] if grad]
+    assert training == [(5, "scalar"), (5, "scalar"), (2, "scalar")] * (32 * 2)
+
+
+def test_length_sorted_chunks_change_no_reward(tiny_run, prefs_dir):
+    """Rows sorted by length and forwarded in chunks of 5 or 1 get the rewards of one forward of all 24 rows."""
+    model, tok = load_model(tiny_run / "init", scalar_head=True)
+    groups = [train_rm.encode_group(tok, r, model.config.block_size)
+              for r in read_jsonl(prefs_dir / "prefs_test.jsonl", "prefs")]
+    with torch.no_grad():
+        one, *chunked = (train_rm.group_rewards(model, groups, tok.pad_id, torch.device("cpu"), n) for n in (99, 5, 1))
+    assert one.shape == (8, K)
+    for rewards in chunked:
+        torch.testing.assert_close(rewards, one, atol=1e-5, rtol=0)
+
+
+def test_reward_is_read_at_the_last_real_token():
+    """Right-padded, left-padded and unpadded rows give the same reward (ALGORITHMS.md §8 #10); reading the last
+    column instead would read a PAD slot and fail."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=32, scalar_head=True)).eval()
+    seqs = [[3, 5, 7, 9, 2], [4, 6, 8, 10, 12, 14, 16, 2], [11, 13, 2]]
+    with torch.no_grad():
+        right = collate([(s, 1) for s in seqs], pad_id=1)
+        r_right = reward_scores(model, right["input_ids"], right["attention_mask"])
+        r_left = reward_scores(model, *left_pad(seqs, pad_id=1))
+        r_alone = torch.cat([reward_scores(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                             for s in seqs])
+        r_last_column = model(right["input_ids"], attention_mask=right["attention_mask"], output="scalar")[:, -1]
+    torch.testing.assert_close(r_right, r_alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r_left, r_alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(r_last_column, r_alone, atol=1e-3)
+
+
+def test_consumer_reproduces_the_normalisation(rm_run):
+    """ALGORITHMS.md §3.6 and §8 #11: load_reward_model + reward_scores on the SFT samples the script fitted on
+    give mean 0 and std 1 (population std, as fitted), and the raw rewards do not."""
+    model, tok, gain, bias = load_reward_model(rm_run["out"])
+    assert json.loads((rm_run["out"] / "config.json").read_text())["reward_norm"] == {"gain": gain, "bias": bias}
+    with torch.no_grad():
+        scores = [torch.cat([reward_scores(model, torch.cat([b["prompt_ids"], b["response_ids"]], 1),
+                                           torch.cat([b["prompt_mask"], b["response_mask"]], 1), g, c)
+                             for b in rm_run["batches"]]) for g, c in ((gain, bias), (1.0, 0.0))]
+    normalised, raw = scores
+    assert len(normalised) == 12
+    assert abs(normalised.mean().item()) < 1e-5 and abs(normalised.std(correction=0).item() - 1) < 1e-5
+    assert abs(raw.mean().item()) > 1e-3 or abs(raw.std(correction=0).item() - 1) > 1e-3
+
+
+def test_plackett_luce_option_learns(tiny_run, prefs_dir, tmp_path):
+    result = train_rm.main(tiny(tiny_run, prefs_dir, tmp_path / "pl", loss="plackett_luce", epochs=2, n_norm=4))
+    curve = log(tmp_path / "pl")
+    assert sum(curve[-4:]) < 0.5 * sum(curve[:4]) and result["accuracy"] > 0.8
+
+
+def test_soft_labelled_pairs_and_their_errors(tiny_run, prefs_dir, tmp_path):
+    """--data=pairs reads an optional per-pair probability p; a p outside [0, 1] is rejected naming file, line,
+    field, before anything is written."""
+    pairs = [{"prompt": r["prompt"], "chosen": r["responses"][r["ranking"][0]],
+              "rejected": r["responses"][r["ranking"][-1]], "p": 0.9} for r in tiny_prefs(16, 2)]
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("prefs.jsonl", "prefs_test.jsonl"):
+        (data / name).write_text((prefs_dir / name).read_text())
+    (data / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    result = train_rm.main(tiny(tiny_run, data, tmp_path / "soft", data="pairs", epochs=2, n_norm=4))
+    assert log(tmp_path / "soft")[-1] < log(tmp_path / "soft")[0] and 0 <= result["accuracy"] <= 1
+    pairs[3]["p"] = 1.5
+    (data / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    with pytest.raises(ValueError, match=r"pairs.jsonl:4: field 'p'"):
+        train_rm.main(tiny(tiny_run, data, tmp_path / "bad", data="pairs"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_two_process_fsdp_matches_single_process(tiny_run, prefs_dir, tmp_path):
+    """2 gloo processes with FSDP2 (each 1 micro-batch of 4 prompts) == 1 process (2 micro-batches of 4), same
+    global batch of 8 prompts (24 rows). Tolerance 1e-5: only the order of floating-point reductions differs."""
+    train_rm.main(tiny(tiny_run, prefs_dir, tmp_path / "one", epochs=1, n_norm=4))
+    args = [f"--{k}={v}" for k, v in vars(tiny(tiny_run, prefs_dir, tmp_path / "two", epochs=1, n_norm=4)).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train_rm.py"), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert log(tmp_path / "two") == pytest.approx(log(tmp_path / "one"), abs=1e-5)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys() and "scalar_head.weight" in a
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

@@ -1,0 +1,238 @@
+"""Reward model: a scalar score learned from ranked answers, on the SFT trunk (step 2 of RLHF).
+
+    python train_rm.py                                     # helpdesk rankings from out/sft, ~2 min on 2 CPU cores
+    python train_rm.py --loss=plackett_luce                # likelihood of the full ranking instead of its pairs
+    python train_rm.py --data=pairs                        # pairs.jsonl, an optional soft label "p" per pair
+    torchrun --nproc_per_node=2 train_rm.py --compile=True
+
+Each prompt's K ranked answers are one batch element: K forward rows, a loss over all C(K,2) pairs
+(InstructGPT §3.5, Eq. 1). The reward is the scalar head at the last real token, the EOS of prompt + response
++ EOS rendered as in SFT and PPO (ALGORITHMS.md §3.1). After training, SFT samples on training prompts fix a
+gain and bias so that their rewards have mean 0 and std 1 (Ziegler et al. 2019 §2); they are stored in
+out/rm/config.json and applied by every consumer through `nanoalign.checkpoint.reward_scores`.
+out/rm/eval.json: held-out accuracy against the noisy labels beside its Bayes ceiling, and against the gold order.
+
+Departures from the papers: the tiny trunk trains at lr 5e-4 for 2 epochs (InstructGPT and Ziegler: 1 epoch
+at 9e-6 to 5e-5 on pretrained models); Plackett-Luce is divided by K-1 so that K = 2 is Bradley-Terry; rewards
+are normalised after training only (OAI-19 also normalises before); --data=pairs shuffles single pairs, the
+batching InstructGPT found to overfit, kept as the simplest input for soft labels (AI feedback, CAI §4.1).
+Answers longer than the context are cut (4% of the helpdesk rows, all padded with filler), so their reward is
+read at the last kept token instead of the EOS.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+from nanoalign import helpdesk
+from nanoalign.checkpoint import load_model, reward_scores, write_checkpoint
+from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
+from nanoalign.evaluate import sample_answers, write_json
+from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, soft_bradley_terry_loss
+from nanoalign.model import GPT
+from nanoalign.scaffold import (Logger, full_state, global_sum, lr_at, make_optimizer, optimizer_step,
+                                parse_config, set_grad_sync, setup, teardown, wrap_model)
+
+
+@dataclass
+class Config:
+    data_dir: str = "data"  # prefs.jsonl / prefs_test.jsonl (the helpdesk world is generated if missing)
+    out_dir: str = "out/rm"  # checkpoint, log.jsonl and eval.json go here
+    init_from: str = "out/sft"  # SFT checkpoint: the RM's trunk, and the policy sampled for normalisation
+    data: str = "prefs"  # prefs: K ranked answers per prompt | pairs: pairs.jsonl with optional soft label "p"
+    loss: str = "kwise"  # prefs: kwise (all C(K,2) pairs) | plackett_luce; pairs: always soft Bradley-Terry
+    epochs: int = 2  # passes over the training records
+    batch_size: int = 32  # prompts (K rows each) or pairs per optimizer step (global)
+    micro_batch_size: int = 32  # prompts or pairs per backward per process
+    rows_per_forward: int = 32  # answers per forward, length-sorted within a micro-batch (speed only)
+    lr: float = 5e-4  # peak AdamW learning rate
+    min_lr: float = 5e-5  # end of the cosine
+    warmup_steps: int = 20  # linear warmup
+    weight_decay: float = 0.1  # on matrices only
+    adam_eps: float = 1e-5  # as for PPO (N+, ALGORITHMS.md §10); see step 4
+    grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+    log_interval: int = 25  # steps between progress lines
+    n_norm: int = 256  # SFT samples on training prompts that fix the reward's gain and bias (OAI-19: 256)
+    max_new_tokens: int = 96  # answer length limit for those samples
+    temperature: float = 1.0  # their sampling temperature (PPO's rollout temperature)
+    compile: bool = False  # torch.compile each transformer block
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1234  # head init and data order; sampling for normalisation uses seed
+
+
+def encode_group(tok, rec: dict, max_len: int) -> dict:
+    """One record -> its answers as token rows: a prefs record's K answers with their ranking, or a pairs
+    record's chosen and rejected (ranking [0, 1]) with p = P(chosen is better), 1 unless given."""
+    answers = rec["responses"] if "responses" in rec else [rec["chosen"], rec["rejected"]]
+    rows = [encode_example(tok, rec["prompt"], a, max_len, rec["where"]) for a in answers]
+    return {"rows": rows, "ranking": rec.get("ranking", [0, 1]), "p": rec.get("p", 1.0), "gold": rec.get("gold"),
+            "where": rec["where"]}
+
+
+def check_same_k(groups: list[dict]) -> int:
+    """The one K of a file's records (rewards form an [N, K] tensor); a record with another K is an error."""
+    K = len(groups[0]["rows"])
+    for g in groups:
+        if len(g["rows"]) != K:
+            raise ValueError(f"{g['where']}: field 'responses' has {len(g['rows'])} answers, the file's first "
+                             f"record {K}; use one K per file")
+    return K
+
+
+def group_rewards(model, groups: list[dict], pad_id: int, device, rows_per_forward: int) -> torch.Tensor:
+    """Rewards of N groups of K answers -> [N, K]. The N*K rows go through the model sorted by length, in
+    chunks of `rows_per_forward`, so that each chunk pads to similar lengths: on the helpdesk rankings the
+    padded tokens fall from 2.1x to 1.2x the real ones (each prompt has a long answer, so smaller batches
+    alone do not help). The read-out ignores padding, so the chunking changes no reward."""
+    rows = [row for g in groups for row in g["rows"]]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    chunks = []
+    for s in range(0, len(rows), rows_per_forward):
+        batch = collate([rows[i] for i in order[s:s + rows_per_forward]], pad_id)
+        chunks.append(reward_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+    rewards = torch.cat(chunks)[torch.tensor(order, device=device).argsort()]  # [N*K], back in record order
+    return rewards.view(len(groups), -1)  # [N, K]
+
+
+def ranked_above(ranking: torch.Tensor) -> torch.Tensor:
+    """ranking [N, K], indices best first -> [N, K, K], True where answer i is ranked above answer j."""
+    rank = ranking.argsort(-1)  # [N, K], 0 = best
+    return rank[:, :, None] < rank[:, None, :]
+
+
+def pairwise_hits(scores: torch.Tensor, above: torch.Tensor) -> tuple[float, float, float]:
+    """Pairs (i above j) that scores [N, K] order alike, 1 each and 1/2 on a tie (ALGORITHMS.md §3.7)
+    -> (hits, summed margin s_i - s_j, number of pairs)."""
+    diff = (scores[:, :, None] - scores[:, None, :]).double()  # [N, K, K]: s_i - s_j
+    hits = (diff > 0).double() + 0.5 * (diff == 0).double()
+    return (hits * above).sum().item(), (diff * above).sum().item(), above.sum().item()
+
+
+def main(cfg: Config) -> dict:
+    # 1. processes, seeds, data (the helpdesk world is generated on first use)
+    if cfg.data not in ("prefs", "pairs") or cfg.loss not in ("kwise", "plackett_luce"):
+        raise ValueError(f"--data must be prefs or pairs, --loss kwise or plackett_luce; got {cfg.data}, {cfg.loss}")
+    ctx = setup(cfg.seed, cfg.device)
+    data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
+    if not (data_dir / "prefs.jsonl").exists():
+        if ctx.master:
+            helpdesk.write_world(data_dir, seed=cfg.seed)
+        if ctx.world > 1:
+            torch.distributed.barrier()
+    train = read_jsonl(data_dir / f"{cfg.data}.jsonl", cfg.data)
+    test = read_jsonl(data_dir / "prefs_test.jsonl", "prefs")
+
+    # 2. the SFT trunk plus a new scalar head ~ N(0, 1/sqrt(D+1)) (N detail 8); without SFT init an RM
+    # sits near chance (trlx #338)
+    model, tok = load_model(cfg.init_from, scalar_head=True)
+    if ctx.master:
+        print(f"reward model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}")
+    model = wrap_model(model, ctx, cfg.compile)
+
+    # 3. records -> groups of K token rows; every error is raised here, before anything is written
+    examples = [encode_group(tok, r, model.config.block_size) for r in train]
+    test_groups = [encode_group(tok, r, model.config.block_size) for r in test]
+    K = check_same_k(examples)
+    check_same_k(test_groups)
+    assert cfg.batch_size % (ctx.world * cfg.micro_batch_size) == 0, "batch_size must split into ranks x micro-batches"
+    max_steps = cfg.epochs * (len(examples) // cfg.batch_size)  # derived, printed, never stored in cfg
+    if ctx.master:
+        print(f"{len(examples)} {cfg.data} records of K = {K} answers (K rows each), {max_steps} steps")
+
+    # 4. optimizer. A ranking loss sees reward differences only, so some gradients are exactly zero in exact
+    # arithmetic (head bias, final LayerNorm bias, key biases); eps 1e-5 keeps Adam from turning their rounding
+    # noise into lr-sized steps, which made 1- and 2-process runs drift apart at eps 1e-8
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, eps=cfg.adam_eps)
+    logger = Logger(out_dir, ctx, max_steps)
+
+    # 5. train
+    model.train()
+    t_last, tokens_seen, metrics = time.time(), 0, {}
+    for step in range(1, max_steps + 1):
+        rows = batch_indices(len(examples), cfg.batch_size, step - 1, cfg.seed)[ctx.rank::ctx.world]
+        loss_sum, hits, margins, n_pairs = 0.0, 0.0, 0.0, 0.0
+        for s in range(0, len(rows), cfg.micro_batch_size):
+            groups = [examples[i] for i in rows[s:s + cfg.micro_batch_size]]
+            set_grad_sync(model, s + cfg.micro_batch_size >= len(rows))
+            rewards = group_rewards(model, groups, tok.pad_id, ctx.device, cfg.rows_per_forward)  # [N, K]
+            ranking = torch.tensor([g["ranking"] for g in groups], device=ctx.device)  # [N, K]
+            if cfg.data == "pairs":  # column 0 is the chosen answer, p = P(chosen is better)
+                p = torch.tensor([g["p"] for g in groups], device=ctx.device)
+                loss = soft_bradley_terry_loss(rewards[:, 0], rewards[:, 1], p)
+            elif cfg.loss == "kwise":
+                loss = kwise_ranking_loss(rewards, ranking)
+            else:
+                loss = plackett_luce_loss(rewards, ranking)
+            # the losses are means over this micro-batch's prompts: re-weight to a mean over the global batch,
+            # times the world size because FSDP averages gradients over ranks (as train_sft.py)
+            loss = loss * len(groups) / cfg.batch_size * ctx.world
+            loss.backward()
+            loss_sum += loss.item() / ctx.world
+            h, m, n = pairwise_hits(rewards.detach(), ranked_above(ranking))
+            hits, margins, n_pairs = hits + h, margins + m, n_pairs + n
+            tokens_seen += sum(len(ids) for g in groups for ids, _ in g["rows"])
+        lr = lr_at(step - 1, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+        grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+        n_pairs = global_sum(n_pairs, ctx)
+        metrics = {"loss": global_sum(loss_sum, ctx), "rewards/accuracies": global_sum(hits, ctx) / n_pairs,
+                   "rewards/margins": global_sum(margins, ctx) / n_pairs, "lr": lr, "grad_norm": grad_norm}
+        if step % cfg.log_interval == 0 or step == max_steps:
+            logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
+            t_last, tokens_seen = time.time(), 0
+
+    # 6. rank 0, on a plain copy of the trained weights: normalise, evaluate, save
+    model_state = full_state(model)
+    result = {}
+    if ctx.master:
+        rm = GPT(model.config)
+        rm.load_state_dict(model_state)
+        rm.to(ctx.device).eval()
+        with torch.no_grad():
+            # 6a. SFT samples on random training prompts (the policy PPO starts from) -> gain, bias with
+            # gain * r + bias at mean 0, std 1 on exactly this sample (Ziegler §2; OAI-19 normalize_after)
+            policy = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device)
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_norm]
+            prompts = [train[i]["prompt"] for i in order.tolist()]
+            answers, batches = sample_answers(policy, tok, prompts, cfg.max_new_tokens, cfg.temperature,
+                                              seed=cfg.seed)
+            scores = torch.cat([reward_scores(rm, torch.cat([b["prompt_ids"], b["response_ids"]], 1),
+                                              torch.cat([b["prompt_mask"], b["response_mask"]], 1))
+                                for b in batches])  # [n_norm], the sampler's own tokens, as PPO scores them
+            gain = 1.0 / scores.std(correction=0).item()
+            bias = -gain * scores.mean().item()
+            for p, a, r in list(zip(prompts, answers, (gain * scores + bias).tolist()))[:3]:
+                print(f"\n> {p}\n{a}\n[normalised reward {r:+.2f}]")
+
+            # 6b. held-out accuracy over all C(K,2) pairs of each ranking, against the noisy labels; the
+            # ceilings need the gold scores (ALGORITHMS.md §3.7)
+            rewards = group_rewards(rm, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward).cpu()  # [N, K]
+            ranking = torch.tensor([g["ranking"] for g in test_groups])
+            above = ranked_above(ranking)  # [N, K, K]
+            hits, _, n_pairs = pairwise_hits(rewards, above)
+            result = {"accuracy": hits / n_pairs}
+            if all(g["gold"] is not None for g in test_groups):
+                gold = torch.tensor([g["gold"] for g in test_groups], dtype=torch.float64)  # [N, K]
+                result["bayes_ceiling"] = helpdesk.bayes_ceiling(pair for g in gold.tolist()
+                                                                 for pair in combinations(g, 2))
+                hits, _, _ = pairwise_hits(gold, above)  # labels that agree with the gold order
+                result["realised_ceiling"] = hits / n_pairs
+                hits, _, n_gold = pairwise_hits(rewards, gold[:, :, None] > gold[:, None, :])  # gold ties skipped
+                result["accuracy_vs_gold"] = hits / n_gold
+            result.update({"n_pairs": int(n_pairs), "loss": kwise_ranking_loss(rewards, ranking).item(),  # held-out
+                           "train_loss": metrics["loss"], "reward_norm": {"gain": gain, "bias": bias}})
+        print("\neval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+
+        # 6c. the checkpoint carries the normalisation; consumers load it with load_reward_model
+        meta = {"model": asdict(model.config), "run": asdict(cfg), "step": max_steps, "metrics": result,
+                "reward_norm": {"gain": gain, "bias": bias}}
+        write_checkpoint(out_dir, model_state, meta, tok)
+        write_json(out_dir / "eval.json", result)
+    teardown()
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
