@@ -65,7 +65,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature for eval and KL (0 = greedy)
     compile: bool = False  # torch.compile each transformer block
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 1234  # data order; sampling uses seed + 100003 * rank
+    seed: int = 1234  # data order and evaluation sampling (policy and reference alike)
 
 
 @torch.no_grad()

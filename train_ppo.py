@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanoalign import helpdesk
-from nanoalign.checkpoint import load_model, load_reward_model, reward_scores, write_checkpoint
+from nanoalign.checkpoint import load_model, load_reward_model, write_checkpoint
 from nanoalign.data import batch_indices, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, rloo_advantages, token_logps, whiten)
-from nanoalign.sampling import sample
+from nanoalign.sampling import reward_scores, sample
 from nanoalign.scaffold import Logger, full_state, make_optimizer, optimizer_step, parse_config, setup
 
 

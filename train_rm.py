@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from nanoalign import helpdesk
-from nanoalign.checkpoint import load_model, reward_scores, write_checkpoint
+from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
 from nanoalign.evaluate import sample_answers, write_json
 from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, soft_bradley_terry_loss
 from nanoalign.model import GPT
+from nanoalign.sampling import reward_scores
 from nanoalign.scaffold import (Logger, full_state, global_sum, lr_at, make_optimizer, optimizer_step,
                                 parse_config, set_grad_sync, setup, teardown, wrap_model)
 

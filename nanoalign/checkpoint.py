@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanoalign.losses import last_token_values
 from nanoalign.model import GPT
 from nanoalign.tokenizer import Tokenizer, check_tokenizer_hash
 
@@ -81,22 +80,12 @@ def load_model(path, tokenizer: Tokenizer | None = None, scalar_head: bool | Non
 
 def load_reward_model(path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer, float, float]:
     """A reward model written by train_rm.py -> (model, tokenizer, gain, bias). Consumers score with
-    `reward_scores(model, ..., gain, bias)` so that SFT samples score mean 0, std 1 (ALGORITHMS.md §3.6)."""
+    `nanoalign.sampling.reward_scores(model, ..., gain, bias)` so that SFT samples score mean 0, std 1 (ALGORITHMS.md §3.6)."""
     meta = read_meta(path)
     if "reward_norm" not in meta:
         raise ValueError(f"{path}/config.json: missing field 'reward_norm'; expected a reward model from train_rm.py")
     model, tokenizer = load_model(path, tokenizer, scalar_head=True)
     return model, tokenizer, meta["reward_norm"]["gain"], meta["reward_norm"]["bias"]
-
-
-def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, gain: float = 1.0,
-                  bias: float = 0.0) -> torch.Tensor:
-    """The one reward read-out: gain * r + bias, r the scalar head at each row's last real token (the EOS
-    of prompt + response + EOS, whether rows are left- or right-padded). input_ids, attention_mask [B, T]
-    -> [B], in fp32 whatever the model's dtype. Every consumer (PPO, best-of-N, evaluation) applies the stored
-    gain and bias: skipping them silently changes what the KL coefficient means (ALGORITHMS.md §3.6 pitfalls)."""
-    values = model(input_ids, attention_mask=attention_mask, output="scalar").float()  # [B, T]
-    return gain * last_token_values(values, attention_mask) + bias
 
 
 def content_hash(*parts) -> str:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from nanoalign import helpdesk
-from nanoalign.checkpoint import load_model, load_reward_model, reward_scores
+from nanoalign.checkpoint import load_model, load_reward_model
 from nanoalign.data import read_jsonl
 from nanoalign.losses import best_of_n_kl, best_of_n_pool, token_kl, token_logps
-from nanoalign.sampling import sample
+from nanoalign.sampling import reward_scores, sample
 from nanoalign.scaffold import parse_config
 
 

@@ -1,5 +1,5 @@
-"""The one sampler (batched, KV-cached, temperature / top-k / top-p, stopping at EOS) and the one scorer of
-what it produced (per-token log-probs under a model at a temperature).
+"""The one sampler (batched, KV-cached, temperature / top-k / top-p, stopping at EOS) and the scorers of what it
+produced: per-token log-probs under a model at a temperature, and the normalised reward-model score.
 
 It serves SFT samples, PPO rollouts, best-of-N, AI-feedback judging and evaluation. Prompts are left-padded
 so that every row's next token sits in the last column; a row that has emitted EOS receives PAD (masked out)
@@ -10,7 +10,7 @@ filtering makes the samples come from a distribution other than the one whose lo
 import torch
 
 from nanoalign.data import left_pad
-from nanoalign.losses import token_logps
+from nanoalign.losses import last_token_values, token_logps
 from nanoalign.model import GPT, KVCache
 
 
@@ -21,6 +21,16 @@ def model_logps(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tenso
     The one log-prob path for DPO, PPO, KL and the AI judge; sum over the last dim for S(y|x)."""
     logits = model(input_ids, attention_mask=attention_mask)  # [B, T, V]
     return token_logps(logits[:, :-1], input_ids[:, 1:], temperature) * loss_mask[:, 1:]
+
+
+def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, gain: float = 1.0,
+                  bias: float = 0.0) -> torch.Tensor:
+    """The one reward read-out: gain * r + bias, r the scalar head at each row's last real token (the EOS
+    of prompt + response + EOS, whether rows are left- or right-padded). input_ids, attention_mask [B, T]
+    -> [B], in fp32 whatever the model's dtype. Every consumer (PPO, best-of-N, evaluation) applies the stored
+    gain and bias: skipping them silently changes what the KL coefficient means (ALGORITHMS.md §3.6 pitfalls)."""
+    values = model(input_ids, attention_mask=attention_mask, output="scalar").float()  # [B, T]
+    return gain * last_token_values(values, attention_mask) + bias
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

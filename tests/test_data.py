@@ -27,6 +27,8 @@ BAD = [  # (lines, schema, message fragment): each names the file, the line and 
     ([[1, 2]], "sft", r":1: expected a JSON object"),
     ([{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}], "prefs", r":1: field 'ranking'"),
     ([{"prompt": "p", "responses": ["a"], "ranking": [0]}], "prefs", r":1: field 'responses'"),
+    ([{"prompt": "p", "responses": ["a", "b"], "ranking": [1, 0], "gold": [0.5]}], "prefs", r":1: field 'gold'"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b", "p": 1.5}], "pairs", r":1: field 'p'"),
     ([{"prompt": "p", "chosen": "a", "rejected": ["b"]}], "pairs", r":1: field 'rejected' must be a string"),
     ([{"chosen": "no human turn", "rejected": "x"}], "hh", r":1: field 'chosen' is not HH text"),
     ([GOOD, "", "[]"], "sft", r":3: expected a JSON object"),

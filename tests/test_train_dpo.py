@@ -2,9 +2,6 @@
 reused, and the concatenated chosen + rejected forward equals two separate forwards."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 import nanoalign.scaffold
+from conftest import torchrun
 import train_dpo
 from nanoalign.checkpoint import content_hash, load_model
 from nanoalign.data import collate, encode_pairs, read_jsonl
 from nanoalign.sampling import model_logps
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +142,8 @@ def test_two_process_fsdp_matches_single_process(tiny_run, pairs_dir, tmp_path):
     global batch of 8; rank 0 writes the reference cache while rank 1 waits. Tolerance 1e-5: only the order of
     floating-point reductions differs (a smaller lr than elsewhere: Adam amplifies it once gradients vanish)."""
     train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "one", max_steps=4, lr=1e-3))
-    args = [f"--{k}={v}" for k, v in vars(tiny(tiny_run, pairs_dir, tmp_path / "two", max_steps=4, lr=1e-3,
-                                               cache_dir=str(tmp_path / "cache2"))).items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train_dpo.py"), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("train_dpo.py", tiny(tiny_run, pairs_dir, tmp_path / "two", max_steps=4, lr=1e-3,
+                                               cache_dir=str(tmp_path / "cache2")))
     assert log(tmp_path / "two") == pytest.approx(log(tmp_path / "one"), abs=1e-5)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     for k in a:

@@ -2,10 +2,7 @@
 real token, stores a normalisation that consumers reproduce, and 2 FSDP processes match 1."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import train_rm
-from nanoalign.checkpoint import load_model, load_reward_model, reward_scores
+from nanoalign.checkpoint import load_model, load_reward_model
 from nanoalign.data import collate, left_pad, read_jsonl
 from nanoalign.model import GPT, GPTConfig
-from conftest import tiny_sft_records
+from nanoalign.sampling import reward_scores
+from conftest import tiny_sft_records, torchrun
 
-REPO = Path(__file__).resolve().parents[1]
 K = 3
 
 
@@ -171,12 +168,7 @@ def test_two_process_fsdp_matches_single_process(tiny_run, prefs_dir, tmp_path):
     """2 gloo processes with FSDP2 (each 1 micro-batch of 4 prompts) == 1 process (2 micro-batches of 4), same
     global batch of 8 prompts (24 rows). Tolerance 1e-5: only the order of floating-point reductions differs."""
     train_rm.main(tiny(tiny_run, prefs_dir, tmp_path / "one", epochs=1, n_norm=4))
-    args = [f"--{k}={v}" for k, v in vars(tiny(tiny_run, prefs_dir, tmp_path / "two", epochs=1, n_norm=4)).items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train_rm.py"), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("train_rm.py", tiny(tiny_run, prefs_dir, tmp_path / "two", epochs=1, n_norm=4))
     assert log(tmp_path / "two") == pytest.approx(log(tmp_path / "one"), abs=1e-5)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert a.keys() == b.keys() and "scalar_head.weight" in a

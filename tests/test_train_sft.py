@@ -1,9 +1,6 @@
 """train_sft.py end to end on a tiny config: it learns, resumes exactly, and 2 FSDP processes match 1."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import nanoalign.scaffold
+from conftest import torchrun
 import train_sft
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(tiny_run, out, **kw):
@@ -63,12 +60,7 @@ def test_two_process_fsdp_matches_single_process(tiny_run, tmp_path):
     """2 gloo processes with FSDP2 (each 1 micro-batch of 4) == 1 process (2 micro-batches of 4), same global
     batch of 8. Tolerance 1e-5: only the order of floating-point reductions differs."""
     train_sft.main(tiny(tiny_run, tmp_path / "one", max_steps=4))
-    args = [f"--{k}={v}" for k, v in vars(tiny(tiny_run, tmp_path / "two", max_steps=4)).items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train_sft.py"), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("train_sft.py", tiny(tiny_run, tmp_path / "two", max_steps=4))
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert a.keys() == b.keys()
