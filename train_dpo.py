@@ -20,19 +20,18 @@ the SFT model as reference are the paper's.
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nanoalign.checkpoint import (cached_tensors, content_hash, load_model, read_meta, read_resume_state,
-                                  write_checkpoint)
+from nanoalign.checkpoint import cached_tensors, content_hash, load_model
 from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import dpo_loss
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (Logger, full_state, global_sum, load_optimizer_state, lr_at, make_optimizer,
-                                optimizer_step, parse_config, set_grad_sync, setup, teardown, wrap_model)
+from nanoalign.scaffold import (Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config, resume,
+                                save_resumable, set_grad_sync, setup, teardown, wrap_model)
 
 
 @dataclass
@@ -92,7 +91,7 @@ def main(cfg: Config) -> dict:
 
     # 2. policy from --init_from (or out_dir on resume); the reference is the --init_from model, frozen
     model, tok = load_model(out_dir if cfg.resume else cfg.init_from)
-    step = read_meta(out_dir)["step"] if cfg.resume else 0
+    step = 0  # set by resume() below
     reference = load_model(cfg.init_from, tok)[0].to(ctx.device).eval().requires_grad_(False)
     max_len = cfg.max_len or model.config.block_size
     if ctx.master:
@@ -128,9 +127,7 @@ def main(cfg: Config) -> dict:
     # 5. optimizer; on resume its moments and the RNG state come back
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     if cfg.resume:
-        optim_state, rng = read_resume_state(out_dir)
-        load_optimizer_state(model, optimizer, optim_state)
-        torch.set_rng_state(rng["torch"])
+        step = resume(out_dir, model, optimizer)
     logger = Logger(out_dir, ctx, cfg.max_steps, resume_step=step)
 
     # 6. train: chosen and rejected of a micro-batch in ONE forward (DPO-ref's concatenated_forward)
@@ -174,10 +171,7 @@ def main(cfg: Config) -> dict:
                        tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen, window = time.time(), 0, []
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            model_state, optim_state = full_state(model, optimizer)
-            if ctx.master:
-                meta = {"model": asdict(model.config), "run": asdict(cfg), "step": step, "metrics": metrics}
-                write_checkpoint(out_dir, model_state, meta, tok, (optim_state, {"torch": torch.get_rng_state()}))
+            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics)
 
     # 7. evaluate policy and SFT reference on the same held-out prompts and seed: gold, failures, KL, win rate
     result = {"train_loss": metrics.get("loss")}

@@ -10,19 +10,19 @@ out/sft/eval.json. SFT imitates: the demonstrations' failures come back at about
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanoalign import helpdesk
-from nanoalign.checkpoint import load_model, read_meta, read_resume_state, write_checkpoint
+from nanoalign.checkpoint import load_model
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import sft_loss, token_logps
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.scaffold import (Logger, full_state, global_sum, load_optimizer_state, lr_at, make_optimizer,
-                                optimizer_step, parse_config, set_grad_sync, setup, teardown, wrap_model)
+from nanoalign.scaffold import (Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config, resume,
+                                save_resumable, set_grad_sync, setup, teardown, wrap_model)
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -70,7 +70,6 @@ def main(cfg: Config) -> dict:
     step = 0
     if cfg.resume:
         model, tok = load_model(out_dir)
-        step = read_meta(out_dir)["step"]
     elif cfg.init_from:
         model, tok = load_model(cfg.init_from)
     else:
@@ -88,9 +87,7 @@ def main(cfg: Config) -> dict:
     # 4. optimizer; on resume its moments and the RNG state come back
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     if cfg.resume:
-        optim_state, rng = read_resume_state(out_dir)
-        load_optimizer_state(model, optimizer, optim_state)
-        torch.set_rng_state(rng["torch"])
+        step = resume(out_dir, model, optimizer)
     logger = Logger(out_dir, ctx, cfg.max_steps, resume_step=step)
 
     # 5. train
@@ -120,10 +117,7 @@ def main(cfg: Config) -> dict:
             logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            model_state, optim_state = full_state(model, optimizer)
-            if ctx.master:
-                meta = {"model": asdict(model.config), "run": asdict(cfg), "step": step, "metrics": metrics}
-                write_checkpoint(out_dir, model_state, meta, tok, (optim_state, {"torch": torch.get_rng_state()}))
+            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics)
 
     # 6. evaluate on held-out prompts with the gold judge; print a few answers
     result = {"train_loss": metrics.get("loss")}

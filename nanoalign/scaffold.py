@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from nanoalign.checkpoint import read_meta, read_resume_state, write_checkpoint
+
 # ----- config ------------------------------------------------------------------------------------------
 
 
@@ -174,6 +176,23 @@ def full_state(model, optimizer=None):
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, metrics: dict) -> None:
+    """Gather the full model and optimizer state and write a resumable checkpoint from rank 0."""
+    model_state, optim_state = full_state(model, optimizer)
+    if ctx.master:
+        meta = {"model": dataclasses.asdict(model.config), "run": dataclasses.asdict(cfg), "step": step,
+                "metrics": metrics}
+        write_checkpoint(out_dir, model_state, meta, tok, (optim_state, {"torch": torch.get_rng_state()}))
+
+
+def resume(out_dir, model, optimizer) -> int:
+    """Restore the optimizer moments and the RNG state written by `save_resumable`; returns the step."""
+    optim_state, rng = read_resume_state(out_dir)
+    load_optimizer_state(model, optimizer, optim_state)
+    torch.set_rng_state(rng["torch"])
+    return read_meta(out_dir)["step"]
 
 
 # ----- logging -----------------------------------------------------------------------------------------
