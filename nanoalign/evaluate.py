@@ -6,7 +6,8 @@
 
 eval.json is the contract every stage writes (ALGORITHMS.md §1.1):
     {"gold", "principles": {name: mean}, "failures": {"disparage", "canned", "leak"}, "n", "demo_gold"}
-and, against a reference policy, "kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures".
+plus "length" (mean response tokens, EOS included) and, against a reference policy, "kl", "kl_k1",
+"win_rate_vs_sft", "sft_gold", "sft_failures".
 """
 
 import json
@@ -89,6 +90,7 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
     answers, batches = sample_answers(model, tok, prompts, max_new_tokens, temperature, batch_size, seed)
     metrics = helpdesk.judge_many(prompts, answers)
     metrics["demo_gold"] = helpdesk.judge_many(prompts, [d["completion"] for d in demos])["gold"]
+    metrics["length"] = torch.cat([b["response_mask"].sum(-1) for b in batches]).float().mean().item()  # tokens
     if reference is not None:
         metrics.update(reference_kl(model, reference, batches, temperature))
         sft_answers, _ = sample_answers(reference, tok, prompts, max_new_tokens, temperature, batch_size, seed)

@@ -32,7 +32,7 @@ def test_sft_learns_and_writes_eval(tiny_run, tmp_path, monkeypatch):
     curve = losses(tmp_path / "sft")
     assert curve[-1] < 0.5 * curve[0]
     assert json.loads((tmp_path / "sft" / "eval.json").read_text()) == result
-    assert result["gold"] == 4.0
+    assert result["gold"] == 4.0 and 0 < result["length"] <= 24
 
 
 def test_resume_continues_the_same_loss_curve(tiny_run, tmp_path, monkeypatch):
