@@ -34,7 +34,7 @@ from nanoalign.evaluate import sample_answers, write_json
 from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, soft_bradley_terry_loss
 from nanoalign.model import GPT
 from nanoalign.sampling import reward_scores
-from nanoalign.scaffold import (Logger, full_state, global_sum, lr_at, make_optimizer, optimizer_step,
+from nanoalign.scaffold import (ensure_world, Logger, full_state, global_sum, lr_at, make_optimizer, optimizer_step,
                                 parse_config, set_grad_sync, setup, teardown, wrap_model)
 
 
@@ -118,11 +118,7 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"--data must be prefs or pairs, --loss kwise or plackett_luce; got {cfg.data}, {cfg.loss}")
     ctx = setup(cfg.seed, cfg.device)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
-    if not (data_dir / "prefs.jsonl").exists():
-        if ctx.master:
-            helpdesk.write_world(data_dir, seed=cfg.seed)
-        if ctx.world > 1:
-            torch.distributed.barrier()
+    ensure_world(data_dir, "prefs.jsonl", cfg.seed, ctx)
     train = read_jsonl(data_dir / f"{cfg.data}.jsonl", cfg.data)
     test = read_jsonl(data_dir / "prefs_test.jsonl", "prefs")
 

@@ -13,15 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
-from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import sft_loss, token_logps
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.scaffold import (Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config, resume,
+from nanoalign.scaffold import (ensure_world, Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config, resume,
                                 save_resumable, set_grad_sync, setup, teardown, wrap_model)
 from nanoalign.tokenizer import Tokenizer
 
@@ -59,11 +57,7 @@ def main(cfg: Config) -> dict:
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
     ctx = setup(cfg.seed, cfg.device)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
-    if not (data_dir / "sft.jsonl").exists():
-        if ctx.master:
-            helpdesk.write_world(data_dir, seed=cfg.seed)
-        if ctx.world > 1:
-            torch.distributed.barrier()
+    ensure_world(data_dir, "sft.jsonl", cfg.seed, ctx)
     train = read_jsonl(data_dir / "sft.jsonl", "sft")
 
     # 2. tokenizer and model: resumed, chained from --init_from, or new

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from nanoalign import helpdesk
 from nanoalign.checkpoint import read_meta, read_resume_state, write_checkpoint
 
 # ----- config ------------------------------------------------------------------------------------------
@@ -89,6 +90,15 @@ def setup(seed: int, device: str = "auto") -> Dist:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(seed)
     return Dist(rank, world, torch.device(device))
+
+
+def ensure_world(data_dir, needed: str, seed: int, ctx: Dist) -> None:
+    """Write the helpdesk world into data_dir if `needed` (a file name) is missing: rank 0 writes, all wait."""
+    if not (Path(data_dir) / needed).exists():
+        if ctx.master:
+            helpdesk.write_world(data_dir, seed=seed)
+        if ctx.world > 1:
+            dist.barrier()
 
 
 def teardown() -> None:
