@@ -60,3 +60,19 @@ def torchrun(script: str, cfg, nproc: int = 2) -> None:
         if proc.returncode == 0 or GLOO_EXIT_ABORT not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def run_killed_at(main, cfg, step: int, monkeypatch) -> None:
+    """Run main(cfg) and kill it (KeyboardInterrupt) right after it logs `step`, as a crash would."""
+    import nanoalign.scaffold
+    real_log = nanoalign.scaffold.Logger.log
+
+    def dies(self, at, metrics, *args):
+        real_log(self, at, metrics, *args)
+        if at == step:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", dies)
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg)
+    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", real_log)

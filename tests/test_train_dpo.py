@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import nanoalign.scaffold
-from conftest import torchrun
+from conftest import run_killed_at, torchrun
 import train_dpo
 from nanoalign.checkpoint import content_hash, load_model
 from nanoalign.data import collate, encode_pairs, read_jsonl
@@ -122,17 +121,8 @@ def test_concatenated_forward_equals_separate_forwards(tiny_run, pairs_dir):
 
 def test_resume_continues_the_same_loss_curve(tiny_run, pairs_dir, tmp_path, monkeypatch):
     train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "full"))
-    real_log = nanoalign.scaffold.Logger.log
-
-    def dies_at_step_9(self, step, metrics, *args):
-        real_log(self, step, metrics, *args)
-        if step == 9:
-            raise KeyboardInterrupt("killed")  # after the step-6 checkpoint, before the step-12 one
-
-    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", dies_at_step_9)
-    with pytest.raises(KeyboardInterrupt):
-        train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "cut"))
-    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", real_log)
+    # killed after the step-6 checkpoint, before the step-12 one
+    run_killed_at(train_dpo.main, tiny(tiny_run, pairs_dir, tmp_path / "cut"), 9, monkeypatch)
     train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "cut", resume=True))
     assert log(tmp_path / "cut") == pytest.approx(log(tmp_path / "full"), abs=1e-6)
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import nanoalign.scaffold
-from conftest import torchrun
+from conftest import run_killed_at, torchrun
 import train_sft
 
 
@@ -37,17 +36,8 @@ def test_sft_learns_and_writes_eval(tiny_run, tmp_path, monkeypatch):
 
 def test_resume_continues_the_same_loss_curve(tiny_run, tmp_path, monkeypatch):
     train_sft.main(tiny(tiny_run, tmp_path / "full"))
-    real_log = nanoalign.scaffold.Logger.log
-
-    def dies_at_step_9(self, step, metrics, *args):
-        real_log(self, step, metrics, *args)
-        if step == 9:
-            raise KeyboardInterrupt("killed")  # after the step-6 checkpoint, before the step-12 one
-
-    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", dies_at_step_9)
-    with pytest.raises(KeyboardInterrupt):
-        train_sft.main(tiny(tiny_run, tmp_path / "cut"))
-    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", real_log)
+    # killed after the step-6 checkpoint, before the step-12 one
+    run_killed_at(train_sft.main, tiny(tiny_run, tmp_path / "cut"), 9, monkeypatch)
     assert len(losses(tmp_path / "cut")) == 9
     train_sft.main(tiny(tiny_run, tmp_path / "cut", resume=True))
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
