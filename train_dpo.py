@@ -63,6 +63,7 @@ class Config:
     max_new_tokens: int = 96  # answer length limit when sampling
     temperature: float = 1.0  # sampling temperature for eval and KL (0 = greedy)
     compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234  # data order and evaluation sampling (policy and reference alike)
 
@@ -97,7 +98,7 @@ def main(cfg: Config) -> dict:
     if ctx.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters; max_len {max_len}"
               + (" (inherited)" if cfg.max_len is None else ""))
-    model = wrap_model(model, ctx, cfg.compile)
+    model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
 
     # 3. pairs -> distinct token sequences; each pair points at its chosen and its rejected row
     seqs, chosen, rejected = encode_pairs(tok, records, max_len)

@@ -5,6 +5,7 @@
     python train_ppo.py --advantage=rloo --samples_per_prompt=4   # critic-free variants on the same loop
     python train_ppo.py --reward=gold                     # PPO on the true reward (DPO paper's "PPO-GT")
     python train_ppo.py --beta=0 --n_updates=300 --out_dir=out/ppo_hack   # reward hacking, made visible
+    torchrun --nproc_per_node=2 train_ppo.py              # data-parallel: each rank samples a share of the rollout
 
 One update, top to bottom (Ziegler et al. 2019; "The N implementation details of RLHF with PPO", N 1-21):
   1. rollout    sample answers to a batch of prompts at temperature T (no top-k / top-p: exact sampling)
@@ -13,8 +14,15 @@ One update, top to bottom (Ziegler et al. 2019; "The N implementation details of
   4. advantages GAE on the per-token rewards (whitened), or RLOO / GRPO on sequence returns
   5. PPO epochs clipped surrogate + clipped value loss over shuffled minibatches
   6. log        RM reward, gold, KL k1/k2/k3, β, entropy, clipfrac, approx-KL, value loss, explained variance
-Departures: one process only (each rank would need its own rollouts; FSDP parity for PPO is the speed issue's);
-the adaptive β uses the batch's mean k1 sequence KL; the gold reward is normalised like the reward model's, with
+Under torchrun each rank samples a contiguous share of the global rollout (whole prompts, so RLOO/GRPO groups stay
+on one rank) with one generator per episode, so the rollout is the same for any world size; the policy and a
+separate critic are sharded with FSDP2, their weights gathered once for the whole rollout; the frozen reference
+and reward model are forward-only, so every rank keeps an unsharded replica. Whitening, the loss normalisation
+(summed ÷ global tokens × world, the scaffold's convention), the gold normalisation, β and the logs use
+statistics over all ranks: 1 and N processes take the same steps.
+Departures: minibatches are stratified rather than a plain shuffle (each run of `minibatches` consecutive
+episodes is dealt one to each minibatch), so that a minibatch holds the same episodes for any world size; the
+adaptive β uses the rollout's mean k1 sequence KL; the gold reward is normalised like the reward model's, with
 gain and bias fitted on the first rollout (the SFT policy's samples), so β means the same for both.
 """
 
@@ -30,7 +38,8 @@ from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, rloo_advantages, token_logps, whiten)
 from nanoalign.sampling import reward_scores, sample
-from nanoalign.scaffold import Logger, full_state, make_optimizer, optimizer_step, parse_config, setup
+from nanoalign.scaffold import (Logger, full_state, gathered, global_sum, make_optimizer, optimizer_step, parse_config,
+                                setup, teardown, wrap_model)
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Config:
     missing_eos_penalty: float = -1.0  # score of an answer with no EOS (replaces the RM score; N+)
     n_eval: int = 200  # held-out prompts for the final eval.json
     log_interval: int = 1  # updates between progress lines
+    compile: bool = False  # torch.compile each transformer block
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234  # data order and sampling
 
@@ -83,43 +93,82 @@ def forward(model, ids, attn, temperature, with_values):
     return token_logps(logits, ids[:, 1:], temperature), logits, values
 
 
+def row_generators(seed: int, update: int, rows: range, rollout_size: int, device) -> list:
+    """One sampling generator per episode (global row of the rollout), seeded from (seed, update, row): an
+    episode's answer is the same for any world size and whichever rows share its batch (N detail 6's
+    seed + 100003·rank, per episode)."""
+    return [torch.Generator(device=device).manual_seed(seed + 100003 * (update * rollout_size + row)) for row in rows]
+
+
+def minibatches(rows: int, n: int, seed: int, ctx) -> list[torch.Tensor]:
+    """This rank's rows of each of n minibatches. Each run of n consecutive global rows is dealt at random over
+    the n minibatches, one row to each, by the same draw on every rank: a minibatch holds the same episodes for
+    any world size, and each rank's `rows` (a multiple of n) split evenly over the minibatches."""
+    deal = torch.rand(rows * ctx.world // n, n, generator=torch.Generator().manual_seed(seed)).argsort(-1)
+    mine = deal.flatten()[ctx.rank * rows:(ctx.rank + 1) * rows]  # the minibatch of each of this rank's rows
+    return [(mine == j).nonzero()[:, 0] for j in range(n)]
+
+
+def global_mean(x: torch.Tensor, ctx) -> float:
+    """Mean of x's entries over every rank's entries."""
+    return global_sum(x.sum().item(), ctx) / global_sum(x.numel(), ctx)
+
+
+def global_var(x: torch.Tensor, ctx) -> float:
+    """Unbiased variance of x's entries over every rank's entries (torch.var's convention), in two passes."""
+    mean = global_mean(x, ctx)
+    return global_sum(((x - mean) ** 2).sum().item(), ctx) / (global_sum(x.numel(), ctx) - 1)
+
+
 def main(cfg: Config) -> dict:
     assert cfg.reward in ("rm", "gold") and cfg.critic in ("head", "separate") and cfg.advantage in ("gae", "rloo", "grpo")
     assert cfg.advantage == "gae" or cfg.samples_per_prompt >= 2, "rloo and grpo need samples_per_prompt >= 2"
-    # 0. processes, models: policy (+ value head), frozen reference, frozen reward model, critic
+    # 0. processes; the policy (+ value head) and a separate critic, sharded; the frozen reference and reward
+    #    model, forward-only, replicated on every rank
     ctx = setup(cfg.seed, cfg.device)
+    n_prompts = cfg.rollout_size // cfg.samples_per_prompt  # per update, over all ranks
+    rows = cfg.rollout_size // ctx.world  # this rank's episodes per update
+    assert n_prompts * cfg.samples_per_prompt == cfg.rollout_size and n_prompts % ctx.world == 0, \
+        "each rank takes whole prompts (a prompt's samples stay together): rollout_size / samples_per_prompt " \
+        "must divide by the world size"
+    assert rows % cfg.minibatches == 0, "each rank's share of the rollout must split into the minibatches"
     uses_critic = cfg.advantage == "gae"
     policy, tok = load_model(cfg.init_from, scalar_head=uses_critic and cfg.critic == "head")
     if uses_critic and cfg.critic == "head":
         policy.reset_scalar_head(std=0.0)  # V ≡ 0 at the start (N detail 11)
-    reference = load_model(cfg.init_from, tok, scalar_head=False)[0].eval().requires_grad_(False)
+    policy = wrap_model(policy, ctx, cfg.compile)
+    reference = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device).eval().requires_grad_(False)
     rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
-    rm.eval().requires_grad_(False)
+    rm.to(ctx.device).eval().requires_grad_(False)
     critic = None
     if uses_critic and cfg.critic == "separate":  # fold the RM's gain/bias into its head: V starts at the score
         critic = load_reward_model(cfg.reward_model, tok)[0]
         with torch.no_grad():
             critic.scalar_head.weight.mul_(gain)
             critic.scalar_head.bias.mul_(gain).add_(bias)
-        critic.to(ctx.device)
-    for m in (policy, reference, rm):
-        m.to(ctx.device)
+        critic = wrap_model(critic, ctx, cfg.compile)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)
     critic_opt = make_optimizer(critic, cfg.critic_lr, 0.0, eps=cfg.adam_eps) if critic is not None else None
     prompts = [r["prompt"] for r in read_jsonl(f"{cfg.data_dir}/prompts.jsonl", "prompts")]
     logger = Logger(cfg.out_dir, ctx, cfg.n_updates)
-    g = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 100003 * ctx.rank)
     beta, gold_norm = cfg.beta, None
-    n_prompts = cfg.rollout_size // cfg.samples_per_prompt
+    share = range(ctx.rank * rows, (ctx.rank + 1) * rows)  # this rank's rows of the global rollout
+    all_sum = lambda t: global_sum(t, ctx)  # whitening statistics over every rank's tokens
 
     for update in range(cfg.n_updates):
         t0 = time.time()
-        # 1. rollout: each prompt samples_per_prompt times, rows of one prompt adjacent
+        # 1. rollout: each prompt samples_per_prompt times, rows of one prompt adjacent; this rank samples its
+        #    contiguous share with the policy's weights gathered once (no collective per decode step)
         batch = [prompts[i] for i in batch_indices(len(prompts), n_prompts, update, cfg.seed)]
-        batch = [p for p in batch for _ in range(cfg.samples_per_prompt)]
+        encoded = [tok.encode_prompt(p) for p in batch]
+        # the global batch's longest prompt bounds the answer length on every rank, as in one process
+        max_new_tokens = min(cfg.max_new_tokens, policy.config.block_size - max(map(len, encoded)))
+        batch = [p for p in batch for _ in range(cfg.samples_per_prompt)][share.start:share.stop]
+        encoded = [e for e in encoded for _ in range(cfg.samples_per_prompt)][share.start:share.stop]
         policy.eval()
-        out = sample(policy, [tok.encode_prompt(p) for p in batch], cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                     temperature=cfg.temperature, generator=g)
+        with gathered(policy):
+            out = sample(policy, encoded, max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
+                         generator=row_generators(cfg.seed, update, share, cfg.rollout_size, ctx.device))
         ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)  # [B, T]
         attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
         mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:].float()  # [B, T-1]
@@ -132,7 +181,8 @@ def main(cfg: Config) -> dict:
             rm_scores = reward_scores(rm, ids, attn, gain, bias)  # [B]
         if cfg.reward == "gold":
             if gold_norm is None:  # SFT-policy samples: mean 0, std 1, as the RM's normalisation
-                gold_norm = (1 / gold.std().item(), -gold.mean().item() / gold.std().item())
+                mean, std = global_mean(gold, ctx), global_var(gold, ctx) ** 0.5
+                gold_norm = (1 / std, -mean / std)
             scores = gold_norm[0] * gold + gold_norm[1]
         else:
             scores = rm_scores
@@ -147,14 +197,14 @@ def main(cfg: Config) -> dict:
         kl = kl_estimate(old_logps, ref_logps, cfg.kl_estimator) * mask  # [B, T-1]
         rewards = per_token_rewards(scores, kl, mask, beta)
         if cfg.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+            rewards = whiten(rewards, mask, shift_mean=False, all_sum=all_sum)
 
         # 4. advantages: GAE with the critic, or RLOO / GRPO baselines from the other samples of the prompt
         if uses_critic:
             advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, all_sum=all_sum)
         else:
-            seq_returns = rewards.sum(-1).view(n_prompts, cfg.samples_per_prompt)  # s - β Σ kl, per answer
+            seq_returns = rewards.sum(-1).view(-1, cfg.samples_per_prompt)  # s - β Σ kl, per answer
             fn = rloo_advantages if cfg.advantage == "rloo" else grpo_advantages
             advantages = fn(seq_returns).view(-1, 1) * mask  # the same advantage on every token of an answer
 
@@ -162,56 +212,65 @@ def main(cfg: Config) -> dict:
         policy.train()
         lr_frac = 1 - update / cfg.n_updates  # linear anneal to 0 (N detail 5)
         stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")}
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.seed + update * 97 + _))
-            for mb in perm.chunk(cfg.minibatches):
+        for epoch in range(cfg.ppo_epochs):
+            for mb in minibatches(rows, cfg.minibatches, cfg.seed + update * 97 + epoch, ctx):
+                n_tokens = global_sum(mask[mb].sum().item(), ctx)  # the global minibatch's response tokens
                 logps, logits, values = forward(policy, ids[mb], attn[mb], cfg.temperature,
                                                 critic is None and uses_critic)
                 pg_loss, clipfrac, approx_kl = ppo_policy_loss(logps, old_logps[mb], advantages[mb], mask[mb],
-                                                               cfg.clip_eps)
+                                                               cfg.clip_eps, n_tokens)
                 logp_all = (logits.float() / cfg.temperature).log_softmax(-1)
-                entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask[mb])
+                entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask[mb], n_tokens)
                 loss = pg_loss - cfg.entropy_coef * entropy
-                vf_loss = torch.zeros(())
+                vf_loss = torch.zeros((), device=ctx.device)
                 if uses_critic:
                     if critic is not None:
                         values = critic(ids[mb], attention_mask=attn[mb], output="scalar")[:, :-1]
-                    vf_loss, _ = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], cfg.clip_eps_value)
+                    vf_loss, _ = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], cfg.clip_eps_value,
+                                                n_tokens)
                     loss = loss + cfg.vf_coef * vf_loss
-                loss.backward()
+                (loss * ctx.world).backward()  # x world: FSDP averages gradients over ranks (scaffold docstring)
                 optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip)
                 if critic is not None:
                     optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip)
-                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac),
-                             ("approx_kl", approx_kl), ("entropy", entropy)):
-                    stats[k].append(v.item())
+                parts = torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, entropy]).detach()  # shares of the means
+                for k, v in zip(stats, global_sum(parts, ctx).tolist()):
+                    stats[k].append(v)
 
-        # 6. log; adapt β toward the KL target (Ziegler et al. 2019)
-        seq_kl = {k: (kl_estimate(old_logps, ref_logps, k) * mask).sum(-1).mean().item() for k in ("k1", "k2", "k3")}
-        metrics = {"objective/score": scores.mean().item(), "objective/rm_score": rm_scores.mean().item(),
-                   "objective/gold": gold.mean().item(),
+        # 6. log means over the whole rollout; adapt β toward the KL target (Ziegler et al. 2019)
+        seq_kl = {k: global_mean((kl_estimate(old_logps, ref_logps, k) * mask).sum(-1), ctx)
+                  for k in ("k1", "k2", "k3")}
+        metrics = {"objective/score": global_mean(scores, ctx), "objective/rm_score": global_mean(rm_scores, ctx),
+                   "objective/gold": global_mean(gold, ctx),
                    "objective/kl": seq_kl["k1"], "objective/kl_k2": seq_kl["k2"], "objective/kl_k3": seq_kl["k3"],
                    "objective/beta": beta, **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
-                   "response/length": mask.sum(-1).mean().item(), "response/eos_rate": has_eos.float().mean().item()}
+                   "response/length": global_mean(mask.sum(-1), ctx),
+                   "response/eos_rate": global_mean(has_eos.float(), ctx)}
         if uses_critic:
             r_all, v_all = returns[mask.bool()], old_values[mask.bool()]
-            metrics["ppo/explained_variance"] = (1 - (r_all - v_all).var() / r_all.var()).item()
+            metrics["ppo/explained_variance"] = 1 - global_var(r_all - v_all, ctx) / global_var(r_all, ctx)
         if cfg.kl_target > 0:
-            beta = adaptive_kl_beta(beta, seq_kl["k1"], cfg.kl_target, len(batch), cfg.kl_horizon)
+            beta = adaptive_kl_beta(beta, seq_kl["k1"], cfg.kl_target, cfg.rollout_size, cfg.kl_horizon)
         if (update + 1) % cfg.log_interval == 0:
-            logger.log(update + 1, metrics, mask.sum().item() / (time.time() - t0))
+            logger.log(update + 1, metrics, global_sum(mask.sum().item(), ctx) / (time.time() - t0))
 
-    # 7. save, evaluate on held-out prompts against the SFT reference, write eval.json
+    # 7. save (the full state gathered on every rank, written by rank 0); rank 0 evaluates on held-out prompts
+    #    against the SFT reference (a full copy of the policy read back when sharded) and writes eval.json
     meta = {"model": asdict(policy.config), "run": asdict(cfg), "step": cfg.n_updates, "metrics": metrics}
-    write_checkpoint(cfg.out_dir, full_state(policy), meta, tok)
+    state = full_state(policy)
+    if ctx.master:
+        write_checkpoint(cfg.out_dir, state, meta, tok)
     result = {}
-    if cfg.n_eval > 0:
-        result, eval_prompts, eval_answers = evaluate_policy(policy, tok, cfg.data_dir, cfg.n_eval, cfg.max_new_tokens,
-                                                             cfg.temperature, seed=cfg.seed, reference=reference)
+    if cfg.n_eval > 0 and ctx.master:
+        eval_policy = policy if ctx.world == 1 else load_model(cfg.out_dir, tok)[0].to(ctx.device)
+        result, eval_prompts, eval_answers = evaluate_policy(eval_policy, tok, cfg.data_dir, cfg.n_eval,
+                                                             cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
+                                                             reference=reference)
         for p, a in list(zip(eval_prompts, eval_answers))[:4]:
             print(f"\n> {p}\n{a}")
         write_json(f"{cfg.out_dir}/eval.json", result)
         print("\neval:", {k: result[k] for k in ("gold", "sft_gold", "failures", "sft_failures", "kl", "win_rate_vs_sft")})
+    teardown()
     return result
 
 

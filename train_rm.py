@@ -60,6 +60,7 @@ class Config:
     max_new_tokens: int = 96  # answer length limit for those samples
     temperature: float = 1.0  # their sampling temperature (PPO's rollout temperature)
     compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234  # head init and data order; sampling for normalisation uses seed
 
@@ -127,7 +128,7 @@ def main(cfg: Config) -> dict:
     model, tok = load_model(cfg.init_from, scalar_head=True)
     if ctx.master:
         print(f"reward model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}")
-    model = wrap_model(model, ctx, cfg.compile)
+    model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
 
     # 3. records -> groups of K token rows; every error is raised here, before anything is written
     examples = [encode_group(tok, r, model.config.block_size) for r in train]

@@ -49,6 +49,7 @@ class Config:
     max_new_tokens: int = 96  # answer length limit when sampling
     temperature: float = 1.0  # sampling temperature for eval (0 = greedy)
     compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234  # model init and data order; sampling uses seed + 100003 * rank
 
@@ -72,7 +73,7 @@ def main(cfg: Config) -> dict:
                               n_head=cfg.n_head, n_embd=cfg.n_embd))
     if ctx.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
-    model = wrap_model(model, ctx, cfg.compile)
+    model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
 
     # 3. demonstrations -> token ids; loss on the response tokens (+ EOS) only
     examples = [encode_example(tok, r["prompt"], r["completion"], model.config.block_size, r["where"]) for r in train]

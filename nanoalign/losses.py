@@ -182,9 +182,11 @@ def best_of_n_pool(proxy: Tensor, gold: Tensor, n: int) -> Tensor:
 # ----- PPO for language models (ALGORITHMS.md §4) -------------------------------------------------------
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x over the positions where mask is 1 (x, mask broadcastable)."""
-    return (x * mask).sum() / mask.sum()
+def masked_mean(x: Tensor, mask: Tensor, n: Tensor | float | None = None) -> Tensor:
+    """Mean of x over the positions where mask is 1 (x, mask broadcastable). n: the count to divide by,
+    default mask.sum(); data-parallel ranks pass the global count, and the sum of their results is the
+    global mean (as `sft_loss`'s n_tokens)."""
+    return (x * mask).sum() / (mask.sum() if n is None else n)
 
 
 def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k1") -> Tensor:
@@ -216,11 +218,15 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> 
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_sum=None) -> Tensor:
     """(x - μ)/sqrt(σ² + 1e-8) over masked positions, μ added back when not shifting (OAI-19; N detail 18).
-    σ² is the biased (population) variance, as in the OpenAI code. Masked positions come back as 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    σ² is the biased (population) variance, as in the OpenAI code. Masked positions come back as 0.
+    all_sum: a function summing a tensor over data-parallel ranks, so that μ and σ² are those of every rank's
+    tokens; default none, this batch's."""
+    all_sum = all_sum or (lambda t: t)
+    n = all_sum(mask.sum())
+    mean = all_sum(masked_mean(x, mask, n))
+    var = all_sum(masked_mean((x - mean) ** 2, mask, n))
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -241,26 +247,28 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
-                    clip_eps: float = 0.2) -> tuple[Tensor, Tensor, Tensor]:
+def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2,
+                    n_tokens: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Clipped surrogate (PPO Eq. 7), minimised: mean_m max(-Â ρ, -Â clip(ρ, 1-ε, 1+ε)), ρ = e^(ℓ - ℓ_old).
     All [B, T] -> (loss, clipfrac = mean_m 1[|ρ-1| > ε], approx_kl = mean_m (ℓ - ℓ_old)²/2), stats detached.
-    Masked slots may hold any finite or non-finite sentinel: they are zeroed before they reach the loss."""
+    Masked slots may hold any finite or non-finite sentinel: they are zeroed before they reach the loss.
+    n_tokens: tokens of the global minibatch (all ranks), as in `sft_loss`; default this batch's."""
     log_ratio = torch.where(mask.bool(), logps - old_logps, 0.0)
     ratio = log_ratio.exp()
     surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    loss = masked_mean(torch.where(mask.bool(), surrogate, 0.0), mask)
-    clipfrac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).detach()
-    return loss, clipfrac, masked_mean(0.5 * log_ratio ** 2, mask).detach()
+    loss = masked_mean(torch.where(mask.bool(), surrogate, 0.0), mask, n_tokens)
+    clipfrac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask, n_tokens).detach()
+    return loss, clipfrac, masked_mean(0.5 * log_ratio ** 2, mask, n_tokens).detach()
 
 
-def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                   clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float = 0.2,
+                   n_tokens: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Clipped value loss (openai/baselines ppo2; OAI-19; N detail 19): V_c = V_old + clip(V - V_old, ±ε_v),
-    ½ mean_m max((V - R)², (V_c - R)²). All [B, T] -> (loss, value clipfrac)."""
+    ½ mean_m max((V - R)², (V_c - R)²). All [B, T] -> (loss, value clipfrac). n_tokens: as in
+    `ppo_policy_loss`."""
     clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
-    loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
-    clipfrac = masked_mean(((values - old_values).abs() > clip_eps).float(), mask).detach()
+    loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask, n_tokens)
+    clipfrac = masked_mean(((values - old_values).abs() > clip_eps).float(), mask, n_tokens).detach()
     return loss, clipfrac
 
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -34,19 +35,41 @@ class GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding: [n_layer, B, H, max_len, D/H] each."""
+    """Preallocated keys and values for incremental decoding: per layer [B, H, max_len, D/H] each.
+
+    Two ways to fill it. Dynamic: `length` (a Python int) counts the stored tokens and each forward attends
+    to the first `length + T`; any T, eager-friendly. Static: after `make_static()`, one token per forward
+    is written at the slot held in the tensor `slot` and every forward attends to all `max_len` slots under
+    the caller's mask, so shapes never change and one compiled graph (or CUDA graph) serves every step.
+    """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        # one tensor per layer: a compiled step then updates each in place (a slice of one big buffer is copied whole)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens already stored; the model advances it after the last layer
+        self.static, self.slot = False, None
+
+    def make_static(self) -> None:
+        """Switch to static decoding from slot `length` on (after a dynamic prefill)."""
+        if self.slot is None:
+            self.slot = torch.tensor([self.length], device=self.k[0].device)
+            if self.k[0].is_cuda:  # CUDA graphs may then update the buffers in place instead of copying them
+                for t in self.k + self.v:
+                    torch._dynamo.mark_static_address(t)
+        self.static = True
+        self.slot.fill_(self.length)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static:
+            self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
+            return self.k[layer], self.v[layer]  # [B, H, max_len, D/H]
         end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # [B, H, S, D/H]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # [B, H, S, D/H]
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,6 +126,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings (GPT-2)
+        self.checkpoint_blocks = False  # activation checkpointing, set by scaffold.wrap_model
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -131,8 +155,34 @@ class GPT(nn.Module):
         serves every head, so FSDP's hooks see each call.
 
         attention_mask [B, S]: 1 on real tokens, covering the cached tokens and the new ones (S = past + T).
-        kv_cache: a KVCache; the new keys/values are appended and its length advanced by T.
+        kv_cache: a KVCache; the new keys/values are appended and its length advanced by T. A static cache
+        takes one token, `attention_mask` over all its slots [B, max_len] and `position_ids` [B, 1].
         """
+        static = kv_cache is not None and kv_cache.static
+        if static:  # the caller's mask covers every slot; written slots only are 1
+            attn_mask = attention_mask[:, None, None, :].bool()  # [B, 1, 1, max_len]
+        else:
+            position_ids, attn_mask, S = self._positions_and_mask(idx, attention_mask, position_ids, kv_cache)
+        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # [B, T, D]
+        for layer, block in enumerate(self.transformer.h):
+            if self.checkpoint_blocks and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
+                x = checkpoint(block, x, attn_mask, kv_cache, layer, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, kv_cache, layer)
+        if kv_cache is not None and not static:
+            kv_cache.length = S
+        x = self.transformer.ln_f(x)
+        if output == "logits":
+            return self.lm_head(x)
+        if output == "hidden":
+            return x
+        if output == "scalar":
+            return self.scalar_head(x)[..., 0]
+        assert output == "both", f"unknown output {output!r}"
+        return self.lm_head(x), self.scalar_head(x)[..., 0]
+
+    def _positions_and_mask(self, idx, attention_mask, position_ids, kv_cache):
+        """Positions from the mask and the [B|1, 1, T, S] boolean attention mask (None: plain causal)."""
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
         S = past + T
@@ -149,20 +199,7 @@ class GPT(nn.Module):
             attn_mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S] causal
             if attention_mask is not None:  # drop padded keys, but always keep the query's own slot
                 attn_mask = attn_mask & (attention_mask[:, None, None, :].bool() | (k_pos == q_pos))
-        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # [B, T, D]
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, layer)
-        if kv_cache is not None:
-            kv_cache.length = S
-        x = self.transformer.ln_f(x)
-        if output == "logits":
-            return self.lm_head(x)
-        if output == "hidden":
-            return x
-        if output == "scalar":
-            return self.scalar_head(x)[..., 0]
-        assert output == "both", f"unknown output {output!r}"
-        return self.lm_head(x), self.scalar_head(x)[..., 0]
+        return position_ids, attn_mask, S
 
     # ----- weights in and out ------------------------------------------------------------------------
 

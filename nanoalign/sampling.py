@@ -46,11 +46,29 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row from probs [B, V] -> [B]; `generator` as in `sample`."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    assert len(generator) == len(probs), f"{len(generator)} generators for {len(probs)} rows"
+    u = torch.stack([torch.rand(probs.shape[-1], generator=g, device=probs.device) for g in generator])  # [B, V]
+    return (probs / -u.log()).argmax(-1)  # the exponential race: P(v wins) = p_v
+
+
 @torch.no_grad()
 def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None) -> dict:
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
+           compile: bool = False) -> dict:
     """Sample responses to token-id prompts. temperature 0 = greedy.
 
+    compile: decode with a static KV cache and one compiled single-token step (`decode_step`), CUDA graphs
+    on a GPU. The cache length is rounded up to a multiple of 64 so that few distinct shapes compile.
+
+    generator: None, one torch.Generator for the batch (torch.multinomial), or a list of B generators, one per
+    row. With a list each row draws from its own generator by the exponential race argmax_v p_v / E_v,
+    E_v = -log u_v ~ Exp(1) (the Gumbel-max trick, exponentiated), an exact sample of p: a row's answer then
+    does not depend on the rows beside it, so a rollout split over data-parallel ranks samples what one
+    process would.
     Returns prompt_ids [B, P] (left-padded), prompt_mask [B, P], response_ids [B, N] (PAD after EOS),
     response_mask [B, N] (1 on real response tokens, the EOS included), N <= max_new_tokens.
     """
@@ -58,9 +76,19 @@ def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: in
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
     B, P = prompt_ids.shape
     max_new_tokens = min(max_new_tokens, model.config.block_size - P)
-    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype=next(model.parameters()).dtype)
-    logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache)[:, -1]  # [B, V]
+    length = min(-(-(P + max_new_tokens) // 64) * 64, model.config.block_size) if compile else P + max_new_tokens
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+        next(model.parameters()).dtype
+    cache = _static_cache(model.config, B, length, device, dtype) if compile else \
+        KVCache(model.config, B, length, device, dtype=dtype)
+    eager = torch.compiler.set_stance("force_eager")  # compiled blocks would recompile for every length
+    with eager:
+        logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache)[:, -1]  # [B, V]
     mask = prompt_mask
+    if compile:  # every slot in the mask from now on; positions advance by one on live rows
+        cache.make_static()
+        mask = torch.cat([prompt_mask, prompt_mask.new_zeros(B, length - P)], 1)  # [B, length]
+        positions = prompt_mask.sum(-1, keepdim=True)  # [B, 1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, alive = [], []
     for _ in range(max_new_tokens):
@@ -68,14 +96,54 @@ def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: in
             nxt = logits.argmax(-1)
         else:
             probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]  # [B]
+            nxt = draw(probs, generator)  # [B]
         nxt = nxt.masked_fill(done, pad_id)
         tokens.append(nxt)
         alive.append(~done)
         done = done | (nxt == eos_id)
         if done.all():
             break
+        if compile:
+            cache.slot.fill_(P + len(tokens) - 1)
+            mask[:, P + len(tokens) - 1] = alive[-1]
+            logits = decode_step(model, nxt[:, None], mask, positions, cache)
+            positions = positions + alive[-1][:, None]
+            continue
         mask = torch.cat([mask, alive[-1][:, None].long()], dim=1)  # the new token is real iff its row was live
-        logits = model(nxt[:, None], attention_mask=mask, kv_cache=cache)[:, -1]
+        with eager:
+            logits = model(nxt[:, None], attention_mask=mask, kv_cache=cache)[:, -1]
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "response_ids": torch.stack(tokens, 1), "response_mask": torch.stack(alive, 1).long()}
+
+
+def _decode(model, token, mask, positions, cache):
+    return model(token, attention_mask=mask, position_ids=positions, kv_cache=cache)[:, -1]
+
+
+_COMPILED, _CACHES = {}, {}
+
+
+def _static_cache(config, B: int, length: int, device, dtype) -> KVCache:
+    """One cache per shape, reused by every rollout of that shape: a captured CUDA graph is bound to the
+    addresses of the buffers it writes, so fresh buffers each call would mean a fresh capture each call."""
+    key = (config.n_layer, config.n_head, config.n_embd, B, length, str(device), dtype)
+    if key not in _CACHES:
+        _CACHES[key] = KVCache(config, B, length, device, dtype=dtype)
+    cache = _CACHES[key]
+    cache.length, cache.static = 0, False  # slots past the prompt are masked until written
+    return cache
+
+
+@torch.no_grad()
+def decode_step(model: GPT, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+    """One compiled decode step on a static cache: token, positions [B, 1], mask [B, max_len] -> logits [B, V].
+    Shapes are fixed for a whole rollout, so it compiles once per (batch, cache length); on CUDA the graph
+    is captured and replayed (mode "reduce-overhead"), removing the per-kernel launch cost."""
+    kind = token.device.type
+    if kind not in _COMPILED:
+        mode = "reduce-overhead" if kind == "cuda" else None
+        _COMPILED[kind] = torch.compile(_decode, fullgraph=True, dynamic=False, mode=mode)
+    if kind == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
+    return _COMPILED[kind](model, token, mask, positions, cache)

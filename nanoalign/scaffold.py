@@ -7,6 +7,7 @@ its summed loss by the *global* count (tokens, pairs) and multiplies by the worl
 gradients over ranks; then 1 process and N processes take the same step (ALGORITHMS.md §2).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import read_meta, read_resume_state, write_checkpoint
@@ -106,19 +107,27 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def global_sum(x: float, ctx: Dist) -> float:
-    """Sum a Python number over ranks (token counts for the global loss normalisation)."""
+def global_sum(x, ctx: Dist):
+    """Sum a Python number (token counts for the global loss normalisation) or a tensor (statistics such as
+    PPO's whitening moments) over ranks."""
     if ctx.world == 1:
+        return x
+    if torch.is_tensor(x):
+        x = x.detach().clone()
+        dist.all_reduce(x)
         return x
     t = torch.tensor(float(x), dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.item()
 
 
-def wrap_model(model: torch.nn.Module, ctx: Dist, compile: bool = False) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, ctx: Dist, compile: bool = False,
+               activation_checkpointing: bool = False) -> torch.nn.Module:
     """Compile each block in place, shard each block, then the root (embeddings, tied head, final norm).
+    Activation checkpointing keeps only each block's input for backward and recomputes the rest.
     Build the optimizer only afterwards: sharding turns parameters into DTensors."""
     model.to(ctx.device)
+    model.checkpoint_blocks = activation_checkpointing
     if ctx.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -131,6 +140,23 @@ def wrap_model(model: torch.nn.Module, ctx: Dist, compile: bool = False) -> torc
     if ctx.world > 1:
         fully_shard(model, mp_policy=mp)
     return model
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Keep a sharded model's full weights on every rank for a whole block of forwards (a rollout's decode
+    steps): one all-gather per FSDP module on entry, none per forward, so ranks may run different numbers
+    of forwards (their rows finish at different steps). A no-op for an unsharded model."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 def set_grad_sync(model, sync: bool) -> None:

@@ -1,25 +1,84 @@
-"""torch.compile (per block, in place) against eager: same logits, gradients and state-dict keys."""
+"""torch.compile and activation checkpointing against eager: same logits, log-probs, gradients, samples."""
 
 import copy
 
 import torch
 
 from nanoalign.losses import token_logps
-from nanoalign.model import GPT, GPTConfig
+from nanoalign.model import GPT, GPTConfig, KVCache
+from nanoalign.sampling import decode_step, sample
 from nanoalign.scaffold import Dist, wrap_model
+
+CPU = Dist(0, 1, torch.device("cpu"))
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32))
+
+
+def batch():
+    idx = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(idx)
+    mask[0, :6] = 0  # a left-padded row exercises the masked attention path
+    return idx, mask
+
+
+def logps_and_grads(model, logps_fn=token_logps):
+    idx, mask = batch()
+    logps = logps_fn(model(idx, attention_mask=mask)[:, :-1], idx[:, 1:])
+    logps.sum().backward()
+    return logps.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same(a, b, atol):
+    (la, ga), (lb, gb) = a, b
+    assert torch.allclose(la, lb, atol=atol)
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=atol), name
 
 
 def test_compiled_blocks_match_eager():
-    torch.manual_seed(0)
-    eager = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32))
-    compiled = wrap_model(copy.deepcopy(eager), Dist(0, 1, torch.device("cpu")), compile=True)
+    eager = tiny_model()
+    compiled = wrap_model(copy.deepcopy(eager), CPU, compile=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefixes
-    idx = torch.randint(0, 97, (3, 24))
-    mask = torch.ones_like(idx)
-    mask[0, :6] = 0  # a left-padded row exercises the masked attention path
-    for model in (eager, compiled):
-        logits = model(idx, attention_mask=mask)
-        token_logps(logits[:, :-1], idx[:, 1:]).sum().backward()
-    assert torch.allclose(compiled(idx, attention_mask=mask), eager(idx, attention_mask=mask), atol=1e-4)
-    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
-        assert torch.allclose(a.grad, b.grad, atol=1e-4), name
+    assert_same(logps_and_grads(compiled), logps_and_grads(eager), atol=1e-4)
+    for n in range(2, 12):  # sampling runs the blocks eagerly: no recompile per prompt length and cache length
+        sample(compiled, [list(range(1, n))], 8, eos_id=0, pad_id=0)
+
+
+def test_compiled_logps_match_eager():
+    """The chunked log-prob function compiled whole (one fused graph per chunk) against eager."""
+    assert_same(logps_and_grads(tiny_model(), torch.compile(token_logps, fullgraph=True)),
+                logps_and_grads(tiny_model()), atol=1e-5)
+
+
+def test_activation_checkpointing_matches():
+    """Recomputing each block in backward changes no log-prob and no gradient."""
+    model = wrap_model(tiny_model(), CPU, activation_checkpointing=True)
+    calls, mlp = [], model.transformer.h[0].mlp
+    mlp.forward = lambda x, forward=mlp.forward: calls.append(1) or forward(x)
+    assert_same(logps_and_grads(model), logps_and_grads(tiny_model()), atol=1e-6)
+    assert len(calls) == 2  # the forward, and its recomputation in backward
+
+
+def test_compiled_static_decode_matches_eager_sampling():
+    """The static-cache compiled decode step samples the same tokens as the eager dynamic cache (same seed),
+    with left-padded prompts and rows that stop at EOS early, and its logits equal a full forward's."""
+    model = GPT(GPTConfig(block_size=96, vocab_size=97, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    runs = [sample(model, prompts, 40, eos_id=7, pad_id=0, generator=torch.Generator().manual_seed(3),
+                   compile=compiled) for compiled in (False, True)]
+    assert torch.equal(runs[0]["response_ids"], runs[1]["response_ids"])
+    assert torch.equal(runs[0]["response_mask"], runs[1]["response_mask"])
+    assert 0 < runs[0]["response_mask"][:, -1].sum() < 3  # some rows ended early, some ran to the limit
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 20, 21]])
+    cache = KVCache(model.config, 1, 64, "cpu")
+    model(ids[:, :-1], kv_cache=cache)
+    cache.make_static()
+    mask = torch.zeros(1, 64, dtype=torch.long)
+    mask[:, :8] = 1
+    cache.slot.fill_(7)
+    step = decode_step(model, ids[:, -1:], mask, torch.tensor([[7]]), cache)
+    assert torch.allclose(step, model(ids)[:, -1], atol=1e-5)

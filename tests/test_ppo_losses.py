@@ -1,6 +1,8 @@
 """PPO maths (ALGORITHMS.md §4, §8 #17, #19-23), each against a hand value or a float64 loop."""
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -149,6 +151,38 @@ def test_whitening_masked_statistics():
     kept = whiten(x, mask, shift_mean=False)[mask.bool()]
     assert kept.mean().item() == pytest.approx(3.0) and kept.var(unbiased=False).item() == pytest.approx(1, abs=1e-6)
     assert (w[~mask.bool()] == 0).all()
+
+
+def as_ranks(fn, shards):
+    """fn(shard, all_sum) on each shard in its own thread, all_sum summing a tensor over the threads: a stand-in
+    for data-parallel ranks and their all-reduce."""
+    barrier, slots = threading.Barrier(len(shards)), [None] * len(shards)
+
+    def all_sum(i, t):
+        slots[i] = t
+        barrier.wait()
+        total = sum(slots)
+        barrier.wait()  # every thread has read the slots before the next call overwrites them
+        return total
+
+    with ThreadPoolExecutor(len(shards)) as pool:
+        return list(pool.map(lambda i: fn(shards[i], lambda t: all_sum(i, t)), range(len(shards))))
+
+
+def test_sharded_batch_gives_the_whole_batch_statistics():
+    """Rows split over two "ranks": whitening with a global all_sum, and losses divided by the global token
+    count and then summed, equal the one-process values on the whole batch."""
+    g = torch.Generator().manual_seed(2)
+    logps, old, adv, values, ret = torch.randn(5, 6, 6, generator=g, dtype=torch.float64)
+    mask = (torch.arange(6) < torch.tensor([6, 2, 5, 1, 4, 3])[:, None]).double()
+    halves = [slice(0, 2), slice(2, 6)]  # uneven, as response lengths make them
+    w = as_ranks(lambda rows, all_sum: whiten(adv[rows], mask[rows], all_sum=all_sum), halves)
+    assert torch.allclose(torch.cat(w), whiten(adv, mask))
+    n = mask.sum()
+    for fn in (lambda m, **kw: ppo_policy_loss(logps[m], old[m], adv[m], mask[m], 0.1, **kw),
+               lambda m, **kw: ppo_value_loss(values[m], old[m], ret[m], mask[m], 0.1, **kw)):
+        parts = [torch.stack(fn(rows, n_tokens=n)) for rows in halves]
+        assert torch.allclose(sum(parts), torch.stack(fn(slice(None))))
 
 
 def test_rloo_and_grpo():

@@ -1,5 +1,6 @@
 """The shared sampler against a naive no-cache loop and against the distribution it claims to sample."""
 
+import pytest
 import torch
 
 from nanoalign.model import GPT, GPTConfig
@@ -46,18 +47,36 @@ def test_stops_at_eos_and_masks_the_rest():
         assert (ids[b, :L - 1] != EOS).all()  # the first EOS ends the answer
 
 
-def test_first_token_frequencies_match_softmax_at_temperature():
-    """Exact sampling (N detail 3): the empirical first-token distribution matches softmax(z / T), chi-square."""
+@pytest.mark.parametrize("per_row", [False, True])
+def test_first_token_frequencies_match_softmax_at_temperature(per_row):
+    """Exact sampling (N detail 3): the empirical first-token distribution matches softmax(z / T), chi-square;
+    with one generator (torch.multinomial) and with one generator per row (the exponential race)."""
     model = tiny_model()
     temperature, n = 0.7, 20000
     with torch.no_grad():
         probs = (model(torch.tensor([[5, 6, 7]]))[0, -1] / temperature).softmax(-1)
-    out = sample(model, [[5, 6, 7]] * n, 1, eos_id=EOS, pad_id=PAD, temperature=temperature,
-                 generator=torch.Generator().manual_seed(1))
+    generator = ([torch.Generator().manual_seed(10 ** 6 + i) for i in range(n)] if per_row
+                 else torch.Generator().manual_seed(1))
+    out = sample(model, [[5, 6, 7]] * n, 1, eos_id=EOS, pad_id=PAD, temperature=temperature, generator=generator)
     counts = torch.bincount(out["response_ids"][:, 0], minlength=CFG.vocab_size).double()
     expected = probs.double() * n
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 50.0  # 22 degrees of freedom: P(chi2 > 50) < 0.001
+
+
+def test_per_row_generators_make_a_row_independent_of_its_batch():
+    """With one generator per row, a row samples the same answer alone as beside other prompts (which also
+    changes its padding): a rollout split over ranks samples what one process would."""
+    model = tiny_model()
+    prompts = [[5, 6, 7], [9], [10, 11, 4, 8, 2], [3, 3], [12]]
+    generators = lambda: [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
+    batched = sample(model, prompts, 12, eos_id=EOS, pad_id=PAD, generator=generators())
+    lengths = batched["response_mask"].sum(1)
+    assert len(set(batched["response_ids"][:, 0].tolist())) > 1  # rows draw different tokens
+    for i, prompt in enumerate(prompts):
+        alone = sample(model, [prompt], 12, eos_id=EOS, pad_id=PAD, generator=[generators()[i]])
+        assert alone["response_mask"].sum() == lengths[i]
+        assert torch.equal(alone["response_ids"][0, :lengths[i]], batched["response_ids"][i, :lengths[i]])
 
 
 def test_filter_logits_top_k_and_top_p_by_hand():

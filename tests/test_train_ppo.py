@@ -1,16 +1,26 @@
-"""train_ppo.py: the rollout/training log-prob identity, padding invariance, and a tiny end-to-end run."""
+"""train_ppo.py: the rollout/training log-prob identity, padding invariance, a tiny end-to-end run, and 2 FSDP
+processes against 1 (sampling without per-step collectives, then the same steps)."""
 
+import copy
 import json
+import os
+import socket
 from dataclasses import asdict
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 import train_ppo
 import train_sft
+from conftest import torchrun
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.losses import gae, kl_estimate, per_token_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from nanoalign.sampling import sample
+from nanoalign.scaffold import gathered, setup, teardown, wrap_model
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +118,56 @@ def test_tiny_ppo_run_raises_the_reward(ppo_dirs, tiny_run, tmp_path, variant):
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.2
     assert log[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
     assert {"gold", "kl", "win_rate_vs_sft", "failures"} <= set(result)
+
+
+def decode_on_rank(rank: int, port: int, init_dir: str) -> None:
+    """One of two gloo ranks: the sharded model decodes 1 token on rank 0 and 12 on rank 1 inside `gathered`,
+    counting FSDP's all-gathers, then both take a backward pass, whose collectives must still pair up."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    ctx = setup(0, "cpu")
+    model, tok = load_model(init_dir)
+    full = copy.deepcopy(model)
+    model = wrap_model(model, ctx)
+    prompts, n_new = [tok.encode_prompt("Where is my fan, order #1234?")] * 3, 1 + 11 * rank
+    gathers, all_gather = [], dist.all_gather_single
+    dist.all_gather_single = lambda *args, **kw: gathers.append(1) or all_gather(*args, **kw)
+    with gathered(model):
+        before = len(gathers)
+        out = sample(model, prompts, n_new, tok.eos_id, tok.pad_id, temperature=0)
+        assert len(gathers) == before, "a collective in a decode step"
+    assert all(isinstance(p, DTensor) for p in model.parameters())  # sharded again
+    expected = sample(full, prompts, n_new, tok.eos_id, tok.pad_id, temperature=0)  # the unsharded model's answers
+    assert torch.equal(out["response_ids"], expected["response_ids"])
+    model(out["prompt_ids"]).mean().backward()
+    teardown()
+    os._exit(0)  # skip interpreter shutdown, where gloo now and then aborts (conftest.GLOO_EXIT_ABORT)
+
+
+def test_gathered_policy_decodes_without_collectives(tiny_run):
+    """Ranks whose rows finish at different steps run different numbers of decode forwards: with the weights
+    gathered once there is no collective per forward, so neither rank waits for the other (no hang)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(decode_on_rank, args=(port, str(tiny_run / "init")), nprocs=2)
+
+
+def test_two_process_fsdp_matches_single_process(ppo_dirs, tmp_path):
+    """2 gloo processes with FSDP2, each sampling and training on half of every rollout, == 1 process: one
+    generator per episode, whitening and loss normalisation over both ranks' tokens, the same minibatches.
+    Tolerance 1e-5: only the order of floating-point reductions (and each rank's padding) differs."""
+    cfg = lambda out: train_ppo.Config(data_dir=str(ppo_dirs / "data"), init_from=str(ppo_dirs / "sft"),
+                                       reward_model=str(ppo_dirs / "rm"), out_dir=str(tmp_path / out), n_updates=2,
+                                       rollout_size=8, minibatches=2, ppo_epochs=2, lr=3e-3, max_new_tokens=24,
+                                       n_eval=0, seed=3)
+    train_ppo.main(cfg("one"))
+    torchrun("train_ppo.py", cfg("two"))
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    last = [json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[-1]) for d in ("one", "two")]
+    for entry in last:
+        del entry["time"]
+    assert last[1] == pytest.approx(last[0], rel=1e-5, abs=1e-5)  # the last update's global metrics

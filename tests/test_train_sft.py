@@ -46,11 +46,13 @@ def test_resume_continues_the_same_loss_curve(tiny_run, tmp_path, monkeypatch):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_two_process_fsdp_matches_single_process(tiny_run, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_two_process_fsdp_matches_single_process(tiny_run, tmp_path, checkpointing):
     """2 gloo processes with FSDP2 (each 1 micro-batch of 4) == 1 process (2 micro-batches of 4), same global
-    batch of 8. Tolerance 1e-5: only the order of floating-point reductions differs."""
+    batch of 8, also when the sharded run recomputes its activations (activation checkpointing). Tolerance
+    1e-5: only the order of floating-point reductions differs."""
     train_sft.main(tiny(tiny_run, tmp_path / "one", max_steps=4))
-    torchrun("train_sft.py", tiny(tiny_run, tmp_path / "two", max_steps=4))
+    torchrun("train_sft.py", tiny(tiny_run, tmp_path / "two", max_steps=4, activation_checkpointing=checkpointing))
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert a.keys() == b.keys()

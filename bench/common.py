@@ -1,0 +1,76 @@
+"""What the benchmarks share: the FLOP count of ALGORITHMS.md's appendix, the machine's matmul peak, one DPO
+step exactly as train_dpo.py takes it, and a JSON writer. Run the benchmarks from the repository root."""
+
+import json
+import platform
+import resource
+import time
+
+import torch
+
+from nanoalign.losses import dpo_loss
+from nanoalign.model import GPTConfig
+from nanoalign.sampling import model_logps
+from nanoalign.scaffold import optimizer_step
+
+
+def forward_flops_per_token(c: GPTConfig, T: int) -> float:
+    """Matmul FLOPs of one forward per token at sequence length T: n_layer·(24·d² + 4·T·d) + 2·d·V — QKV,
+    projection, 4d MLP, QKᵀ and AV counted at full T×T (a causal kernel does about half), tied LM head."""
+    return c.n_layer * (24 * c.n_embd ** 2 + 4 * T * c.n_embd) + 2 * c.n_embd * c.vocab_size
+
+
+def matmul_peak_gflops(device="cpu", dtype=torch.float32, n=2048, repeats=10) -> float:
+    """The best GFLOP/s of square n×n matmuls, measured here and now (the denominator of every ratio)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_pairs(n_pairs: int, prompt: int, response: int, vocab: int, device, generator) -> dict:
+    """A DPO micro-batch of random ids, chosen rows then rejected rows, no padding: input_ids,
+    attention_mask, loss_mask [2P, prompt + response]."""
+    ids = torch.randint(0, vocab, (2 * n_pairs, prompt + response), generator=generator).to(device)
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, prompt:] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
+
+
+def dpo_step(model, optimizer, batch: dict, beta: float, lr: float, reference=None, ref_logps=None) -> float:
+    """One optimizer step of train_dpo.py's inner loop: chosen and rejected in one forward, the reference live
+    (`reference`) or cached (`ref_logps` [2P]), sigmoid DPO loss, backward, clip, AdamW."""
+    policy_chosen, policy_rejected = model_logps(model, **batch).sum(-1).chunk(2)
+    if ref_logps is None:
+        with torch.no_grad():
+            ref_logps = model_logps(reference, **batch).sum(-1)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    losses, _, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    losses.mean().backward()
+    optimizer_step(model, optimizer, lr, 1.0)
+    return losses.mean().item()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_json(path, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
