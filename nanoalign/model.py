@@ -192,8 +192,10 @@ class GPT(nn.Module):
                 position_ids = torch.arange(past, S, device=idx.device).expand(B, T)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
-        attn_mask = None
-        if attention_mask is not None or past > 0:
+        right_padded = past == 0 and attention_mask is not None and \
+            not (attention_mask[:, 1:] > attention_mask[:, :-1]).any()  # every row: real tokens, then padding
+        attn_mask = None  # plain causal: for right padding too, as padded keys follow every real query
+        if (attention_mask is not None and not right_padded) or past > 0:
             q_pos = torch.arange(past, S, device=idx.device)[:, None]  # [T, 1]
             k_pos = torch.arange(S, device=idx.device)[None, :]  # [1, S]
             attn_mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S] causal
