@@ -13,7 +13,8 @@ One update, top to bottom (Ziegler et al. 2019; "The N implementation details of
   3. KL penalty old, reference and value forwards on prompt + response; r_t = -β·kl_t, score added on the last token
   4. advantages GAE on the per-token rewards (whitened), or RLOO / GRPO on sequence returns
   5. PPO epochs clipped surrogate + clipped value loss over shuffled minibatches
-  6. log        RM reward, gold, KL k1/k2/k3, β, entropy, clipfrac, approx-KL, value loss, explained variance
+  6. log        RM reward, gold, KL k1/k2/k3, β, entropy, clipfrac, approx-KL, value loss, explained variance,
+                the seconds spent in rollout (1), scoring (2-4) and training (5)
 Under torchrun each rank samples a contiguous share of the global rollout (whole prompts, so RLOO/GRPO groups stay
 on one rank) with one generator per episode, so the rollout is the same for any world size; the policy and a
 separate critic are sharded with FSDP2, their weights gathered once for the whole rollout; the frozen reference
@@ -175,6 +176,7 @@ def main(cfg: Config) -> dict:
         answers = [tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])]
         has_eos = ((out["response_ids"] == tok.eos_id) & out["response_mask"].bool()).any(-1)
 
+        t_rollout = time.time()
         # 2. score: normalised RM (or gold) at the last real token; no EOS -> the penalty replaces it
         gold = torch.tensor([helpdesk.judge(p, a)["gold"] for p, a in zip(batch, answers)], device=ctx.device)
         with torch.no_grad():
@@ -208,6 +210,7 @@ def main(cfg: Config) -> dict:
             fn = rloo_advantages if cfg.advantage == "rloo" else grpo_advantages
             advantages = fn(seq_returns).view(-1, 1) * mask  # the same advantage on every token of an answer
 
+        t_score = time.time()
         # 5. PPO epochs over shuffled minibatches
         policy.train()
         lr_frac = 1 - update / cfg.n_updates  # linear anneal to 0 (N detail 5)
@@ -237,6 +240,7 @@ def main(cfg: Config) -> dict:
                 for k, v in zip(stats, global_sum(parts, ctx).tolist()):
                     stats[k].append(v)
 
+        t_train = time.time()
         # 6. log means over the whole rollout; adapt β toward the KL target (Ziegler et al. 2019)
         seq_kl = {k: global_mean((kl_estimate(old_logps, ref_logps, k) * mask).sum(-1), ctx)
                   for k in ("k1", "k2", "k3")}
@@ -245,7 +249,8 @@ def main(cfg: Config) -> dict:
                    "objective/kl": seq_kl["k1"], "objective/kl_k2": seq_kl["k2"], "objective/kl_k3": seq_kl["k3"],
                    "objective/beta": beta, **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
                    "response/length": global_mean(mask.sum(-1), ctx),
-                   "response/eos_rate": global_mean(has_eos.float(), ctx)}
+                   "response/eos_rate": global_mean(has_eos.float(), ctx),
+                   "time/rollout": t_rollout - t0, "time/score": t_score - t_rollout, "time/train": t_train - t_score}
         if uses_critic:
             r_all, v_all = returns[mask.bool()], old_values[mask.bool()]
             metrics["ppo/explained_variance"] = 1 - global_var(r_all - v_all, ctx) / global_var(r_all, ctx)

@@ -1,0 +1,95 @@
+"""The fixed DPO workload on the CPU, against the machine's own fp32 matmul throughput.
+
+    python bench/dpo_throughput.py              # both modes, each in its own process (its own peak RSS)
+    python bench/dpo_throughput.py --mode=live  # one mode
+
+GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocabulary 4096, context 256; prompt 64, chosen 64, rejected
+64 tokens (random ids); 8 pairs per optimizer step; fp32; β 0.1; AdamW lr 1e-5; 5 warm-up steps, 20 timed. The
+step is train_dpo.py's (bench/common.py: one concatenated forward, sigmoid loss, clip, AdamW). `live` runs the
+frozen reference forward each step; `cached` reads reference log-probs computed beforehand, the reference then
+deleted, as train_dpo.py's disk cache does. FLOPs: 3× forward for the policy + 1× for a live reference over the
+2·(64 + 64) tokens of each pair (bench/common.py). Ratio = achieved ÷ measured fp32 matmul GFLOP/s.
+"""
+
+import gc
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import (dpo_step, forward_flops_per_token, machine, matmul_peak_gflops, peak_rss_mb, random_pairs,
+                    write_json)
+from nanoalign.model import GPT, GPTConfig
+from nanoalign.sampling import model_logps
+from nanoalign.scaffold import Dist, make_optimizer, parse_config, wrap_model
+
+
+@dataclass
+class Config:
+    mode: str = "both"  # live | cached | both (each in a subprocess)
+    compile: bool = True  # torch.compile each block (the scripts' --compile)
+    pairs: int = 8
+    prompt: int = 64
+    response: int = 64
+    warmup: int = 5
+    steps: int = 20
+    out: str = "bench/dpo_throughput.json"
+
+
+def run_mode(cfg: Config) -> dict:
+    mc = GPTConfig(block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=256)
+    torch.manual_seed(0)
+    ctx = Dist(0, 1, torch.device("cpu"))
+    policy = wrap_model(GPT(mc), ctx, cfg.compile)
+    reference = wrap_model(GPT(mc), ctx, cfg.compile).eval().requires_grad_(False)
+    optimizer = make_optimizer(policy, 1e-5, 0.0)
+    g = torch.Generator().manual_seed(0)
+    batches = [random_pairs(cfg.pairs, cfg.prompt, cfg.response, mc.vocab_size, "cpu", g)
+               for _ in range(cfg.warmup + cfg.steps)]
+    cached = None
+    if cfg.mode == "cached":
+        with torch.no_grad():
+            cached = [model_logps(reference, **b).sum(-1) for b in batches]
+        del reference
+        reference = None
+        gc.collect()
+    rss_before = peak_rss_mb()
+    for b, ref in zip(batches[:cfg.warmup], cached or [None] * cfg.warmup):
+        dpo_step(policy, optimizer, b, 0.1, 1e-5, reference=reference, ref_logps=ref)
+    t0 = time.perf_counter()
+    for b, ref in zip(batches[cfg.warmup:], (cached or [None] * len(batches))[cfg.warmup:]):
+        dpo_step(policy, optimizer, b, 0.1, 1e-5, reference=reference, ref_logps=ref)
+    dt = (time.perf_counter() - t0) / cfg.steps
+    T = cfg.prompt + cfg.response
+    passes = 3 + (1 if cfg.mode == "live" else 0)  # policy forward + backward, reference forward
+    gflops = passes * forward_flops_per_token(mc, T) * 2 * cfg.pairs * T / dt / 1e9
+    peak = matmul_peak_gflops()
+    return {"mode": cfg.mode, "compile": cfg.compile, "pairs_per_s": cfg.pairs / dt, "step_s": dt,
+            "achieved_gflops": gflops, "matmul_peak_gflops": peak, "ratio": gflops / peak,
+            "peak_rss_mb": peak_rss_mb(), "rss_before_timing_mb": rss_before, "machine": machine()}
+
+
+def main(cfg: Config) -> None:
+    if cfg.mode != "both":
+        result = run_mode(cfg)
+        print(json.dumps(result))
+        return
+    results = {}
+    for mode in ("live", "cached"):
+        args = [f"--{k}={v}" for k, v in vars(cfg).items() if k not in ("mode", "out")]
+        proc = subprocess.run([sys.executable, __file__, f"--mode={mode}", *args], capture_output=True, text=True,
+                              check=True)
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    write_json(cfg.out, results)
+    live, cached = results["live"], results["cached"]
+    print(f"dpo_throughput: live {live['pairs_per_s']:.2f} pairs/s, {live['achieved_gflops']:.1f} GFLOP/s = "
+          f"{live['ratio']:.2f} of matmul peak {live['matmul_peak_gflops']:.1f}, peak RSS {live['peak_rss_mb']:.0f} MB | "
+          f"cached {cached['pairs_per_s']:.2f} pairs/s ({cached['pairs_per_s'] / live['pairs_per_s']:.2f}x), "
+          f"{cached['achieved_gflops']:.1f} GFLOP/s = {cached['ratio']:.2f}, peak RSS {cached['peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
