@@ -38,6 +38,7 @@ class Config:
     reward_model: str = ""  # with best_of_n > 0: the RM that picks the best answer
     best_of_n: int = 0  # > 0: best-of-N curve up to this N (a power of 2) on n_bon prompts -> best_of_n.json
     n_bon: int = 100  # held-out prompts for the best-of-N curve
+    select: int = 8  # the realised best-of-N policy in best_of_n.json["selected"]: gold, failures, win rate
 
 
 def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: float = 1.0,
@@ -103,31 +104,39 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
 
 @torch.no_grad()
 def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: int = 64, max_new_tokens: int = 96,
-              temperature: float = 1.0, seed: int = 0) -> list[dict]:
+              temperature: float = 1.0, seed: int = 0, select: int = 8) -> tuple[list[dict], dict]:
     """Best-of-N with the reward model: n_max answers per prompt, then for n = 1, 2, 4, ..., n_max the expected
     proxy and gold score of the answer the RM ranks best among n, by the unbiased pool estimator, beside
-    the analytic KL log n - (n-1)/n (an upper bound when answers repeat: Beirami et al. 2024)."""
+    the analytic KL log n - (n-1)/n (an upper bound when answers repeat: Beirami et al. 2024).
+    Also one realised best-of-`select` policy (select < n_max): per prompt the RM's pick among `select` of the
+    answers, with its gold, failure rates and win rate against another of the answers (an SFT sample)."""
     model.eval()
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    proxy, gold = [], []
+    proxy, gold, answers = [], [], []
     for p in prompts:
         out = sample(model, [tok.encode_prompt(p)] * n_max, max_new_tokens, tok.eos_id, tok.pad_id,
                      temperature=temperature, generator=g)
         ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
         attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
         proxy.append(reward_scores(rm, ids, attn, gain, bias).cpu())
-        answers = [tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])]
-        gold.append(torch.tensor([helpdesk.judge(p, a)["gold"] for a in answers]))
+        answers.append([tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])])
+        gold.append(torch.tensor([helpdesk.judge(p, a)["gold"] for a in answers[-1]]))
     proxy, gold = torch.stack(proxy), torch.stack(gold)  # [P, n_max]
     shuffle = torch.randperm(n_max, generator=torch.Generator().manual_seed(seed))  # random tie-breaking
     proxy, gold = proxy[:, shuffle], gold[:, shuffle]
+    answers = [[a[i] for i in shuffle.tolist()] for a in answers]
     rows, n = [], 1
     while n <= n_max:
         rows.append({"n": n, "kl": best_of_n_kl(n), "proxy": best_of_n_pool(proxy, proxy, n).mean().item(),
                      "gold": best_of_n_pool(proxy, gold, n).mean().item()})
         n *= 2
-    return rows
+    pick = proxy[:, :select].argmax(-1).tolist()  # the RM's choice among the first `select` answers
+    chosen = [a[i] for a, i in zip(answers, pick)]
+    judged = helpdesk.judge_many(prompts, chosen)
+    selected = {"n": select, "kl": best_of_n_kl(select), "gold": judged["gold"], "failures": judged["failures"],
+                "win_rate_vs_sft": win_rate(gold[range(len(pick)), pick].tolist(), gold[:, -1].tolist())}
+    return rows, selected
 
 
 def write_json(path, obj) -> None:
@@ -149,13 +158,14 @@ def main(cfg: Config) -> dict:
     print(json.dumps(metrics, indent=2))
     if cfg.best_of_n > 0:
         rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
-        rows = best_of_n(model, tok, rm, gain, bias, prompts[:cfg.n_bon], cfg.best_of_n, cfg.max_new_tokens,
-                         cfg.temperature, cfg.seed)
+        rows, selected = best_of_n(model, tok, rm, gain, bias, prompts[:cfg.n_bon], cfg.best_of_n,
+                                   cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.select)
         print(f"{'N':>4} {'KL':>6} {'proxy':>7} {'gold':>7}")
         for r in rows:
             print(f"{r['n']:>4} {r['kl']:>6.3f} {r['proxy']:>7.3f} {r['gold']:>7.4f}")
-        write_json(Path(cfg.checkpoint) / "best_of_n.json", rows)
-        metrics["best_of_n"] = rows
+        print(f"best-of-{cfg.select}, realised:", selected)
+        write_json(Path(cfg.checkpoint) / "best_of_n.json", {"curve": rows, "selected": selected})
+        metrics["best_of_n"] = {"curve": rows, "selected": selected}
     return metrics
 
 

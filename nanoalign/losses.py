@@ -234,18 +234,18 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_sum=None) -> Te
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16), per row backwards over its tokens:
-    δ_t = r_t + γ V_{t+1} - V_t with V = 0 after the last real token; Â_t = δ_t + γλ Â_{t+1}; returns
-    R_t = Â_t + V_t. rewards, values, mask [B, T] (mask a prefix of 1s; padding after EOS contributes
+    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16): δ_t = r_t + γ V_{t+1} - V_t with V = 0
+    outside the mask, Â_t = δ_t + γλ Â_{t+1} = Σ_{t' ≥ t} (γλ)^(t'-t) δ_t', and returns R_t = Â_t + V_t.
+    The backward recursion is one matmul with the upper-triangular matrix of (γλ)^(t'-t), no loop over tokens.
+    rewards, values, mask [B, T] (mask one run of 1s per row, the response; padding after EOS contributes
     nothing) -> (advantages [B, T], returns [B, T]), zero outside the mask."""
     values = values * mask
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]  # a padded slot resets the sum for its row
-        advantages[:, t] = running
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
+    deltas = (rewards + gamma * next_values - values) * mask
+    lag = torch.arange(rewards.shape[1], device=rewards.device)
+    lag = lag[:, None] - lag[None, :]  # [T', T]: t' - t
+    discount = torch.where(lag >= 0, (gamma * lam) ** lag.clamp(min=0).to(rewards.dtype), 0.0)
+    advantages = (deltas @ discount) * mask
     return advantages, (advantages + values) * mask
 
 

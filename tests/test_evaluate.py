@@ -64,7 +64,9 @@ def test_best_of_n_curve_properties():
     torch.manual_seed(0)
     policy = GPT(GPTConfig(block_size=32, vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16)).eval()
     rm = GPT(GPTConfig(block_size=32, vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, scalar_head=True)).eval()
-    rows = best_of_n(policy, tok, rm, 2.0, 0.5, ["Where is my order #1234?", "Hi"], n_max=8, max_new_tokens=6)
+    rows, selected = best_of_n(policy, tok, rm, 2.0, 0.5, ["Where is my order #1234?", "Hi"], n_max=8,
+                               max_new_tokens=6, select=4)
+    assert selected["n"] == 4 and selected["kl"] == rows[2]["kl"] and 0 <= selected["win_rate_vs_sft"] <= 1
     assert [r["n"] for r in rows] == [1, 2, 4, 8]
     assert rows[0]["kl"] == 0.0
     proxies = [r["proxy"] for r in rows]

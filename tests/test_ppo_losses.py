@@ -44,6 +44,10 @@ def test_gae_special_cases_and_padding():
     adv_pad, ret_pad = gae(pad(r, 7.0), pad(v, -3.0), pad(mask, 0.0), 0.95, 0.9)
     adv_ref, ret_ref = gae(r, v, mask, 0.95, 0.9)
     assert torch.allclose(adv_pad[:, :5], adv_ref) and torch.allclose(ret_pad[:, :5], ret_ref)
+    # prompt columns before the response (as in a PPO rollout) change nothing either
+    adv_pre, ret_pre = gae(pad(r, 7.0).roll(3, 1), pad(v, -3.0).roll(3, 1), pad(mask, 0.0).roll(3, 1), 0.95, 0.9)
+    assert torch.allclose(adv_pre[:, 3:], adv_ref) and torch.allclose(ret_pre[:, 3:], ret_ref)
+    assert (adv_pre[:, :3] == 0).all()
 
 
 def test_value_alignment_a_shifted_slice_fails():
