@@ -38,6 +38,18 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn, warmup: int, steps: int, device) -> float:
+    """Seconds per call of fn, after `warmup` untimed calls (compilation happens there)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def random_pairs(n_pairs: int, prompt: int, response: int, vocab: int, device, generator) -> dict:
     """A DPO micro-batch of random ids, chosen rows then rejected rows, no padding: input_ids,
     attention_mask, loss_mask [2P, prompt + response]."""

@@ -8,12 +8,11 @@ prompts of 64 random tokens, 64 new tokens (no early stop), temperature 1, no to
 """
 
 import tempfile
-import time
 from dataclasses import dataclass
 
 import torch
 
-from common import machine, sync, write_json
+from common import machine, timed, write_json
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
 from nanoalign.scaffold import parse_config
@@ -40,13 +39,7 @@ def no_cache_loop(model, prompts: torch.Tensor, new_tokens: int, g) -> torch.Ten
 
 
 def tokens_per_s(fn, n_tokens: int, repeats: int, device) -> float:
-    fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return n_tokens * repeats / (time.perf_counter() - t0)
+    return n_tokens / timed(fn, 1, repeats, device)
 
 
 def main(cfg: Config) -> dict:

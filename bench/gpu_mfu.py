@@ -8,12 +8,11 @@ for training, full T×T attention counted). bf16 autocast with fp32 master weigh
 """
 
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-from common import dpo_step, forward_flops_per_token, machine, matmul_peak_gflops, random_pairs, sync, write_json
+from common import dpo_step, forward_flops_per_token, machine, matmul_peak_gflops, random_pairs, timed, write_json
 from nanoalign.losses import sft_loss, token_logps
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
@@ -35,17 +34,6 @@ class Config:
     peak_tflops: float = 0.0  # 0: from the device name
     small: bool = False  # tiny model on the CPU: a smoke test of this script
     out: str = "bench/gpu_mfu.json"
-
-
-def timed(fn, warmup: int, steps: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
 
 
 def main(cfg: Config) -> dict:
