@@ -4,7 +4,7 @@
     python train_ppo.py --critic=separate                 # value model initialised from the reward model
     python train_ppo.py --advantage=rloo --samples_per_prompt=4   # critic-free variants on the same loop
     python train_ppo.py --reward=gold                     # PPO on the true reward (DPO paper's "PPO-GT")
-    python train_ppo.py --beta=0 --n_updates=300 --out_dir=out/ppo_hack   # reward hacking, made visible
+    python train_ppo.py --beta=0 --n_updates=200 --lr=1e-4 --out_dir=out/ppo_hack   # reward hacking, made visible
     torchrun --nproc_per_node=2 train_ppo.py              # data-parallel: each rank samples a share of the rollout
 
 One update, top to bottom (Ziegler et al. 2019; "The N implementation details of RLHF with PPO", N 1-21):

@@ -49,8 +49,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """One token per row from probs [B, V] -> [B] by inverse-CDF sampling: one uniform u per row, the token
     whose interval of the cumulative distribution (float64) holds u. One random number per row rather than
-    one per vocabulary entry (torch.multinomial's exponential race): 12x less sampling time on the CPU.
-    `generator` as in `sample`."""
+    one per vocabulary entry (torch.multinomial's exponential race), which took 30% of a CPU rollout
+    (bench/RESULTS.md). `generator` as in `sample`."""
     if isinstance(generator, (list, tuple)):
         assert len(generator) == len(probs), f"{len(generator)} generators for {len(probs)} rows"
         u = torch.stack([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generator])

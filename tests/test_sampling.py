@@ -50,7 +50,7 @@ def test_stops_at_eos_and_masks_the_rest():
 @pytest.mark.parametrize("per_row", [False, True])
 def test_first_token_frequencies_match_softmax_at_temperature(per_row):
     """Exact sampling (N detail 3): the empirical first-token distribution matches softmax(z / T), chi-square;
-    with one generator (torch.multinomial) and with one generator per row (the exponential race)."""
+    with one generator for the batch and with one generator per row."""
     model = tiny_model()
     temperature, n = 0.7, 20000
     with torch.no_grad():
