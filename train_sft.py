@@ -17,8 +17,9 @@ from pathlib import Path
 from nanoalign.checkpoint import load_model
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
-from nanoalign.losses import sft_loss, token_logps
+from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
+from nanoalign.sampling import model_logps
 from nanoalign.scaffold import (ensure_world, Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config, resume,
                                 save_resumable, set_grad_sync, setup, teardown, wrap_model)
 from nanoalign.tokenizer import Tokenizer
@@ -97,8 +98,7 @@ def main(cfg: Config) -> dict:
         for k, m in enumerate(micros):
             set_grad_sync(model, k == len(micros) - 1)
             m = {key: v.to(ctx.device) for key, v in m.items()}
-            logits = model(m["input_ids"], attention_mask=m["attention_mask"])  # [B, T, V]
-            logps = token_logps(logits[:, :-1], m["input_ids"][:, 1:])  # [B, T-1]
+            logps = model_logps(model, **m)  # [B, T-1], zero on prompt and padding
             # FSDP averages gradients over ranks: scale by the world size so the sum is the global token mean
             loss = sft_loss(logps, m["loss_mask"][:, 1:], n_tokens) * ctx.world
             loss.backward()

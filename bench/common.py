@@ -14,10 +14,13 @@ from nanoalign.sampling import model_logps
 from nanoalign.scaffold import optimizer_step
 
 
-def forward_flops_per_token(c: GPTConfig, T: int) -> float:
-    """Matmul FLOPs of one forward per token at sequence length T: n_layer·(24·d² + 4·T·d) + 2·d·V — QKV,
-    projection, 4d MLP, QKᵀ and AV counted at full T×T (a causal kernel does about half), tied LM head."""
-    return c.n_layer * (24 * c.n_embd ** 2 + 4 * T * c.n_embd) + 2 * c.n_embd * c.vocab_size
+def forward_flops(c: GPTConfig, T: int, tokens: int, scored: int | None = None) -> float:
+    """Matmul FLOPs of one forward over `tokens` tokens in rows of length T: per token n_layer·(24·d² + 4·T·d)
+    — QKV, projection, 4d MLP, QKᵀ and AV counted at full T×T (a causal kernel does about half) — plus
+    2·d·V for the tied LM head at each of the `scored` positions (default every token; `model_logps` runs
+    the head only where a response token is scored)."""
+    scored = tokens if scored is None else scored
+    return tokens * c.n_layer * (24 * c.n_embd ** 2 + 4 * T * c.n_embd) + scored * 2 * c.n_embd * c.vocab_size
 
 
 def matmul_peak_gflops(device="cpu", dtype=torch.float32, n=2048, repeats=10) -> float:

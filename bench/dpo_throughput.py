@@ -8,7 +8,8 @@ GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocabulary 4096, context 256
 step is train_dpo.py's (bench/common.py: one concatenated forward, sigmoid loss, clip, AdamW). `live` runs the
 frozen reference forward each step; `cached` reads reference log-probs computed beforehand, the reference then
 deleted, as train_dpo.py's disk cache does. FLOPs: 3× forward for the policy + 1× for a live reference over the
-2·(64 + 64) tokens of each pair (bench/common.py). Ratio = achieved ÷ measured fp32 matmul GFLOP/s.
+2·(64 + 64) tokens of each pair, the LM head at the 2·64 scored positions only, as it runs (bench/common.py).
+Ratio = achieved ÷ measured fp32 matmul GFLOP/s.
 """
 
 import gc
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (dpo_step, forward_flops_per_token, machine, matmul_peak_gflops, peak_rss_mb, random_pairs,
+from common import (dpo_step, forward_flops, machine, matmul_peak_gflops, peak_rss_mb, random_pairs,
                     write_json)
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
@@ -63,9 +64,9 @@ def run_mode(cfg: Config) -> dict:
     for b, ref in zip(batches[cfg.warmup:], (cached or [None] * len(batches))[cfg.warmup:]):
         dpo_step(policy, optimizer, b, 0.1, 1e-5, reference=reference, ref_logps=ref)
     dt = (time.perf_counter() - t0) / cfg.steps
-    T = cfg.prompt + cfg.response
+    T, rows = cfg.prompt + cfg.response, 2 * cfg.pairs
     passes = 3 + (1 if cfg.mode == "live" else 0)  # policy forward + backward, reference forward
-    gflops = passes * forward_flops_per_token(mc, T) * 2 * cfg.pairs * T / dt / 1e9
+    gflops = passes * forward_flops(mc, T, rows * T, rows * cfg.response) / dt / 1e9
     peak = matmul_peak_gflops()
     return {"mode": cfg.mode, "compile": cfg.compile, "pairs_per_s": cfg.pairs / dt, "step_s": dt,
             "achieved_gflops": gflops, "matmul_peak_gflops": peak, "ratio": gflops / peak,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import dpo_step, forward_flops_per_token, machine, matmul_peak_gflops, random_pairs, timed, write_json
+from common import dpo_step, forward_flops, machine, matmul_peak_gflops, random_pairs, timed, write_json
 from nanoalign.losses import sft_loss, token_logps
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
@@ -81,7 +81,7 @@ def main(cfg: Config) -> dict:
 
         dt = timed(train_step, cfg.warmup, cfg.steps, device)
         tokens = cfg.batch_size * T / dt
-        achieved = 3 * forward_flops_per_token(mc, T) * tokens / 1e12
+        achieved = 3 * forward_flops(mc, T, 1) * tokens / 1e12
         report("train", tokens_per_s=tokens, tflops=achieved, mfu=achieved / peak if peak else 0.0,
                step_ms=dt * 1e3, peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if not cfg.small else 0.0)
 
@@ -102,7 +102,7 @@ def main(cfg: Config) -> dict:
 
         dt = timed(whole_step, cfg.warmup, cfg.steps, device)
         tokens = cfg.batch_size * T / dt
-        achieved = 3 * forward_flops_per_token(mc, T) * tokens / 1e12
+        achieved = 3 * forward_flops(mc, T, 1) * tokens / 1e12
         report("train_whole", tokens_per_s=tokens, tflops=achieved, mfu=achieved / peak if peak else 0.0,
                step_ms=dt * 1e3)
         del whole, whole_opt
@@ -117,7 +117,7 @@ def main(cfg: Config) -> dict:
                 dpo_step(model, optimizer, batch, 0.1, 1e-5, reference=reference)
 
         dt = timed(step, cfg.warmup, cfg.steps, device)
-        achieved = 4 * forward_flops_per_token(mc, T) * 2 * cfg.dpo_pairs * T / dt / 1e12
+        achieved = 4 * forward_flops(mc, T, 2 * cfg.dpo_pairs * T, 2 * cfg.dpo_pairs * half) / dt / 1e12
         report("dpo", pairs_per_s=cfg.dpo_pairs / dt, tflops=achieved, mfu=achieved / peak if peak else 0.0)
         del reference
 

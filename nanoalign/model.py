@@ -150,10 +150,11 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, output="logits"):
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, output="logits", logits_at=None):
         """idx [B, T] -> by `output`: "logits" [B, T, V]; "hidden" [B, T, D], the final hidden states after
         ln_f; "scalar" [B, T], the scalar head at every position; "both" (logits, scalar). One forward
-        serves every head, so FSDP's hooks see each call.
+        serves every head, so FSDP's hooks see each call. logits_at [B, T] bool: logits only at those
+        positions, packed [N, V] in row-major order (the LM head skips the prompt: less time and memory).
 
         attention_mask [B, S]: 1 on real tokens, covering the cached tokens and the new ones (S = past + T).
         kv_cache: a KVCache; the new keys/values are appended and its length advanced by T. A static cache
@@ -174,7 +175,7 @@ class GPT(nn.Module):
             kv_cache.length = S
         x = self.transformer.ln_f(x)
         if output == "logits":
-            return self.lm_head(x)
+            return self.lm_head(x if logits_at is None else x[logits_at])
         if output == "hidden":
             return x
         if output == "scalar":

@@ -8,6 +8,7 @@ filtering makes the samples come from a distribution other than the one whose lo
 """
 
 import torch
+import torch.nn.functional as F
 
 from nanoalign.data import left_pad
 from nanoalign.losses import last_token_values, token_logps
@@ -18,9 +19,12 @@ def model_logps(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tenso
                 temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs of each row's own tokens, zero outside `loss_mask` (the response):
     input_ids, attention_mask, loss_mask [B, T] -> [B, T-1], aligned with `input_ids[:, 1:]`.
-    The one log-prob path for DPO, PPO, KL and the AI judge; sum over the last dim for S(y|x)."""
-    logits = model(input_ids, attention_mask=attention_mask)  # [B, T, V]
-    return token_logps(logits[:, :-1], input_ids[:, 1:], temperature) * loss_mask[:, 1:]
+    The LM head runs only where a response token is scored, so no [B, T, V] logits exist at all.
+    The one log-prob path for SFT, DPO and the AI judge; sum over the last dim for S(y|x)."""
+    scored = loss_mask[:, 1:].bool()  # [B, T-1]: logits at t score token t+1
+    logits = model(input_ids, attention_mask=attention_mask, logits_at=F.pad(scored, (0, 1)))  # [N, V]
+    logps = token_logps(logits, input_ids[:, 1:][scored], temperature)  # [N]
+    return torch.zeros(scored.shape, dtype=logps.dtype, device=logps.device).masked_scatter(scored, logps)
 
 
 def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, gain: float = 1.0,
