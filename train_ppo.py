@@ -31,13 +31,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, load_reward_model, write_checkpoint
 from nanoalign.data import batch_indices, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
-                              ppo_policy_loss, ppo_value_loss, rloo_advantages, token_logps, whiten)
+                              ppo_policy_loss, ppo_value_loss, rloo_advantages, token_logps, unpack, whiten)
 from nanoalign.sampling import reward_scores, sample
 from nanoalign.scaffold import (Logger, full_state, gathered, global_sum, make_optimizer, optimizer_step, parse_config,
                                 setup, teardown, wrap_model)
@@ -82,16 +83,18 @@ class Config:
     seed: int = 1234  # data order and sampling
 
 
-def forward(model, ids, attn, temperature, with_values):
-    """Per-token log-probs of each row's own tokens [B, T-1], logits [B, T-1, V], and values [B, T-1] read at
-    the position whose logits score the token, so values and log-probs align (N detail 15)."""
+def forward(model, ids, attn, mask, temperature, with_values):
+    """Per-token log-probs of the response tokens [B, T-1] (zero elsewhere), their logits packed [N, V] (the LM
+    head runs only where a response token is scored), and values [B, T-1] read at the position whose logits
+    score the token, so values and log-probs align (N detail 15). mask [B, T-1]: the response tokens."""
+    scored = mask.bool()
+    at = F.pad(scored, (0, 1))  # [B, T]: logits at t score token t+1
     if with_values:
-        logits, values = model(ids, attention_mask=attn, output="both")
+        logits, values = model(ids, attention_mask=attn, output="both", logits_at=at)
         values = values[:, :-1]
     else:
-        logits, values = model(ids, attention_mask=attn), None
-    logits = logits[:, :-1]
-    return token_logps(logits, ids[:, 1:], temperature), logits, values
+        logits, values = model(ids, attention_mask=attn, logits_at=at), None
+    return unpack(token_logps(logits, ids[:, 1:][scored], temperature), scored), logits, values
 
 
 def row_generators(seed: int, update: int, rows: range, rollout_size: int, device) -> list:
@@ -192,10 +195,10 @@ def main(cfg: Config) -> dict:
 
         # 3. KL penalty: old and reference log-probs from the training forward, at the sampling temperature
         with torch.no_grad():
-            old_logps, _, old_values = forward(policy, ids, attn, cfg.temperature, critic is None and uses_critic)
+            old_logps, _, old_values = forward(policy, ids, attn, mask, cfg.temperature, critic is None and uses_critic)
             if critic is not None:
                 old_values = critic(ids, attention_mask=attn, output="scalar")[:, :-1]
-            ref_logps, _, _ = forward(reference, ids, attn, cfg.temperature, False)
+            ref_logps, _, _ = forward(reference, ids, attn, mask, cfg.temperature, False)
         kl = kl_estimate(old_logps, ref_logps, cfg.kl_estimator) * mask  # [B, T-1]
         rewards = per_token_rewards(scores, kl, mask, beta)
         if cfg.whiten_rewards:
@@ -218,12 +221,13 @@ def main(cfg: Config) -> dict:
         for epoch in range(cfg.ppo_epochs):
             for mb in minibatches(rows, cfg.minibatches, cfg.seed + update * 97 + epoch, ctx):
                 n_tokens = global_sum(mask[mb].sum().item(), ctx)  # the global minibatch's response tokens
-                logps, logits, values = forward(policy, ids[mb], attn[mb], cfg.temperature,
+                logps, logits, values = forward(policy, ids[mb], attn[mb], mask[mb], cfg.temperature,
                                                 critic is None and uses_critic)
                 pg_loss, clipfrac, approx_kl = ppo_policy_loss(logps, old_logps[mb], advantages[mb], mask[mb],
                                                                cfg.clip_eps, n_tokens)
                 logp_all = (logits.float() / cfg.temperature).log_softmax(-1)
-                entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask[mb], n_tokens)
+                entropy = masked_mean(unpack(-(logp_all.exp() * logp_all).sum(-1), mask[mb].bool()), mask[mb],
+                                      n_tokens)
                 loss = pg_loss - cfg.entropy_coef * entropy
                 vf_loss = torch.zeros((), device=ctx.device)
                 if uses_critic:

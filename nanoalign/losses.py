@@ -30,6 +30,12 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_
     return torch.cat(out).view(labels.shape)
 
 
+def unpack(packed: Tensor, mask: Tensor) -> Tensor:
+    """Values computed only at the True positions of mask [B, T] (packed [N], row-major) back to [B, T], zero
+    elsewhere; differentiable."""
+    return torch.zeros(mask.shape, dtype=packed.dtype, device=packed.device).masked_scatter(mask, packed)
+
+
 def last_token_values(values: Tensor, attention_mask: Tensor) -> Tensor:
     """Read per-position values at each row's last real token, i* = argmax_t (t · a_t) (ALGORITHMS.md §3.1):
     the same index under left padding, right padding or none, and never a PAD slot (PAD != EOS).

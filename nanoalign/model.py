@@ -153,8 +153,8 @@ class GPT(nn.Module):
     def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, output="logits", logits_at=None):
         """idx [B, T] -> by `output`: "logits" [B, T, V]; "hidden" [B, T, D], the final hidden states after
         ln_f; "scalar" [B, T], the scalar head at every position; "both" (logits, scalar). One forward
-        serves every head, so FSDP's hooks see each call. logits_at [B, T] bool: logits only at those
-        positions, packed [N, V] in row-major order (the LM head skips the prompt: less time and memory).
+        serves every head, so FSDP's hooks see each call. logits_at [B, T] bool: logits ("logits", "both") only
+        at those positions, packed [N, V] in row-major order (the LM head skips the prompt: less time and memory).
 
         attention_mask [B, S]: 1 on real tokens, covering the cached tokens and the new ones (S = past + T).
         kv_cache: a KVCache; the new keys/values are appended and its length advanced by T. A static cache
@@ -181,7 +181,7 @@ class GPT(nn.Module):
         if output == "scalar":
             return self.scalar_head(x)[..., 0]
         assert output == "both", f"unknown output {output!r}"
-        return self.lm_head(x), self.scalar_head(x)[..., 0]
+        return self.lm_head(x if logits_at is None else x[logits_at]), self.scalar_head(x)[..., 0]
 
     def _positions_and_mask(self, idx, attention_mask, position_ids, kv_cache):
         """Positions from the mask and the [B|1, 1, T, S] boolean attention mask (None: plain causal)."""

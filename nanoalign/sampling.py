@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign.data import left_pad
-from nanoalign.losses import last_token_values, token_logps
+from nanoalign.losses import last_token_values, token_logps, unpack
 from nanoalign.model import GPT, KVCache
 
 
@@ -23,8 +23,7 @@ def model_logps(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tenso
     The one log-prob path for SFT, DPO and the AI judge; sum over the last dim for S(y|x)."""
     scored = loss_mask[:, 1:].bool()  # [B, T-1]: logits at t score token t+1
     logits = model(input_ids, attention_mask=attention_mask, logits_at=F.pad(scored, (0, 1)))  # [N, V]
-    logps = token_logps(logits, input_ids[:, 1:][scored], temperature)  # [N]
-    return torch.zeros(scored.shape, dtype=logps.dtype, device=logps.device).masked_scatter(scored, logps)
+    return unpack(token_logps(logits, input_ids[:, 1:][scored], temperature), scored)
 
 
 def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, gain: float = 1.0,

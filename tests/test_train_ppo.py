@@ -62,10 +62,10 @@ def test_first_ratio_is_one_at_temperature(tiny_run):
     policy.eval()
     ids, attn, mask = rollout(policy, tok)
     with torch.no_grad():
-        old, _, _ = train_ppo.forward(policy, ids, attn, 0.7, True)
+        old, _, _ = train_ppo.forward(policy, ids, attn, mask, 0.7, True)
     policy.train()
     mb = torch.tensor([5, 1, 6])
-    new, _, _ = train_ppo.forward(policy, ids[mb], attn[mb], 0.7, True)
+    new, _, _ = train_ppo.forward(policy, ids[mb], attn[mb], mask[mb], 0.7, True)
     ratio = torch.exp(new - old[mb])[mask[mb].bool()]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
 
@@ -73,13 +73,13 @@ def test_first_ratio_is_one_at_temperature(tiny_run):
 def ppo_step_losses(policy, reference, ids, attn, mask, scores):
     """Steps 3-5 of train_ppo with a fixed score per row: KL penalty, GAE, whitening, the two losses."""
     with torch.no_grad():
-        old, _, old_values = train_ppo.forward(policy, ids, attn, 0.7, True)
-        ref, _, _ = train_ppo.forward(reference, ids, attn, 0.7, False)
+        old, _, old_values = train_ppo.forward(policy, ids, attn, mask, 0.7, True)
+        ref, _, _ = train_ppo.forward(reference, ids, attn, mask, 0.7, False)
     kl = kl_estimate(old, ref) * mask
     rewards = per_token_rewards(scores, kl, mask, 0.1)
     advantages, returns = gae(rewards, old_values * mask, mask, 1.0, 0.95)
     advantages = whiten(advantages, mask)
-    logps, _, values = train_ppo.forward(policy, ids, attn, 0.7, True)
+    logps, _, values = train_ppo.forward(policy, ids, attn, mask, 0.7, True)
     pg, _, _ = ppo_policy_loss(logps - 0.01, old, advantages, mask)  # a shifted policy, so the loss is not trivial
     vf, _ = ppo_value_loss(values + 0.05, old_values, returns, mask)
     return torch.stack([kl.sum(), rewards.sum(), pg, vf])
