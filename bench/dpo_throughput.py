@@ -16,12 +16,11 @@ import gc
 import json
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-from common import (dpo_step, forward_flops, machine, matmul_peak_gflops, peak_rss_mb, random_pairs,
+from common import (dpo_step, forward_flops, machine, matmul_peak_gflops, peak_rss_mb, random_pairs, timed,
                     write_json)
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
@@ -58,12 +57,13 @@ def run_mode(cfg: Config) -> dict:
         reference = None
         gc.collect()
     rss_before = peak_rss_mb()
-    for b, ref in zip(batches[:cfg.warmup], cached or [None] * cfg.warmup):
-        dpo_step(policy, optimizer, b, 0.1, 1e-5, reference=reference, ref_logps=ref)
-    t0 = time.perf_counter()
-    for b, ref in zip(batches[cfg.warmup:], (cached or [None] * len(batches))[cfg.warmup:]):
-        dpo_step(policy, optimizer, b, 0.1, 1e-5, reference=reference, ref_logps=ref)
-    dt = (time.perf_counter() - t0) / cfg.steps
+    work = iter(zip(batches, cached or [None] * len(batches)))
+
+    def step():
+        batch, ref = next(work)
+        dpo_step(policy, optimizer, batch, 0.1, 1e-5, reference=reference, ref_logps=ref)
+
+    dt = timed(step, cfg.warmup, cfg.steps, "cpu")
     T, rows = cfg.prompt + cfg.response, 2 * cfg.pairs
     passes = 3 + (1 if cfg.mode == "live" else 0)  # policy forward + backward, reference forward
     gflops = passes * forward_flops(mc, T, rows * T, rows * cfg.response) / dt / 1e9

@@ -110,6 +110,7 @@ def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: in
     the analytic KL log n - (n-1)/n (an upper bound when answers repeat: Beirami et al. 2024).
     Also one realised best-of-`select` policy (select < n_max): per prompt the RM's pick among `select` of the
     answers, with its gold, failure rates and win rate against another of the answers (an SFT sample)."""
+    assert select < n_max, f"select ({select}) must be below n_max ({n_max}): the SFT baseline is a sample outside"
     model.eval()
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)

@@ -23,3 +23,23 @@ def test_dpo_throughput_runs(tmp_path):
 def test_generate_runs(tmp_path):
     result = run_bench("generate.py", tmp_path, "--repeats=1", "--batch=2", "--new_tokens=4")
     assert result["vs_no_cache"] > 0 and result["hf_generate_tokens_per_s"] > 0
+
+
+def test_flop_count_matches_torch_flop_counter():
+    """bench/common.py's formula against torch's FLOP counter on a real forward (math attention, so QKᵀ and AV
+    are matmuls it can count): every token through the LM head, and only the scored positions."""
+    import sys
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from nanoalign.model import GPT, GPTConfig
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import forward_flops
+    c = GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=32)
+    model, ids = GPT(c).eval(), torch.randint(0, 300, (3, 40))
+    scored = torch.zeros_like(ids, dtype=torch.bool)
+    scored[:, 24:39] = True  # the positions whose logits score a response token
+    for logits_at, n_scored in ((None, None), (scored, 45)):
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            model(ids, logits_at=logits_at)
+        assert counter.get_total_flops() == forward_flops(c, 40, 120, n_scored)
