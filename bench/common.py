@@ -1,6 +1,9 @@
 """What the benchmarks share: the FLOP count of ALGORITHMS.md's appendix, the machine's matmul peak, one DPO
 step exactly as train_dpo.py takes it, and a JSON writer. Run the benchmarks from the repository root."""
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import platform
 import resource
@@ -23,17 +26,13 @@ def forward_flops(c: GPTConfig, T: int, tokens: int, scored: int | None = None) 
     return tokens * c.n_layer * (24 * c.n_embd ** 2 + 4 * T * c.n_embd) + scored * 2 * c.n_embd * c.vocab_size
 
 
-def matmul_peak_gflops(device="cpu", dtype=torch.float32, n=2048, repeats=10) -> float:
-    """The best GFLOP/s of square n×n matmuls, measured here and now (the denominator of every ratio)."""
+def matmul_gflops(device="cpu", dtype=torch.float32, n=2048, repeats=10) -> tuple[float, float]:
+    """GFLOP/s of n×n matmuls measured here and now, the denominator of every ratio: (sustained, best) — the
+    sustained rate is timed like the workloads (the mean of `repeats` calls after a warm-up), the best is the
+    fastest single call."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    times = [timed(lambda: a @ b, 1 if i == 0 else 0, 1, device) for i in range(repeats)]
+    return 2 * n ** 3 / (sum(times) / repeats) / 1e9, 2 * n ** 3 / min(times) / 1e9
 
 
 def sync(device) -> None:
@@ -76,8 +75,25 @@ def dpo_step(model, optimizer, batch: dict, beta: float, lr: float, reference=No
     return losses.mean().item()
 
 
+def reset_peak_rss() -> None:
+    """Start a fresh peak-RSS window: collect garbage, hand freed heap memory back (what setup allocated and
+    dropped must not count), then reset the kernel's high-water mark (Linux: /proc/self/clear_refs)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc / not Linux: the peak then covers the whole process
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """The peak resident set since the last reset_peak_rss (VmHWM), else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def machine() -> str:

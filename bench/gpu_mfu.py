@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import dpo_step, forward_flops, machine, matmul_peak_gflops, random_pairs, timed, write_json
+from common import dpo_step, forward_flops, machine, matmul_gflops, random_pairs, timed, write_json
 from nanoalign.losses import sft_loss, token_logps
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
-from nanoalign.scaffold import Dist, make_optimizer, optimizer_step, parse_config, wrap_model
+from nanoalign.scaffold import make_optimizer, optimizer_step, parse_config, setup, wrap_model
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}  # dense, SXM data sheets
 
@@ -50,11 +50,11 @@ def main(cfg: Config) -> dict:
     else:  # GPT-2 124M, vocabulary padded from 50257 to a multiple of 64 (nanoGPT)
         mc = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
     peak = cfg.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in machine()), 0.0)
-    ctx = Dist(0, 1, torch.device(device))
+    ctx = setup(0, device)
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=not cfg.small)
     g = torch.Generator().manual_seed(0)
     result = {"machine": machine(), "peak_bf16_tflops": peak, "model": vars(mc), "torch": torch.__version__,
-              "measured_bf16_matmul_tflops": matmul_peak_gflops(device, torch.bfloat16, 256 if cfg.small else 8192) / 1e3}
+              "measured_bf16_matmul_tflops": matmul_gflops(device, torch.bfloat16, 256 if cfg.small else 8192)[1] / 1e3}
     print(f"{result['machine']}: data-sheet bf16 peak {peak} TFLOP/s, measured 8192³ bf16 matmul "
           f"{result['measured_bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
 

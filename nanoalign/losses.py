@@ -21,13 +21,15 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_
     """
     assert logits.shape[:-1] == labels.shape, f"logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}"
     flat, y = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)  # [N, V], [N]
+    # split (backward: one cat), not slices (backward: a zero [N, V] gradient per slice); one chunk: neither
+    chunks = zip(flat.split(chunk_rows), y.split(chunk_rows)) if flat.shape[0] > chunk_rows else [(flat, y)]
     out = []
-    for s in range(0, flat.shape[0], chunk_rows):
-        z = flat[s:s + chunk_rows].float()  # [n, V]
+    for z, target in chunks:
+        z = z.float()  # [n, V]
         z = z if temperature == 1.0 else z / temperature
         # ATen's fused log-softmax + NLL: half the time of gather - logsumexp, forward + backward (bench/)
-        out.append(-F.cross_entropy(z, y[s:s + chunk_rows], reduction="none"))
-    return torch.cat(out).view(labels.shape)
+        out.append(-F.cross_entropy(z, target, reduction="none"))
+    return (out[0] if len(out) == 1 else torch.cat(out)).view(labels.shape)
 
 
 def unpack(packed: Tensor, mask: Tensor) -> Tensor:

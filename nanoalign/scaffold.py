@@ -8,6 +8,8 @@ gradients over ranks; then 1 process and N processes take the same step (ALGORIT
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import math
@@ -89,8 +91,25 @@ def setup(seed: int, device: str = "auto") -> Dist:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":
+        keep_cpu_heap()
     torch.manual_seed(seed)
     return Dist(rank, world, torch.device(device))
+
+
+def keep_cpu_heap() -> None:
+    """Stop glibc from handing freed tensor memory back to the kernel. By default every tensor of a few MB is
+    an mmap, or the heap top is trimmed after a free, so the next step page-faults the same memory back in,
+    zero-filled: a tenth of a CPU training step at the benchmark's size (bench/RESULTS.md). Large fixed
+    thresholds keep the memory in the process for reuse. A no-op without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum: blocks below 32 MB come from the heap
+    mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
 
 
 def ensure_world(data_dir, needed: str, seed: int, ctx: Dist) -> None:
@@ -173,8 +192,7 @@ def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95), eps
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)  # one kernel, CPU or GPU
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr: float) -> float:
