@@ -1,5 +1,6 @@
 """Log-probs and the SFT loss, each written a second way (float64 loops)."""
 
+import pytest
 import torch
 
 from nanoalign.losses import sequence_logps, sft_loss, token_logps
@@ -18,14 +19,16 @@ def test_token_logps_match_float64_loop():
                 assert abs(fast[b, t].item() - slow.item()) < 1e-6
 
 
-def test_token_logps_chunked_equals_naive_and_keeps_gradients():
+@pytest.mark.parametrize("chunk_rows", [5, 4096])  # several chunks (split), one chunk (no split)
+def test_token_logps_chunked_equals_naive_and_keeps_gradients(chunk_rows):
     logits = torch.randn(4, 9, 13, requires_grad=True)
     labels = torch.randint(0, 13, (4, 9))
+    weights = torch.randn(4, 9)  # an upstream gradient that differs per token
     naive = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
-    chunked = token_logps(logits, labels, chunk_rows=5)
+    chunked = token_logps(logits, labels, chunk_rows=chunk_rows)
     assert torch.allclose(chunked, naive, atol=1e-6)
-    (g1,) = torch.autograd.grad(chunked.sum(), logits)
-    (g2,) = torch.autograd.grad(naive.sum(), logits)
+    (g1,) = torch.autograd.grad((chunked * weights).sum(), logits)
+    (g2,) = torch.autograd.grad((naive * weights).sum(), logits)
     assert torch.allclose(g1, g2, atol=1e-6)
 
 
