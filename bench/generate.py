@@ -5,6 +5,7 @@ against a loop without a cache and against Hugging Face `generate` on the same w
 
 Same model as bench/dpo_throughput.py (GPT-2 architecture, 4 layers, d 256, 4 heads, vocabulary 4096); batch 32,
 prompts of 64 random tokens, 64 new tokens (no early stop), temperature 1, no top-k / top-p; fp32 on the CPU.
+Also the compute floor: the rollout's matmul FLOPs at the machine's sustained fp32 matmul rate.
 """
 
 import tempfile
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import machine, timed, write_json
+from common import forward_flops, machine, matmul_gflops, timed, write_json
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
 from nanoalign.scaffold import parse_config, setup
@@ -67,6 +68,11 @@ def main(cfg: Config) -> dict:
                                                               cfg.device)
     except ImportError:
         result["hf_generate_tokens_per_s"] = None
+    # the floor: a rollout's matmul FLOPs (prefill with the LM head at the last prompt token, then one token per row
+    # per step) at the sustained fp32 matmul rate; no sampler can beat it
+    c, B, P = model.config, cfg.batch, cfg.prompt
+    flops = forward_flops(c, P, B * P, B) + sum(forward_flops(c, P + s, B, B) for s in range(1, cfg.new_tokens))
+    result["compute_floor_tokens_per_s"] = n / (flops / (matmul_gflops(cfg.device)[0] * 1e9))
     best = max(result["sampler_tokens_per_s"], result["sampler_compiled_tokens_per_s"])
     result["vs_no_cache"] = best / result["no_cache_tokens_per_s"]
     result["vs_hf_generate"] = best / result["hf_generate_tokens_per_s"] if result["hf_generate_tokens_per_s"] else None
@@ -74,7 +80,9 @@ def main(cfg: Config) -> dict:
     hf = result["hf_generate_tokens_per_s"]
     print(f"generate: sampler {result['sampler_tokens_per_s']:.0f} tok/s eager, "
           f"{result['sampler_compiled_tokens_per_s']:.0f} compiled | no cache {result['no_cache_tokens_per_s']:.0f} "
-          f"({result['vs_no_cache']:.1f}x) | HF generate " + (f"{hf:.0f} ({result['vs_hf_generate']:.1f}x)" if hf else "n/a"))
+          f"({result['vs_no_cache']:.1f}x) | HF generate " + (f"{hf:.0f} ({result['vs_hf_generate']:.1f}x)" if hf else "n/a")
+          + f" | compute floor {result['compute_floor_tokens_per_s']:.0f}"
+          + (f" ({result['compute_floor_tokens_per_s'] / hf:.1f}x HF)" if hf else ""))
     return result
 
 

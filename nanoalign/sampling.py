@@ -88,8 +88,9 @@ def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: in
     cache = _static_cache(model.config, B, length, device, dtype) if compile else \
         KVCache(model.config, B, length, device, dtype=dtype)
     eager = torch.compiler.set_stance("force_eager")  # compiled blocks would recompile for every length
+    last = F.pad(torch.ones(B, 1, dtype=torch.bool, device=device), (P - 1, 0))  # [B, P]: the LM head only there
     with eager:
-        logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache)[:, -1]  # [B, V]
+        logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache, logits_at=last)  # [B, V]
     mask = prompt_mask
     if compile:  # every slot in the mask from now on; positions advance by one on live rows
         cache.make_static()
