@@ -3,6 +3,7 @@
     python train_rm.py                                     # helpdesk rankings from out/sft, ~2 min on 2 CPU cores
     python train_rm.py --loss=plackett_luce                # likelihood of the full ranking instead of its pairs
     python train_rm.py --data=pairs                        # pairs.jsonl, an optional soft label "p" per pair
+    python train_rm.py --resume=True                       # continue a killed run from out/rm's last checkpoint
     torchrun --nproc_per_node=2 train_rm.py --compile=True
 
 Each prompt's K ranked answers are one batch element: K forward rows, a loss over all C(K,2) pairs
@@ -35,7 +36,7 @@ from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, soft_bradle
 from nanoalign.model import GPT
 from nanoalign.sampling import reward_scores
 from nanoalign.scaffold import (ensure_world, Logger, full_state, global_sum, lr_at, make_optimizer, optimizer_step,
-                                parse_config, set_grad_sync, setup, teardown, wrap_model)
+                                parse_config, resume, save_resumable, set_grad_sync, setup, teardown, wrap_model)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Config:
     data_dir: str = "data"  # prefs.jsonl / prefs_test.jsonl (the helpdesk world is generated if missing)
     out_dir: str = "out/rm"  # checkpoint, log.jsonl and eval.json go here
     init_from: str = "out/sft"  # SFT checkpoint: the RM's trunk, and the policy sampled for normalisation
+    resume: bool = False  # continue from out_dir's checkpoint (optimizer, RNG, data position)
     data: str = "prefs"  # prefs: K ranked answers per prompt | pairs: pairs.jsonl with optional soft label "p"
     loss: str = "kwise"  # prefs: kwise (all C(K,2) pairs) | plackett_luce; pairs: always soft Bradley-Terry
     epochs: int = 2  # passes over the training records
@@ -56,6 +58,7 @@ class Config:
     adam_eps: float = 1e-5  # as for PPO (N+, ALGORITHMS.md §10); see step 4
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
     log_interval: int = 25  # steps between progress lines
+    ckpt_interval: int = 100  # steps between resumable checkpoints (the final one carries the normalisation)
     n_norm: int = 256  # SFT samples on training prompts that fix the reward's gain and bias (OAI-19: 256)
     max_new_tokens: int = 96  # answer length limit for those samples
     temperature: float = 1.0  # their sampling temperature (PPO's rollout temperature)
@@ -124,8 +127,8 @@ def main(cfg: Config) -> dict:
     test = read_jsonl(data_dir / "prefs_test.jsonl", "prefs")
 
     # 2. the SFT trunk plus a new scalar head ~ N(0, 1/sqrt(D+1)) (N detail 8); without SFT init an RM
-    # sits near chance (trlx #338)
-    model, tok = load_model(cfg.init_from, scalar_head=True)
+    # sits near chance (trlx #338). On resume, the trunk and head of out_dir's checkpoint
+    model, tok = load_model(out_dir if cfg.resume else cfg.init_from, scalar_head=True)
     if ctx.master:
         print(f"reward model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}")
     model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
@@ -144,12 +147,13 @@ def main(cfg: Config) -> dict:
     # arithmetic (head bias, final LayerNorm bias, key biases); eps 1e-5 keeps Adam from turning their rounding
     # noise into lr-sized steps, which made 1- and 2-process runs drift apart at eps 1e-8
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, eps=cfg.adam_eps)
-    logger = Logger(out_dir, ctx, max_steps)
+    start = resume(out_dir, model, optimizer) if cfg.resume else 0  # moments, RNG and the step come back
+    logger = Logger(out_dir, ctx, max_steps, resume_step=start)
 
     # 5. train
     model.train()
     t_last, tokens_seen, metrics = time.time(), 0, {}
-    for step in range(1, max_steps + 1):
+    for step in range(start + 1, max_steps + 1):
         rows = batch_indices(len(examples), cfg.batch_size, step - 1, cfg.seed)[ctx.rank::ctx.world]
         loss_sum, hits, margins, n_pairs = 0.0, 0.0, 0.0, 0.0
         for s in range(0, len(rows), cfg.micro_batch_size):
@@ -180,6 +184,8 @@ def main(cfg: Config) -> dict:
         if step % cfg.log_interval == 0 or step == max_steps:
             logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0
+        if step % cfg.ckpt_interval == 0 and step < max_steps:  # the last one is written normalised, below
+            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics)
 
     # 6. rank 0, on a plain copy of the trained weights: normalise, evaluate, save
     model_state = full_state(model)

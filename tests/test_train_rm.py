@@ -1,5 +1,5 @@
 """train_rm.py on a tiny config: it learns, calls the RM with K rows per prompt, reads the reward at the last
-real token, stores a normalisation that consumers reproduce, and 2 FSDP processes match 1."""
+real token, stores a normalisation that consumers reproduce, resumes exactly, and 2 FSDP processes match 1."""
 
 import json
 import random
@@ -14,7 +14,7 @@ from nanoalign.checkpoint import load_model, load_reward_model
 from nanoalign.data import collate, left_pad, read_jsonl
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import reward_scores
-from conftest import tiny_sft_records, torchrun
+from conftest import run_killed_at, tiny_sft_records, torchrun
 
 K = 3
 
@@ -174,3 +174,20 @@ def test_two_process_fsdp_matches_single_process(tiny_run, prefs_dir, tmp_path):
     assert a.keys() == b.keys() and "scalar_head.weight" in a
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_resume_continues_the_same_loss_curve(tiny_run, prefs_dir, tmp_path, monkeypatch):
+    """Killed after the step-6 checkpoint and resumed: the same loss curve, weights and normalised result as a
+    run never stopped (16 steps, checkpoints every 6)."""
+    cfg = dict(epochs=2, ckpt_interval=6)
+    full = train_rm.main(tiny(tiny_run, prefs_dir, tmp_path / "full", **cfg))
+    run_killed_at(train_rm.main, tiny(tiny_run, prefs_dir, tmp_path / "cut", **cfg), 9, monkeypatch)
+    assert len(log(tmp_path / "cut")) == 9
+    resumed = train_rm.main(tiny(tiny_run, prefs_dir, tmp_path / "cut", resume=True, **cfg))
+    assert log(tmp_path / "cut") == pytest.approx(log(tmp_path / "full"), abs=1e-6)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "cut"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert resumed["reward_norm"] == pytest.approx(full["reward_norm"], abs=1e-5)
+    assert resumed["accuracy"] == full["accuracy"]
+    assert not (tmp_path / "cut" / "resume.safetensors").exists()  # the final checkpoint is a plain RM
