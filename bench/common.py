@@ -26,6 +26,14 @@ def forward_flops(c: GPTConfig, T: int, tokens: int, scored: int | None = None) 
     return tokens * c.n_layer * (24 * c.n_embd ** 2 + 4 * T * c.n_embd) + scored * 2 * c.n_embd * c.vocab_size
 
 
+def rollout_flops(c: GPTConfig, batch: int, prompt: int, new_tokens: int) -> float:
+    """Matmul FLOPs of sampling `new_tokens` per row with a KV cache, no early stop: the prefill of the prompts
+    with the LM head at the last prompt token, then one token per row per step, each attending to the
+    prompt + s tokens before it, for the new_tokens - 1 tokens after the first."""
+    steps = sum(forward_flops(c, prompt + s, batch, batch) for s in range(1, new_tokens))
+    return forward_flops(c, prompt, batch * prompt, batch) + steps
+
+
 def matmul_gflops(device="cpu", dtype=torch.float32, n=2048, repeats=10) -> tuple[float, float]:
     """GFLOP/s of n×n matmuls measured here and now, the denominator of every ratio: (sustained, best) — the
     sustained rate is timed like the workloads (the mean of `repeats` calls after a warm-up), the best is the

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import forward_flops, machine, matmul_gflops, timed, write_json
+from common import machine, matmul_gflops, rollout_flops, timed, write_json
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
 from nanoalign.scaffold import parse_config, setup
@@ -68,10 +68,8 @@ def main(cfg: Config) -> dict:
                                                               cfg.device)
     except ImportError:
         result["hf_generate_tokens_per_s"] = None
-    # the floor: a rollout's matmul FLOPs (prefill with the LM head at the last prompt token, then one token per row
-    # per step) at the sustained fp32 matmul rate; no sampler can beat it
-    c, B, P = model.config, cfg.batch, cfg.prompt
-    flops = forward_flops(c, P, B * P, B) + sum(forward_flops(c, P + s, B, B) for s in range(1, cfg.new_tokens))
+    # the floor: a rollout's matmul FLOPs at the sustained fp32 matmul rate; no sampler can beat it
+    flops = rollout_flops(model.config, cfg.batch, cfg.prompt, cfg.new_tokens)
     result["compute_floor_tokens_per_s"] = n / (flops / (matmul_gflops(cfg.device)[0] * 1e9))
     best = max(result["sampler_tokens_per_s"], result["sampler_compiled_tokens_per_s"])
     result["vs_no_cache"] = best / result["no_cache_tokens_per_s"]

@@ -108,7 +108,7 @@ def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: in
         tokens.append(nxt)
         alive.append(~done)
         done = done | (nxt == eos_id)
-        if done.all():
+        if done.all() or len(tokens) == max_new_tokens:  # no forward whose logits nobody samples from
             break
         if compile:
             cache.slot.fill_(P + len(tokens) - 1)

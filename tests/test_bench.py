@@ -43,3 +43,22 @@ def test_flop_count_matches_torch_flop_counter():
         with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             model(ids, logits_at=logits_at)
         assert counter.get_total_flops() == forward_flops(c, 40, 120, n_scored)
+
+
+def test_rollout_flop_count_matches_torch_flop_counter():
+    """The compute floor's FLOPs (bench/common.py) against torch's FLOP counter on a real sampled rollout: the
+    prefill's LM head at the last prompt token only, and no forward after the last token."""
+    import sys
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from nanoalign.model import GPT, GPTConfig
+    from nanoalign.sampling import sample
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import rollout_flops
+    c = GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=32)
+    model, prompts = GPT(c).eval(), torch.randint(2, 300, (3, 10)).tolist()
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        out = sample(model, prompts, 7, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0))
+    assert out["response_ids"].shape == (3, 7)
+    assert counter.get_total_flops() == rollout_flops(c, 3, 10, 7)
