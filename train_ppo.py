@@ -6,6 +6,7 @@
     python train_ppo.py --reward=gold                     # PPO on the true reward (DPO paper's "PPO-GT")
     python train_ppo.py --beta=0 --n_updates=200 --lr=1e-4 --out_dir=out/ppo_hack   # reward hacking, made visible
     torchrun --nproc_per_node=2 train_ppo.py              # data-parallel: each rank samples a share of the rollout
+    python train_ppo.py --resume=True                     # continue a killed run from out/ppo's last checkpoint
 
 One update, top to bottom (Ziegler et al. 2019; "The N implementation details of RLHF with PPO", N 1-21):
   1. rollout    sample answers to a batch of prompts at temperature T (no top-k / top-p: exact sampling)
@@ -34,14 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign import helpdesk
-from nanoalign.checkpoint import load_model, load_reward_model, write_checkpoint
+from nanoalign.checkpoint import load_model, load_reward_model, read_meta, write_checkpoint
 from nanoalign.data import batch_indices, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, rloo_advantages, token_logps, unpack, whiten)
 from nanoalign.sampling import reward_scores, sample
 from nanoalign.scaffold import (Logger, full_state, gathered, global_sum, make_optimizer, optimizer_step, parse_config,
-                                setup, teardown, wrap_model)
+                                resume, save_resumable, setup, teardown, wrap_model)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Config:
     init_from: str = "out/sft"  # policy and frozen reference
     reward_model: str = "out/rm"  # frozen, normalised reward model (and the separate critic's init)
     out_dir: str = "out/ppo"  # checkpoint, log.jsonl, eval.json
+    resume: bool = False  # continue from out_dir's last checkpoint (policy, value head, optimizer, β, RNG)
     reward: str = "rm"  # rm | gold (the helpdesk judge itself: no proxy error)
     critic: str = "head"  # head (zero-initialised scalar head on the policy) | separate (copy of the RM)
     advantage: str = "gae"  # gae | rloo | grpo
@@ -78,6 +80,7 @@ class Config:
     missing_eos_penalty: float = -1.0  # score of an answer with no EOS (replaces the RM score; N+)
     n_eval: int = 200  # held-out prompts for the final eval.json
     log_interval: int = 1  # updates between progress lines
+    ckpt_interval: int = 20  # updates between resumable checkpoints (the final one is the plain policy)
     compile: bool = False  # torch.compile each transformer block
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234  # data order and sampling
@@ -127,6 +130,8 @@ def global_var(x: torch.Tensor, ctx) -> float:
 def main(cfg: Config) -> dict:
     assert cfg.reward in ("rm", "gold") and cfg.critic in ("head", "separate") and cfg.advantage in ("gae", "rloo", "grpo")
     assert cfg.advantage == "gae" or cfg.samples_per_prompt >= 2, "rloo and grpo need samples_per_prompt >= 2"
+    if cfg.resume and cfg.critic == "separate" and cfg.advantage == "gae":
+        raise ValueError("--resume=True: a separate critic's weights are not checkpointed; use --critic=head")
     # 0. processes; the policy (+ value head) and a separate critic, sharded; the frozen reference and reward
     #    model, forward-only, replicated on every rank
     ctx = setup(cfg.seed, cfg.device)
@@ -137,8 +142,9 @@ def main(cfg: Config) -> dict:
         "must divide by the world size"
     assert rows % cfg.minibatches == 0, "each rank's share of the rollout must split into the minibatches"
     uses_critic = cfg.advantage == "gae"
-    policy, tok = load_model(cfg.init_from, scalar_head=uses_critic and cfg.critic == "head")
-    if uses_critic and cfg.critic == "head":
+    head = uses_critic and cfg.critic == "head"
+    policy, tok = load_model(cfg.out_dir if cfg.resume else cfg.init_from, scalar_head=head)
+    if head and not cfg.resume:
         policy.reset_scalar_head(std=0.0)  # V ≡ 0 at the start (N detail 11)
     policy = wrap_model(policy, ctx, cfg.compile)
     reference = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device).eval().requires_grad_(False)
@@ -154,12 +160,16 @@ def main(cfg: Config) -> dict:
     optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)
     critic_opt = make_optimizer(critic, cfg.critic_lr, 0.0, eps=cfg.adam_eps) if critic is not None else None
     prompts = [r["prompt"] for r in read_jsonl(f"{cfg.data_dir}/prompts.jsonl", "prompts")]
-    logger = Logger(cfg.out_dir, ctx, cfg.n_updates)
-    beta, gold_norm = cfg.beta, None
+    beta, gold_norm, start = cfg.beta, None, 0
+    if cfg.resume:  # optimizer moments, RNG, the update reached, and the adapted β and gold normalisation
+        start = resume(cfg.out_dir, policy, optimizer)
+        state = read_meta(cfg.out_dir)["ppo"]
+        beta, gold_norm = state["beta"], state["gold_norm"]
+    logger = Logger(cfg.out_dir, ctx, cfg.n_updates, resume_step=start)
     share = range(ctx.rank * rows, (ctx.rank + 1) * rows)  # this rank's rows of the global rollout
     all_sum = lambda t: global_sum(t, ctx)  # whitening statistics over every rank's tokens
 
-    for update in range(cfg.n_updates):
+    for update in range(start, cfg.n_updates):
         t0 = time.time()
         # 1. rollout: each prompt samples_per_prompt times, rows of one prompt adjacent; this rank samples its
         #    contiguous share with the policy's weights gathered once (no collective per decode step)
@@ -262,6 +272,9 @@ def main(cfg: Config) -> dict:
             beta = adaptive_kl_beta(beta, seq_kl["k1"], cfg.kl_target, cfg.rollout_size, cfg.kl_horizon)
         if (update + 1) % cfg.log_interval == 0:
             logger.log(update + 1, metrics, global_sum(mask.sum().item(), ctx) / (time.time() - t0))
+        if (update + 1) % cfg.ckpt_interval == 0 and update + 1 < cfg.n_updates:
+            save_resumable(cfg.out_dir, policy, optimizer, tok, ctx, cfg, update + 1, metrics,
+                           {"ppo": {"beta": beta, "gold_norm": gold_norm}})
 
     # 7. save (the full state gathered on every rank, written by rank 0); rank 0 evaluates on held-out prompts
     #    against the SFT reference (a full copy of the policy read back when sharded) and writes eval.json

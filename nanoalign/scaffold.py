@@ -232,12 +232,14 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, metrics: dict) -> None:
-    """Gather the full model and optimizer state and write a resumable checkpoint from rank 0."""
+def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, metrics: dict,
+                   extra: dict | None = None) -> None:
+    """Gather the full model and optimizer state and write a resumable checkpoint from rank 0; `extra`
+    (JSON: a script's own state, e.g. PPO's β) goes into config.json."""
     model_state, optim_state = full_state(model, optimizer)
     if ctx.master:
         meta = {"model": dataclasses.asdict(model.config), "run": dataclasses.asdict(cfg), "step": step,
-                "metrics": metrics}
+                "metrics": metrics, **(extra or {})}
         write_checkpoint(out_dir, model_state, meta, tok, (optim_state, {"torch": torch.get_rng_state()}))
 
 

@@ -1,5 +1,5 @@
-"""train_ppo.py: the rollout/training log-prob identity, padding invariance, a tiny end-to-end run, and 2 FSDP
-processes against 1 (sampling without per-step collectives, then the same steps)."""
+"""train_ppo.py: the rollout/training log-prob identity, padding invariance, a tiny end-to-end run, resume, and
+2 FSDP processes against 1 (sampling without per-step collectives, then the same steps)."""
 
 import copy
 import json
@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 import train_ppo
 import train_sft
-from conftest import torchrun
+from conftest import run_killed_at, torchrun
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.losses import gae, kl_estimate, per_token_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from nanoalign.sampling import sample
@@ -170,3 +170,30 @@ def test_two_process_fsdp_matches_single_process(ppo_dirs, tmp_path):
     last = [{k: v for k, v in json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[-1]).items()
              if not k.startswith("time")} for d in ("one", "two")]  # wall-clock times differ
     assert last[1] == pytest.approx(last[0], rel=1e-5, abs=1e-5)  # the last update's global metrics
+
+
+@pytest.mark.parametrize("variant", [dict(kl_target=0.5),  # value head; adaptive β to restore
+                                     dict(reward="gold", advantage="rloo", samples_per_prompt=4)])  # gold's scale
+def test_resume_continues_the_same_run(ppo_dirs, tmp_path, monkeypatch, variant):
+    """Killed after the update-2 checkpoint and resumed: every logged metric and the final weights are those of a
+    run never stopped: policy, value head, AdamW moments, β and the gold normalisation all come back."""
+    cfg = lambda out, **kw: train_ppo.Config(
+        data_dir=str(ppo_dirs / "data"), init_from=str(ppo_dirs / "sft"), reward_model=str(ppo_dirs / "rm"),
+        out_dir=str(tmp_path / out), n_updates=5, ckpt_interval=2, rollout_size=8, minibatches=2, ppo_epochs=2,
+        lr=3e-3, max_new_tokens=24, n_eval=0, seed=3, **variant, **kw)
+    train_ppo.main(cfg("full"))
+    run_killed_at(train_ppo.main, cfg("cut"), 3, monkeypatch)
+    train_ppo.main(cfg("cut", resume=True))
+    logs = [[{k: v for k, v in json.loads(l).items() if not k.startswith("time")}  # wall-clock times differ
+             for l in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("full", "cut")]
+    assert [e["step"] for e in logs[1]] == [1, 2, 3, 4, 5]
+    assert logs[1] == pytest.approx(logs[0], abs=1e-6)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "cut"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_a_separate_critic(ppo_dirs, tmp_path):
+    with pytest.raises(ValueError, match="separate critic"):
+        train_ppo.main(train_ppo.Config(data_dir=str(ppo_dirs / "data"), out_dir=str(tmp_path / "x"),
+                                        critic="separate", resume=True))
