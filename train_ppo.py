@@ -51,7 +51,7 @@ class Config:
     init_from: str = "out/sft"  # policy and frozen reference
     reward_model: str = "out/rm"  # frozen, normalised reward model (and the separate critic's init)
     out_dir: str = "out/ppo"  # checkpoint, log.jsonl, eval.json
-    resume: bool = False  # continue from out_dir's last checkpoint (policy, value head, optimizer, β, RNG)
+    resume: bool = False  # continue from out_dir's last checkpoint (policy, critic, optimizers, β, RNG)
     reward: str = "rm"  # rm | gold (the helpdesk judge itself: no proxy error)
     critic: str = "head"  # head (zero-initialised scalar head on the policy) | separate (copy of the RM)
     advantage: str = "gae"  # gae | rloo | grpo
@@ -130,8 +130,6 @@ def global_var(x: torch.Tensor, ctx) -> float:
 def main(cfg: Config) -> dict:
     assert cfg.reward in ("rm", "gold") and cfg.critic in ("head", "separate") and cfg.advantage in ("gae", "rloo", "grpo")
     assert cfg.advantage == "gae" or cfg.samples_per_prompt >= 2, "rloo and grpo need samples_per_prompt >= 2"
-    if cfg.resume and cfg.critic == "separate" and cfg.advantage == "gae":
-        raise ValueError("--resume=True: a separate critic's weights are not checkpointed; use --critic=head")
     # 0. processes; the policy (+ value head) and a separate critic, sharded; the frozen reference and reward
     #    model, forward-only, replicated on every rank
     ctx = setup(cfg.seed, cfg.device)
@@ -151,7 +149,9 @@ def main(cfg: Config) -> dict:
     rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
     rm.to(ctx.device).eval().requires_grad_(False)
     critic = None
-    if uses_critic and cfg.critic == "separate":  # fold the RM's gain/bias into its head: V starts at the score
+    if uses_critic and cfg.critic == "separate" and cfg.resume:  # written beside the policy, in the same swap
+        critic = wrap_model(load_model(f"{cfg.out_dir}/critic", tok, scalar_head=True)[0], ctx, cfg.compile)
+    elif uses_critic and cfg.critic == "separate":  # fold the RM's gain/bias into its head: V starts at the score
         critic = load_reward_model(cfg.reward_model, tok)[0]
         with torch.no_grad():
             critic.scalar_head.weight.mul_(gain)
@@ -163,6 +163,8 @@ def main(cfg: Config) -> dict:
     beta, gold_norm, start = cfg.beta, None, 0
     if cfg.resume:  # optimizer moments, RNG, the update reached, and the adapted β and gold normalisation
         start = resume(cfg.out_dir, policy, optimizer)
+        if critic is not None:
+            resume(f"{cfg.out_dir}/critic", critic, critic_opt)
         state = read_meta(cfg.out_dir)["ppo"]
         beta, gold_norm = state["beta"], state["gold_norm"]
     logger = Logger(cfg.out_dir, ctx, cfg.n_updates, resume_step=start)
@@ -274,14 +276,17 @@ def main(cfg: Config) -> dict:
             logger.log(update + 1, metrics, global_sum(mask.sum().item(), ctx) / (time.time() - t0))
         if (update + 1) % cfg.ckpt_interval == 0 and update + 1 < cfg.n_updates:
             save_resumable(cfg.out_dir, policy, optimizer, tok, ctx, cfg, update + 1, metrics,
-                           {"ppo": {"beta": beta, "gold_norm": gold_norm}})
+                           {"ppo": {"beta": beta, "gold_norm": gold_norm}},
+                           {"critic": (critic, critic_opt)} if critic is not None else None)
 
-    # 7. save (the full state gathered on every rank, written by rank 0); rank 0 evaluates on held-out prompts
-    #    against the SFT reference (a full copy of the policy read back when sharded) and writes eval.json
+    # 7. save (the full state gathered on every rank, written by rank 0; a separate critic in out_dir/critic);
+    #    rank 0 evaluates on held-out prompts against the SFT reference (a full copy of the policy read back
+    #    when sharded) and writes eval.json
     meta = {"model": asdict(policy.config), "run": asdict(cfg), "step": cfg.n_updates, "metrics": metrics}
-    state = full_state(policy)
+    state, critic_state = full_state(policy), full_state(critic) if critic is not None else None
     if ctx.master:
-        write_checkpoint(cfg.out_dir, state, meta, tok)
+        write_checkpoint(cfg.out_dir, state, meta, tok, children={"critic": (
+            critic_state, {**meta, "model": asdict(critic.config)}, None)} if critic is not None else None)
     result = {}
     if cfg.n_eval > 0 and ctx.master:
         eval_policy = policy if ctx.world == 1 else load_model(cfg.out_dir, tok)[0].to(ctx.device)

@@ -5,6 +5,7 @@
                                 reward models also {"reward_norm": {"gain", "bias"}}
     out_dir/tokenizer.json      the tokenizer the weights were trained with
     out_dir/resume.safetensors  optimizer moments and RNG state (resume only; later stages ignore it)
+    out_dir/critic/             PPO's separate critic: a checkpoint of its own, written in the same swap
 
 A checkpoint is written to `out_dir.tmp` and swapped in with `os.replace`, so a kill at any moment leaves
 one complete checkpoint: the previous one or the new one. Caches of computed tensors (DPO's reference
@@ -24,25 +25,21 @@ from nanoalign.model import GPT
 from nanoalign.tokenizer import Tokenizer, check_tokenizer_hash
 
 
-def write_checkpoint(out_dir, model_state: dict, meta: dict, tokenizer: Tokenizer, resume_state=None) -> None:
+def write_checkpoint(out_dir, model_state: dict, meta: dict, tokenizer: Tokenizer, resume_state=None,
+                     children: dict | None = None) -> None:
     """Write a full-precision state dict and its metadata to `out_dir`, atomically.
 
     model_state: name -> tensor (full, unsharded; on rank 0). meta: JSON-serialisable, merged into config.json.
     resume_state: (optimizer state dict as returned by `get_optimizer_state_dict`, {name: tensor} of RNG states).
+    children: {name: (model_state, meta, resume_state)}, checkpoints of their own in out_dir/name (PPO's separate
+    critic), inside the same swap: a kill never leaves a child from another step than its parent.
     """
     out_dir = Path(out_dir)
     tmp, old = Path(f"{out_dir}.tmp"), Path(f"{out_dir}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items() if k != "lm_head.weight"}
-    save_file(tensors, tmp / "model.safetensors")
-    tokenizer.save(tmp / "tokenizer.json")
-    meta = {**meta, "tokenizer_hash": tokenizer.hash}
-    if resume_state is not None:
-        optim_state, rng = resume_state
-        flat, meta["optimizer"] = _flatten_optimizer(optim_state)
-        save_file({**flat, **{f"rng/{k}": v for k, v in rng.items()}}, tmp / "resume.safetensors")
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+    _write_files(tmp, model_state, meta, tokenizer, resume_state)
+    for name, (child_state, child_meta, child_resume) in (children or {}).items():
+        _write_files(tmp / name, child_state, child_meta, tokenizer, child_resume)
     for extra in ("log.jsonl", "eval.json"):  # run artefacts live beside the weights and survive the swap
         if (out_dir / extra).exists():
             shutil.copy2(out_dir / extra, tmp / extra)
@@ -51,6 +48,19 @@ def write_checkpoint(out_dir, model_state: dict, meta: dict, tokenizer: Tokenize
         os.replace(out_dir, old)  # the previous checkpoint survives until the swap completes
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_files(path: Path, model_state: dict, meta: dict, tokenizer: Tokenizer, resume_state) -> None:
+    path.mkdir(parents=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items() if k != "lm_head.weight"}
+    save_file(tensors, path / "model.safetensors")
+    tokenizer.save(path / "tokenizer.json")
+    meta = {**meta, "tokenizer_hash": tokenizer.hash}
+    if resume_state is not None:
+        optim_state, rng = resume_state
+        flat, meta["optimizer"] = _flatten_optimizer(optim_state)
+        save_file({**flat, **{f"rng/{k}": v for k, v in rng.items()}}, path / "resume.safetensors")
+    (path / "config.json").write_text(json.dumps(meta, indent=2))
 
 
 def read_meta(path) -> dict:

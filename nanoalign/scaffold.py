@@ -233,14 +233,19 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 
 
 def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, metrics: dict,
-                   extra: dict | None = None) -> None:
+                   extra: dict | None = None, children: dict | None = None) -> None:
     """Gather the full model and optimizer state and write a resumable checkpoint from rank 0; `extra`
-    (JSON: a script's own state, e.g. PPO's β) goes into config.json."""
+    (JSON: a script's own state, e.g. PPO's β) goes into config.json; children {name: (model, optimizer)} are
+    written as resumable checkpoints in out_dir/name in the same swap (`resume(out_dir/name, ...)` reads one)."""
+    rng, run = {"torch": torch.get_rng_state()}, {"run": dataclasses.asdict(cfg), "step": step}
+    kids = {}
+    for name, (child, child_optimizer) in (children or {}).items():  # every rank gathers, rank 0 writes
+        child_state, child_optim_state = full_state(child, child_optimizer)
+        kids[name] = (child_state, {"model": dataclasses.asdict(child.config), **run}, (child_optim_state, rng))
     model_state, optim_state = full_state(model, optimizer)
     if ctx.master:
-        meta = {"model": dataclasses.asdict(model.config), "run": dataclasses.asdict(cfg), "step": step,
-                "metrics": metrics, **(extra or {})}
-        write_checkpoint(out_dir, model_state, meta, tok, (optim_state, {"torch": torch.get_rng_state()}))
+        meta = {"model": dataclasses.asdict(model.config), **run, "metrics": metrics, **(extra or {})}
+        write_checkpoint(out_dir, model_state, meta, tok, (optim_state, rng), kids)
 
 
 def resume(out_dir, model, optimizer) -> int:

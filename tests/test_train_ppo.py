@@ -173,10 +173,11 @@ def test_two_process_fsdp_matches_single_process(ppo_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("variant", [dict(kl_target=0.5),  # value head; adaptive β to restore
+                                     dict(critic="separate"),  # the critic and its AdamW, in out_dir/critic
                                      dict(reward="gold", advantage="rloo", samples_per_prompt=4)])  # gold's scale
 def test_resume_continues_the_same_run(ppo_dirs, tmp_path, monkeypatch, variant):
     """Killed after the update-2 checkpoint and resumed: every logged metric and the final weights are those of a
-    run never stopped: policy, value head, AdamW moments, β and the gold normalisation all come back."""
+    run never stopped: policy, value head or separate critic, AdamW moments, β and the gold normalisation."""
     cfg = lambda out, **kw: train_ppo.Config(
         data_dir=str(ppo_dirs / "data"), init_from=str(ppo_dirs / "sft"), reward_model=str(ppo_dirs / "rm"),
         out_dir=str(tmp_path / out), n_updates=5, ckpt_interval=2, rollout_size=8, minibatches=2, ppo_epochs=2,
@@ -188,12 +189,7 @@ def test_resume_continues_the_same_run(ppo_dirs, tmp_path, monkeypatch, variant)
              for l in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("full", "cut")]
     assert [e["step"] for e in logs[1]] == [1, 2, 3, 4, 5]
     assert logs[1] == pytest.approx(logs[0], abs=1e-6)
-    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "cut"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
-
-
-def test_resume_refuses_a_separate_critic(ppo_dirs, tmp_path):
-    with pytest.raises(ValueError, match="separate critic"):
-        train_ppo.main(train_ppo.Config(data_dir=str(ppo_dirs / "data"), out_dir=str(tmp_path / "x"),
-                                        critic="separate", resume=True))
+    for f in ["model.safetensors"] + (["critic/model.safetensors"] if "critic" in variant else []):
+        a, b = (load_file(tmp_path / d / f) for d in ("full", "cut"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
