@@ -14,8 +14,9 @@ from torch import Tensor
 def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_rows: int = 4096) -> Tensor:
     """Per-token log-probability of `labels` under softmax(logits / temperature), in fp32.
 
-    logits [B, T, V] (any float dtype), labels [B, T] -> [B, T]. Computed as z[y] - logsumexp(z) over chunks
-    of rows in fp32, so no fp32 [B, T, V] is materialised (fp16 log-probs give NaN losses: trl #878).
+    logits [B, T, V] (any float dtype), labels [B, T] -> [B, T]. Computed as z[y] - logsumexp(z) in fp32 over
+    chunks of rows, so a forward without gradients never holds an fp32 [B, T, V] (fp16 log-probs give NaN
+    losses: trl #878); under autograd each chunk keeps its fp32 log-softmax for the backward.
     Dividing by the sampling temperature everywhere keeps rollout, reference and training log-probs
     of the same distribution (N detail 10).
     """
