@@ -114,3 +114,34 @@ def test_best_of_n_kl_formula_against_exact_distribution():
         pi = (k / M) ** n - ((k - 1) / M) ** n
         exact = (pi * (pi * M).log()).sum().item()
         assert abs(exact - best_of_n_kl(n)) < 0.01
+
+
+def saved_for_backward(fn):
+    """Run fn() and list the tensors autograd keeps for the backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_half_logits_hand_written_backward_and_no_fp32_copy_kept(dtype, tol):
+    """bf16/fp16 logits: values and gradients of `_HalfLogps` (over uneven chunks, temperature 0.7) against float64
+    autograd on the same logits; and for the backward autograd keeps the half-precision logits, not an fp32
+    log-softmax the size of the logits, which the ATen path (fp32 logits) does keep."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 7, 11, generator=g)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g)  # a different upstream gradient per token
+    fast, saved = saved_for_backward(lambda: token_logps(logits, labels, 0.7, chunk_rows=4))
+    (grad,) = torch.autograd.grad((fast * weights).sum(), logits)
+    exact = logits.detach().double().requires_grad_()
+    slow = (exact / 0.7).log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    (slow_grad,) = torch.autograd.grad((slow * weights.double()).sum(), exact)
+    assert fast.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(fast.double(), slow, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad.double(), slow_grad, atol=tol, rtol=tol)
+    vocab_sized_fp32 = lambda ts: [t for t in ts if t.dtype == torch.float32 and t.dim() and t.shape[-1] == 11]
+    assert not vocab_sized_fp32(saved)
+    _, saved_fp32_path = saved_for_backward(lambda: token_logps(logits.float(), labels, 0.7, chunk_rows=4))
+    assert vocab_sized_fp32(saved_fp32_path)
