@@ -250,6 +250,9 @@ def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, me
 
 def resume(out_dir, model, optimizer) -> int:
     """Restore the optimizer moments and the RNG state written by `save_resumable`; returns the step."""
+    if not (Path(out_dir) / "resume.safetensors").exists():
+        raise FileNotFoundError(f"{out_dir}/resume.safetensors: missing; --resume=True continues from a checkpoint "
+                                "written during training (a finished reward model or PPO policy has none)")
     optim_state, rng = read_resume_state(out_dir)
     load_optimizer_state(model, optimizer, optim_state)
     torch.set_rng_state(rng["torch"])

@@ -191,3 +191,5 @@ def test_resume_continues_the_same_loss_curve(tiny_run, prefs_dir, tmp_path, mon
     assert resumed["reward_norm"] == pytest.approx(full["reward_norm"], abs=1e-5)
     assert resumed["accuracy"] == full["accuracy"]
     assert not (tmp_path / "cut" / "resume.safetensors").exists()  # the final checkpoint is a plain RM
+    with pytest.raises(FileNotFoundError, match="resume.safetensors: missing"):  # nothing left to resume
+        train_rm.main(tiny(tiny_run, prefs_dir, tmp_path / "cut", resume=True, **cfg))
