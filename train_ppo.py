@@ -199,6 +199,7 @@ def main(cfg: Config) -> dict:
         if cfg.reward == "gold":
             if gold_norm is None:  # SFT-policy samples: mean 0, std 1, as the RM's normalisation
                 mean, std = global_mean(gold, ctx), global_var(gold, ctx) ** 0.5
+                std = max(std, 0.01)  # one gold for every sample (an untrained policy's garble scores 0)
                 gold_norm = (1 / std, -mean / std)
             scores = gold_norm[0] * gold + gold_norm[1]
         else:
