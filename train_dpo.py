@@ -6,8 +6,9 @@
     torchrun --nproc_per_node=2 train_dpo.py --compile=True
 
 The policy starts from --init_from and the frozen reference is the same checkpoint. Reference log-probs are
-computed once per distinct (prompt, answer), cached in cache_dir keyed by a hash of (reference weights,
-pairs file, tokenizer, max_len), and the reference model is dropped while training. At the end the policy
+computed once per distinct (prompt, answer), cached in cache_dir keyed by a hash of the reference weights
+(with their dtype), the encoded token sequences (so data, tokenizer, chat template and max_len) and the device
+type, and the reference model is dropped while training. At the end the policy
 and the SFT reference answer the same held-out prompts with the same seed: eval.json holds gold, failures, KL
 to the reference and win rate next to sft_gold and sft_failures.
 
@@ -112,7 +113,9 @@ def main(cfg: Config) -> dict:
     # 4. reference log-probs: computed once, cached on disk, then the reference leaves memory
     ref_logps = None
     if cfg.ref_cache:
-        key = content_hash(reference.state_dict(), pairs_path.read_bytes(), tok.hash, max_len)
+        # keyed by what the log-probs depend on: the reference's weights and dtype, the token sequences
+        # themselves (data, tokenizer, chat template and max_len all shape them) and the device type
+        key = content_hash(reference.state_dict(), repr(seqs), ctx.device.type)
         cache = Path(cfg.cache_dir) / f"ref_logps-{key}.safetensors"
         t0, hit = time.time(), cache.exists()
         if not ctx.master and ctx.world > 1:

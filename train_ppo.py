@@ -22,7 +22,11 @@ separate critic are sharded with FSDP2, their weights gathered once for the whol
 and reward model are forward-only, so every rank keeps an unsharded replica. Whitening, the loss normalisation
 (summed ÷ global tokens × world, the scaffold's convention), the gold normalisation, β and the logs use
 statistics over all ranks: 1 and N processes take the same steps.
-Departures: minibatches are stratified rather than a plain shuffle (each run of `minibatches` consecutive
+Departures: no micro-batching (each minibatch is one forward and backward; the reference recipes accumulate
+gradients over micro-batches, which at these sizes would change nothing but speed); RLOO and GRPO are
+aggregated per token like PPO (the loss is a mean over the minibatch's response tokens, where the RLOO and
+GRPO papers average each answer's tokens first, then the answers); AdamW's β₂ is 0.95 (`make_optimizer`);
+minibatches are stratified rather than a plain shuffle (each run of `minibatches` consecutive
 episodes is dealt one to each minibatch), so that a minibatch holds the same episodes for any world size; the
 adaptive β uses the rollout's mean k1 sequence KL; the gold reward is normalised like the reward model's, with
 gain and bias fitted on the first rollout (the SFT policy's samples), so β means the same for both.
@@ -39,7 +43,8 @@ from nanoalign.checkpoint import load_model, load_reward_model, read_meta, write
 from nanoalign.data import batch_indices, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
-                              ppo_policy_loss, ppo_value_loss, rloo_advantages, token_logps, unpack, whiten)
+                              ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_logps, unpack,
+                              whiten)
 from nanoalign.sampling import reward_scores, sample
 from nanoalign.scaffold import (Logger, full_state, gathered, global_sum, make_optimizer, optimizer_step, parse_config,
                                 resume, save_resumable, setup, teardown, wrap_model)
@@ -198,9 +203,7 @@ def main(cfg: Config) -> dict:
             rm_scores = reward_scores(rm, ids, attn, gain, bias)  # [B]
         if cfg.reward == "gold":
             if gold_norm is None:  # SFT-policy samples: mean 0, std 1, as the RM's normalisation
-                mean, std = global_mean(gold, ctx), global_var(gold, ctx) ** 0.5
-                std = max(std, 0.01)  # one gold for every sample (an untrained policy's garble scores 0)
-                gold_norm = (1 / std, -mean / std)
+                gold_norm = reward_normalisation(gold, all_sum)
             scores = gold_norm[0] * gold + gold_norm[1]
         else:
             scores = rm_scores

@@ -8,8 +8,10 @@
 
 Each prompt's K ranked answers are one batch element: K forward rows, a loss over all C(K,2) pairs
 (InstructGPT §3.5, Eq. 1). The reward is the scalar head at the last real token, the EOS of prompt + response
-+ EOS rendered as in SFT and PPO (ALGORITHMS.md §3.1). After training, SFT samples on training prompts fix a
-gain and bias so that their rewards have mean 0 and std 1 (Ziegler et al. 2019 §2); they are stored in
++ EOS rendered as in SFT and PPO. After training, SFT samples on training prompts, drawn as PPO draws its
+rollouts (same length limit and temperature; only answers that end in EOS, since PPO replaces the others'
+score by a penalty), fix a gain and bias so that their rewards have mean 0 and std 1 (Ziegler et al. 2019 §2,
+`losses.reward_normalisation`, the same function PPO uses for --reward=gold); they are stored in
 out/rm/config.json and applied by every consumer through `nanoalign.checkpoint.reward_scores`.
 out/rm/eval.json: held-out accuracy against the noisy labels beside its Bayes ceiling, and against the gold order.
 
@@ -32,7 +34,7 @@ from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
 from nanoalign.evaluate import sample_answers, write_json
-from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, soft_bradley_terry_loss
+from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, reward_normalisation, soft_bradley_terry_loss
 from nanoalign.model import GPT
 from nanoalign.sampling import reward_scores
 from nanoalign.scaffold import (ensure_world, Logger, full_state, global_sum, lr_at, make_optimizer, optimizer_step,
@@ -60,7 +62,7 @@ class Config:
     log_interval: int = 25  # steps between progress lines
     ckpt_interval: int = 100  # steps between resumable checkpoints (the final one carries the normalisation)
     n_norm: int = 256  # SFT samples on training prompts that fix the reward's gain and bias (OAI-19: 256)
-    max_new_tokens: int = 96  # answer length limit for those samples
+    max_new_tokens: int = 64  # answer length limit for those samples (PPO's rollout limit)
     temperature: float = 1.0  # their sampling temperature (PPO's rollout temperature)
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
@@ -205,8 +207,10 @@ def main(cfg: Config) -> dict:
             scores = torch.cat([reward_scores(rm, torch.cat([b["prompt_ids"], b["response_ids"]], 1),
                                               torch.cat([b["prompt_mask"], b["response_mask"]], 1))
                                 for b in batches])  # [n_norm], the sampler's own tokens, as PPO scores them
-            gain = 1.0 / scores.std(correction=0).item()
-            bias = -gain * scores.mean().item()
+            # PPO replaces the score of an answer without EOS by a penalty: only finished answers are scored
+            finished = torch.cat([((b["response_ids"] == tok.eos_id) & b["response_mask"].bool()).any(-1)
+                                  for b in batches])
+            gain, bias = reward_normalisation(scores[finished] if finished.any() else scores)
             for p, a, r in list(zip(prompts, answers, (gain * scores + bias).tolist()))[:3]:
                 print(f"\n> {p}\n{a}\n[normalised reward {r:+.2f}]")
 

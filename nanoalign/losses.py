@@ -151,7 +151,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
     With h = (S_θ(y_w) - S_ref(y_w)) - (S_θ(y_l) - S_ref(y_l)):
       sigmoid   -(1-ε) log σ(βh) - ε log σ(-βh)          DPO Eq. 7; ε = label_smoothing is cDPO (Mitchell 2023)
-      robust    [-(1-ε) log σ(βh) + ε log σ(-βh)]/(1-2ε)  rDPO (Chowdhury et al. 2024), unbiased under ε flips
+      robust    [-(1-ε) log σ(βh) + ε log σ(-βh)]/(1-2ε)  rDPO (Chowdhury et al. 2024), unbiased under ε flips;
+                                                          0 for a tie, ε = ½
       hinge     max(0, 1 - βh)                            SLiC-style hinge on reference-normalised likelihoods
       ipo       (h̄ - 1/(2β))², h̄ from length-averaged log-probs (as TRL computes it; β plays τ)
       ipo_sum   (h - 1/(2β))², summed log-probs               IPO Eq. 17 read on sequences (DPO-ref, OpenRLHF)
@@ -169,7 +170,12 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     if loss_type == "sigmoid":
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     elif loss_type == "robust":
-        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+        # A tie (ε = ½, e.g. an AI-feedback p = ½) carries no preference and the correction is undefined: loss 0,
+        # with a safe denominator so no inf reaches the gradient through the unselected branch.
+        eps = torch.as_tensor(eps, dtype=h.dtype, device=h.device)
+        tie = (1 - 2 * eps).abs() < 1e-6
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h))
+        losses = torch.where(tie, 0.0, losses / torch.where(tie, 1.0, 1 - 2 * eps))
     elif loss_type == "hinge":
         losses = F.relu(1 - beta * h)
     elif loss_type == "ipo_sum":
@@ -222,8 +228,9 @@ def best_of_n_pool(proxy: Tensor, gold: Tensor, n: int) -> Tensor:
 def masked_mean(x: Tensor, mask: Tensor, n: Tensor | float | None = None) -> Tensor:
     """Mean of x over the positions where mask is 1 (x, mask broadcastable). n: the count to divide by,
     default mask.sum(); data-parallel ranks pass the global count, and the sum of their results is the
-    global mean (as `sft_loss`'s n_tokens)."""
-    return (x * mask).sum() / (mask.sum() if n is None else n)
+    global mean (as `sft_loss`'s n_tokens). Masked slots are selected away, not multiplied by 0, so a NaN or
+    inf there never reaches the result."""
+    return torch.where(mask.bool(), x, 0.0).sum() / (mask.sum() if n is None else n)
 
 
 def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k1") -> Tensor:
@@ -250,7 +257,7 @@ def adaptive_kl_beta(beta: float, kl: float, kl_target: float, n_steps: int, hor
 def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
     """r_t = -β·kl_t on every response token, plus the sequence score on the last real one (Ziegler §2;
     InstructGPT Eq. 2; N detail 17). scores [B]; kl, mask [B, T] (mask a prefix of 1s per row) -> [B, T]."""
-    rewards = -beta * kl * mask
+    rewards = torch.where(mask.bool(), -beta * kl, 0.0)
     last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)  # [B]
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
@@ -261,11 +268,25 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_sum=None) -> Te
     all_sum: a function summing a tensor over data-parallel ranks, so that μ and σ² are those of every rank's
     tokens; default none, this batch's."""
     all_sum = all_sum or (lambda t: t)
+    x = torch.where(mask.bool(), x, 0.0)  # masked slots may hold anything, NaN included
     n = all_sum(mask.sum())
     mean = all_sum(masked_mean(x, mask, n))
     var = all_sum(masked_mean((x - mean) ** 2, mask, n))
     out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
+    return torch.where(mask.bool(), out if shift_mean else out + mean, 0.0)
+
+
+def reward_normalisation(scores: Tensor, all_sum=None) -> tuple[float, float]:
+    """Gain and bias that put gain·s + bias at mean 0 and std 1 over `scores` (Ziegler et al. 2019 §2), so the
+    KL coefficient β means the same for any reward: the population std, as the OpenAI code's normalisation.
+    all_sum: sums over data-parallel ranks, as in `whiten`. Scores that do not vary fix no scale: gain 1."""
+    all_sum = all_sum or (lambda t: t)
+    scores = scores.detach().double().flatten()
+    n = all_sum(torch.tensor(float(scores.numel()), dtype=torch.float64, device=scores.device))
+    mean = all_sum(scores.sum()) / n
+    std = (all_sum(((scores - mean) ** 2).sum()) / n).sqrt().item()
+    gain = 1.0 / std if std > 1e-8 else 1.0
+    return gain, -gain * mean.item()
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
@@ -274,7 +295,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     The backward recursion is one matmul with the upper-triangular matrix of (γλ)^(t'-t), no loop over tokens.
     rewards, values, mask [B, T] (mask one run of 1s per row, the response; padding after EOS contributes
     nothing) -> (advantages [B, T], returns [B, T]), zero outside the mask."""
-    values = values * mask
+    rewards, values = (torch.where(mask.bool(), t, 0.0) for t in (rewards, values))  # NaN-proof, as whiten
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
     deltas = (rewards + gamma * next_values - values) * mask
     lag = torch.arange(rewards.shape[1], device=rewards.device)
@@ -302,7 +323,8 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
                    n_tokens: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Clipped value loss (openai/baselines ppo2; OAI-19; N detail 19): V_c = V_old + clip(V - V_old, ±ε_v),
     ½ mean_m max((V - R)², (V_c - R)²). All [B, T] -> (loss, value clipfrac). n_tokens: as in
-    `ppo_policy_loss`."""
+    `ppo_policy_loss`. Masked slots may hold anything: they are selected away first."""
+    values, old_values, returns = (torch.where(mask.bool(), t, 0.0) for t in (values, old_values, returns))
     clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask, n_tokens)
     clipfrac = masked_mean(((values - old_values).abs() > clip_eps).float(), mask, n_tokens).detach()

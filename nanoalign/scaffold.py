@@ -188,7 +188,10 @@ def set_grad_sync(model, sync: bool) -> None:
 
 
 def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):
-    """AdamW; weight decay on matrices only (not biases, LayerNorm gains or position/token tables' ties)."""
+    """AdamW; weight decay on matrices only (not biases, LayerNorm gains or position/token tables' ties).
+    Departure: β₂ = 0.95 by default (GPT-3 §B, nanoGPT), where the RLHF reference recipes (Ziegler et al. 2019,
+    InstructGPT; the DPO paper used RMSprop) keep Adam's 0.999. Kept from GPT training practice, not tuned
+    against 0.999 here; pass betas to align."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

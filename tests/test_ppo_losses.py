@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, per_token_rewards,
-                              ppo_policy_loss, ppo_value_loss, rloo_advantages, whiten)
+from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
+                              ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, whiten)
 
 
 def test_gae_against_float64_double_sum():
@@ -94,6 +94,40 @@ def test_sentinels_in_masked_slots_never_reach_a_loss():
     loss, clipfrac, kl = ppo_policy_loss(logps, old, adv, mask)
     ref, _, _ = ppo_policy_loss(logps[:, :2], old[:, :2], adv[:, :2], mask[:, :2])
     assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item())
+
+
+@pytest.mark.parametrize("sentinel", [math.nan, math.inf, -math.inf])
+def test_sentinels_in_masked_slots_never_reach_values_whitening_or_gae(sentinel):
+    """Selected away with `where`, not multiplied by the mask (0 · NaN = NaN): the values, their losses and
+    gradients equal those of the same tensors with the masked slots cut off."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    clean = [torch.randn(2, 3, generator=g, dtype=torch.float64) * mask for _ in range(4)]
+    dirty = [torch.where(mask.bool(), t, sentinel) for t in clean]
+    for tensors in (clean, dirty):
+        values = tensors[0].clone().requires_grad_(True)
+        loss, _ = ppo_value_loss(values, tensors[1], tensors[2], mask)
+        loss.backward()
+        out = (loss, values.grad, whiten(tensors[3], mask), *gae(tensors[3], tensors[0], mask, 0.9, 0.8),
+               per_token_rewards(torch.ones(2, dtype=torch.float64), tensors[1], mask, 0.1),
+               masked_mean(tensors[3], mask))
+        if tensors is clean:
+            expected = out
+    for got, want in zip(out, expected):
+        assert torch.isfinite(got).all() and torch.allclose(got, want)
+
+
+def test_reward_normalisation_population_std_and_constant_scores():
+    s = torch.tensor([1.0, 2.0, 4.0, 9.0])
+    gain, bias = reward_normalisation(s)
+    mean = sum(s.tolist()) / 4
+    std = math.sqrt(sum((x - mean) ** 2 for x in s.tolist()) / 4)  # population, not unbiased
+    assert (gain, bias) == (pytest.approx(1 / std), pytest.approx(-mean / std))
+    normed = gain * s.double() + bias
+    assert normed.mean().item() == pytest.approx(0, abs=1e-12) and normed.std(correction=0).item() == pytest.approx(1)
+    assert reward_normalisation(torch.full((5,), 0.3)) == (1.0, pytest.approx(-0.3))  # no spread: centre only
+    shares = as_ranks(lambda rows, all_sum: reward_normalisation(s[rows], all_sum), [slice(0, 1), slice(1, 4)])
+    assert shares[0] == shares[1] == (pytest.approx(gain), pytest.approx(bias))  # every rank: the whole's
 
 
 def test_kl_estimators_on_gaussians():

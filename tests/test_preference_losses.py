@@ -122,3 +122,18 @@ def test_robust_dpo_is_unbiased_under_label_flips_and_cdpo_is_soft_labels():
     assert torch.allclose(cdpo, soft)
     per_pair = dpo_loss(h, z, z, z, 1.0, label_smoothing=torch.tensor([0.0, eps, 0.0]))[0]
     assert torch.allclose(per_pair[1], cdpo[1]) and torch.allclose(per_pair[0], clean[0])
+
+
+def test_robust_dpo_tie_is_zero_with_finite_gradients():
+    """A soft label p = ½ (an AI-feedback tie) makes 1 - 2ε = 0: the pair says nothing, so its loss is 0, and
+    no inf leaks into the gradient through the branch that is not taken."""
+    h = torch.tensor([0.7, -0.4], dtype=torch.float64, requires_grad=True)
+    z = torch.zeros(2, dtype=torch.float64)
+    eps = torch.tensor([0.5, 0.2], dtype=torch.float64)
+    losses, _, _ = dpo_loss(h, z, z, z, 1.0, "robust", label_smoothing=eps)
+    losses.sum().backward()
+    assert losses[0].item() == 0.0 and h.grad[0].item() == 0.0
+    ls = lambda x: -math.log1p(math.exp(-x))
+    assert losses[1].item() == pytest.approx((-(0.8) * ls(-0.4) + 0.2 * ls(0.4)) / 0.6)
+    assert torch.isfinite(h.grad).all()
+    assert dpo_loss(h, z, z, z, 1.0, "robust", label_smoothing=0.5)[0].tolist() == [0.0, 0.0]

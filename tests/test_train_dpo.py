@@ -60,13 +60,18 @@ def test_reference_cache_equals_live_and_is_reused(tiny_run, pairs_dir, tmp_path
     (cache,) = (tmp_path / "cache").glob("ref_logps-*.safetensors")
     mtime = cache.stat().st_mtime_ns
 
-    # live: the frozen reference scores the same sequences now; equal bit for bit, same dtype and device
+    # live, written apart from the batched path: one unpadded forward per sequence, the response tokens'
+    # log-softmax entries summed in float64
     reference, tok = load_model(cfg.init_from)
     seqs, _, _ = encode_pairs(tok, read_jsonl(pairs_dir / "pairs.jsonl"), reference.config.block_size)
-    live = train_dpo.sequence_logps(reference.eval(), seqs, tok.pad_id, torch.device("cpu"))
+    live = []
+    with torch.no_grad():
+        for ids, n_prompt in seqs:
+            logp = reference.eval()(torch.tensor([ids]))[0].double().log_softmax(-1)  # [T, V]
+            live.append(sum(logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids))))
     cached = load_file(cache)["logps"]
-    assert cached.dtype == live.dtype == torch.float32 and cached.device == live.device
-    assert torch.equal(cached, live)
+    assert cached.dtype == torch.float32 and cached.shape == (len(seqs),)
+    assert cached.double() == pytest.approx(torch.tensor(live, dtype=torch.float64), abs=1e-4)
 
     # a second run reads the file and never runs the reference forward
     calls = []
@@ -79,6 +84,16 @@ def test_reference_cache_equals_live_and_is_reused(tiny_run, pairs_dir, tmp_path
     # padded length differs between the cache's length-sorted batches and the training batch)
     train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "c", max_steps=4, ref_cache=False))
     assert log(tmp_path / "c") == pytest.approx(log(tmp_path / "a"), abs=1e-5)
+
+
+def test_changed_chat_template_gives_a_new_cache(tiny_run, pairs_dir, tmp_path, monkeypatch):
+    """The cache key covers the encoded tokens, so a new template never reuses stale log-probs."""
+    import nanoalign.data
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "a", max_steps=1))
+    original = nanoalign.data.render_prompt
+    monkeypatch.setattr(nanoalign.data, "render_prompt", lambda prompt: "Customer says: " + original(prompt))
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "b", max_steps=1))
+    assert len(list((tmp_path / "cache").glob("ref_logps-*.safetensors"))) == 2
 
 
 def test_cache_key_changes_with_data_and_weights(tiny_run):
