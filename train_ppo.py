@@ -43,8 +43,8 @@ from nanoalign.checkpoint import load_model, load_reward_model, read_meta, write
 from nanoalign.data import batch_indices, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
-                              ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_logps, unpack,
-                              whiten)
+                              ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
+                              token_logps, unpack, whiten)
 from nanoalign.sampling import reward_scores, sample
 from nanoalign.scaffold import (Logger, full_state, gathered, global_sum, make_optimizer, optimizer_step, parse_config,
                                 resume, save_resumable, setup, teardown, wrap_model)
@@ -84,6 +84,7 @@ class Config:
     entropy_coef: float = 0.0  # entropy bonus (logged either way)
     missing_eos_penalty: float = -1.0  # score of an answer with no EOS (replaces the RM score; N+)
     n_eval: int = 200  # held-out prompts for the final eval.json
+    eval_max_new_tokens: int = 96  # their answer length limit, as in every stage's evaluation
     log_interval: int = 1  # updates between progress lines
     ckpt_interval: int = 20  # updates between resumable checkpoints (the final one is the plain policy)
     compile: bool = False  # torch.compile each transformer block
@@ -132,23 +133,138 @@ def global_var(x: torch.Tensor, ctx) -> float:
     return global_sum(((x - mean) ** 2).sum().item(), ctx) / (global_sum(x.numel(), ctx) - 1)
 
 
-def main(cfg: Config) -> dict:
-    assert cfg.reward in ("rm", "gold") and cfg.critic in ("head", "separate") and cfg.advantage in ("gae", "rloo", "grpo")
-    assert cfg.advantage == "gae" or cfg.samples_per_prompt >= 2, "rloo and grpo need samples_per_prompt >= 2"
-    # 0. processes; the policy (+ value head) and a separate critic, sharded; the frozen reference and reward
-    #    model, forward-only, replicated on every rank
-    ctx = setup(cfg.seed, cfg.device)
-    n_prompts = cfg.rollout_size // cfg.samples_per_prompt  # per update, over all ranks
-    rows = cfg.rollout_size // ctx.world  # this rank's episodes per update
-    assert n_prompts * cfg.samples_per_prompt == cfg.rollout_size and n_prompts % ctx.world == 0, \
-        "each rank takes whole prompts (a prompt's samples stay together): rollout_size / samples_per_prompt " \
-        "must divide by the world size"
-    assert rows % cfg.minibatches == 0, "each rank's share of the rollout must split into the minibatches"
+@dataclass
+class Rollout:
+    """One update's episodes on this rank: prompt + response tokens and what the sampler knows of them."""
+    prompts: list  # [B] prompt texts, a prompt's samples adjacent
+    answers: list  # [B] decoded responses
+    ids: torch.Tensor  # [B, T] prompt (left-padded) + response (right-padded)
+    attn: torch.Tensor  # [B, T] 1 on real tokens
+    mask: torch.Tensor  # [B, T-1] float, 1 where ids[:, 1:] is a response token (its EOS included)
+    has_eos: torch.Tensor  # [B] bool: the answer stopped by itself
+
+
+def rollout(policy, tok, prompts: list, cfg: Config, ctx, update: int) -> Rollout:
+    """Step 1: this update's prompts, each samples_per_prompt times; this rank samples its contiguous share of
+    the global rollout with the policy's weights gathered once (no collective per decode step)."""
+    n_prompts, rows = cfg.rollout_size // cfg.samples_per_prompt, cfg.rollout_size // ctx.world
+    share = range(ctx.rank * rows, (ctx.rank + 1) * rows)  # this rank's rows of the global rollout
+    batch = [prompts[i] for i in batch_indices(len(prompts), n_prompts, update, cfg.seed)]
+    encoded = [tok.encode_prompt(p) for p in batch]
+    # the global batch's longest prompt bounds the answer length on every rank, as in one process
+    max_new_tokens = min(cfg.max_new_tokens, policy.config.block_size - max(map(len, encoded)))
+    batch = [p for p in batch for _ in range(cfg.samples_per_prompt)][share.start:share.stop]
+    encoded = [e for e in encoded for _ in range(cfg.samples_per_prompt)][share.start:share.stop]
+    policy.eval()
+    with gathered(policy):
+        out = sample(policy, encoded, max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
+                     generator=row_generators(cfg.seed, update, share, cfg.rollout_size, ctx.device))
+    ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
+    mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:].float()
+    answers = [tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])]
+    has_eos = ((out["response_ids"] == tok.eos_id) & out["response_mask"].bool()).any(-1)
+    return Rollout(batch, answers, ids, attn, mask, has_eos)
+
+
+def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimizer, critic_opt, beta: float,
+               gold_norm, cfg: Config, ctx, update: int) -> tuple[dict, tuple | None]:
+    """Steps 2-5 on one rollout: score it, price the KL, estimate advantages, and take the PPO epochs.
+    reward = (rm, gain, bias); critic is None for the value head (or RLOO / GRPO). Returns the update's
+    metrics (step 6) and the gold normalisation (fitted on the first rollout when --reward=gold)."""
+    t0, ids, attn, mask = time.time(), roll.ids, roll.attn, roll.mask
+    uses_critic = cfg.advantage == "gae"
+    head = uses_critic and critic is None  # values from the policy's own scalar head
+    all_sum = lambda t: global_sum(t, ctx)  # statistics over every rank's tokens
+
+    # 2. score: normalised RM (or gold) at the last real token; no EOS -> the penalty replaces it
+    gold = torch.tensor([helpdesk.judge(p, a)["gold"] for p, a in zip(roll.prompts, roll.answers)],
+                        device=ctx.device)
+    with torch.no_grad():
+        rm, gain, bias = reward
+        rm_scores = reward_scores(rm, ids, attn, gain, bias)  # [B]
+    if cfg.reward == "gold":
+        if gold_norm is None:  # SFT-policy samples: mean 0, std 1, as the RM's normalisation
+            gold_norm = reward_normalisation(gold, all_sum)
+        scores = gold_norm[0] * gold + gold_norm[1]
+    else:
+        scores = rm_scores
+    scores = torch.where(roll.has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+
+    # 3. KL penalty: old and reference log-probs from the training forward, at the sampling temperature
+    with torch.no_grad():
+        old_logps, _, old_values = forward(policy, ids, attn, mask, cfg.temperature, head)
+        if critic is not None:
+            old_values = critic(ids, attention_mask=attn, output="scalar")[:, :-1]
+        ref_logps, _, _ = forward(reference, ids, attn, mask, cfg.temperature, False)
+    kl = kl_estimate(old_logps, ref_logps, cfg.kl_estimator) * mask  # [B, T-1]
+    rewards = per_token_rewards(scores, kl, mask, beta)
+    if cfg.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False, all_sum=all_sum)
+
+    # 4. advantages: GAE with the critic, or RLOO / GRPO baselines from the other samples of the prompt
+    if uses_critic:
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask, all_sum=all_sum)
+    else:
+        seq_returns = rewards.sum(-1).view(-1, cfg.samples_per_prompt)  # s - β Σ kl, per answer
+        fn = rloo_advantages if cfg.advantage == "rloo" else grpo_advantages
+        advantages = fn(seq_returns).view(-1, 1) * mask  # the same advantage on every token of an answer
+
+    t_score = time.time()
+    # 5. PPO epochs over shuffled minibatches, the learning rate annealed linearly to 0 (N detail 5)
+    policy.train()
+    lr_frac = 1 - update / cfg.n_updates
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")}
+    for epoch in range(cfg.ppo_epochs):
+        for mb in minibatches(len(ids), cfg.minibatches, cfg.seed + update * 97 + epoch, ctx):
+            n_tokens = global_sum(mask[mb].sum().item(), ctx)  # the global minibatch's response tokens
+            logps, logits, values = forward(policy, ids[mb], attn[mb], mask[mb], cfg.temperature, head)
+            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logps, old_logps[mb], advantages[mb], mask[mb],
+                                                           cfg.clip_eps, n_tokens)
+            entropy = masked_mean(unpack(token_entropy(logits, cfg.temperature), mask[mb].bool()), mask[mb],
+                                  n_tokens)
+            loss = pg_loss - cfg.entropy_coef * entropy
+            vf_loss = torch.zeros((), device=ctx.device)
+            if uses_critic:
+                if critic is not None:
+                    values = critic(ids[mb], attention_mask=attn[mb], output="scalar")[:, :-1]
+                vf_loss, _ = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], cfg.clip_eps_value,
+                                            n_tokens)
+                loss = loss + cfg.vf_coef * vf_loss
+            (loss * ctx.world).backward()  # x world: FSDP averages gradients over ranks (scaffold docstring)
+            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip)
+            if critic is not None:
+                optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip)
+            parts = torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, entropy]).detach()  # shares of the means
+            for k, v in zip(stats, global_sum(parts, ctx).tolist()):
+                stats[k].append(v)
+
+    # 6. metrics: means over the whole rollout (every rank's episodes)
+    seq_kl = {k: global_mean((kl_estimate(old_logps, ref_logps, k) * mask).sum(-1), ctx) for k in ("k1", "k2", "k3")}
+    metrics = {"objective/score": global_mean(scores, ctx), "objective/rm_score": global_mean(rm_scores, ctx),
+               "objective/gold": global_mean(gold, ctx),
+               "objective/kl": seq_kl["k1"], "objective/kl_k2": seq_kl["k2"], "objective/kl_k3": seq_kl["k3"],
+               "objective/beta": beta, **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
+               "response/length": global_mean(mask.sum(-1), ctx),
+               "response/eos_rate": global_mean(roll.has_eos.float(), ctx),
+               "time/score": t_score - t0, "time/train": time.time() - t_score}
+    if uses_critic:
+        r_all, v_all = returns[mask.bool()], old_values[mask.bool()]
+        metrics["ppo/explained_variance"] = 1 - global_var(r_all - v_all, ctx) / global_var(r_all, ctx)
+    return metrics, gold_norm
+
+
+def load_models(cfg: Config, ctx) -> tuple:
+    """Step 0: the policy, sharded, with a value head for --critic=head that starts at V ≡ 0 (N detail 11); the
+    frozen reference and reward model (rm, gain, bias), forward-only and replicated on every rank; and a
+    separate critic, sharded, initialised from the RM with its gain and bias folded into the head, so that V
+    starts at the normalised score. On resume the policy and critic come from out_dir."""
     uses_critic = cfg.advantage == "gae"
     head = uses_critic and cfg.critic == "head"
     policy, tok = load_model(cfg.out_dir if cfg.resume else cfg.init_from, scalar_head=head)
     if head and not cfg.resume:
-        policy.reset_scalar_head(std=0.0)  # V ≡ 0 at the start (N detail 11)
+        policy.reset_scalar_head(std=0.0)
     policy = wrap_model(policy, ctx, cfg.compile)
     reference = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device).eval().requires_grad_(False)
     rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
@@ -156,12 +272,27 @@ def main(cfg: Config) -> dict:
     critic = None
     if uses_critic and cfg.critic == "separate" and cfg.resume:  # written beside the policy, in the same swap
         critic = wrap_model(load_model(f"{cfg.out_dir}/critic", tok, scalar_head=True)[0], ctx, cfg.compile)
-    elif uses_critic and cfg.critic == "separate":  # fold the RM's gain/bias into its head: V starts at the score
+    elif uses_critic and cfg.critic == "separate":
         critic = load_reward_model(cfg.reward_model, tok)[0]
         with torch.no_grad():
             critic.scalar_head.weight.mul_(gain)
             critic.scalar_head.bias.mul_(gain).add_(bias)
         critic = wrap_model(critic, ctx, cfg.compile)
+    return policy, tok, reference, (rm, gain, bias), critic
+
+
+def main(cfg: Config) -> dict:
+    assert cfg.reward in ("rm", "gold") and cfg.critic in ("head", "separate") and cfg.advantage in ("gae", "rloo", "grpo")
+    assert cfg.advantage == "gae" or cfg.samples_per_prompt >= 2, "rloo and grpo need samples_per_prompt >= 2"
+    # 0. processes and models
+    ctx = setup(cfg.seed, cfg.device)
+    n_prompts = cfg.rollout_size // cfg.samples_per_prompt  # per update, over all ranks
+    assert n_prompts * cfg.samples_per_prompt == cfg.rollout_size and n_prompts % ctx.world == 0, \
+        "each rank takes whole prompts (a prompt's samples stay together): rollout_size / samples_per_prompt " \
+        "must divide by the world size"
+    assert cfg.rollout_size // ctx.world % cfg.minibatches == 0, \
+        "each rank's share of the rollout must split into the minibatches"
+    policy, tok, reference, reward, critic = load_models(cfg, ctx)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)
     critic_opt = make_optimizer(critic, cfg.critic_lr, 0.0, eps=cfg.adam_eps) if critic is not None else None
     prompts = [r["prompt"] for r in read_jsonl(f"{cfg.data_dir}/prompts.jsonl", "prompts")]
@@ -173,111 +304,18 @@ def main(cfg: Config) -> dict:
         state = read_meta(cfg.out_dir)["ppo"]
         beta, gold_norm = state["beta"], state["gold_norm"]
     logger = Logger(cfg.out_dir, ctx, cfg.n_updates, resume_step=start)
-    share = range(ctx.rank * rows, (ctx.rank + 1) * rows)  # this rank's rows of the global rollout
-    all_sum = lambda t: global_sum(t, ctx)  # whitening statistics over every rank's tokens
 
     for update in range(start, cfg.n_updates):
         t0 = time.time()
-        # 1. rollout: each prompt samples_per_prompt times, rows of one prompt adjacent; this rank samples its
-        #    contiguous share with the policy's weights gathered once (no collective per decode step)
-        batch = [prompts[i] for i in batch_indices(len(prompts), n_prompts, update, cfg.seed)]
-        encoded = [tok.encode_prompt(p) for p in batch]
-        # the global batch's longest prompt bounds the answer length on every rank, as in one process
-        max_new_tokens = min(cfg.max_new_tokens, policy.config.block_size - max(map(len, encoded)))
-        batch = [p for p in batch for _ in range(cfg.samples_per_prompt)][share.start:share.stop]
-        encoded = [e for e in encoded for _ in range(cfg.samples_per_prompt)][share.start:share.stop]
-        policy.eval()
-        with gathered(policy):
-            out = sample(policy, encoded, max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
-                         generator=row_generators(cfg.seed, update, share, cfg.rollout_size, ctx.device))
-        ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)  # [B, T]
-        attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
-        mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:].float()  # [B, T-1]
-        answers = [tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])]
-        has_eos = ((out["response_ids"] == tok.eos_id) & out["response_mask"].bool()).any(-1)
-
+        roll = rollout(policy, tok, prompts, cfg, ctx, update)  # 1
         t_rollout = time.time()
-        # 2. score: normalised RM (or gold) at the last real token; no EOS -> the penalty replaces it
-        gold = torch.tensor([helpdesk.judge(p, a)["gold"] for p, a in zip(batch, answers)], device=ctx.device)
-        with torch.no_grad():
-            rm_scores = reward_scores(rm, ids, attn, gain, bias)  # [B]
-        if cfg.reward == "gold":
-            if gold_norm is None:  # SFT-policy samples: mean 0, std 1, as the RM's normalisation
-                gold_norm = reward_normalisation(gold, all_sum)
-            scores = gold_norm[0] * gold + gold_norm[1]
-        else:
-            scores = rm_scores
-        scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
-
-        # 3. KL penalty: old and reference log-probs from the training forward, at the sampling temperature
-        with torch.no_grad():
-            old_logps, _, old_values = forward(policy, ids, attn, mask, cfg.temperature, critic is None and uses_critic)
-            if critic is not None:
-                old_values = critic(ids, attention_mask=attn, output="scalar")[:, :-1]
-            ref_logps, _, _ = forward(reference, ids, attn, mask, cfg.temperature, False)
-        kl = kl_estimate(old_logps, ref_logps, cfg.kl_estimator) * mask  # [B, T-1]
-        rewards = per_token_rewards(scores, kl, mask, beta)
-        if cfg.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False, all_sum=all_sum)
-
-        # 4. advantages: GAE with the critic, or RLOO / GRPO baselines from the other samples of the prompt
-        if uses_critic:
-            advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
-            advantages = whiten(advantages, mask, all_sum=all_sum)
-        else:
-            seq_returns = rewards.sum(-1).view(-1, cfg.samples_per_prompt)  # s - β Σ kl, per answer
-            fn = rloo_advantages if cfg.advantage == "rloo" else grpo_advantages
-            advantages = fn(seq_returns).view(-1, 1) * mask  # the same advantage on every token of an answer
-
-        t_score = time.time()
-        # 5. PPO epochs over shuffled minibatches
-        policy.train()
-        lr_frac = 1 - update / cfg.n_updates  # linear anneal to 0 (N detail 5)
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")}
-        for epoch in range(cfg.ppo_epochs):
-            for mb in minibatches(rows, cfg.minibatches, cfg.seed + update * 97 + epoch, ctx):
-                n_tokens = global_sum(mask[mb].sum().item(), ctx)  # the global minibatch's response tokens
-                logps, logits, values = forward(policy, ids[mb], attn[mb], mask[mb], cfg.temperature,
-                                                critic is None and uses_critic)
-                pg_loss, clipfrac, approx_kl = ppo_policy_loss(logps, old_logps[mb], advantages[mb], mask[mb],
-                                                               cfg.clip_eps, n_tokens)
-                logp_all = (logits.float() / cfg.temperature).log_softmax(-1)
-                entropy = masked_mean(unpack(-(logp_all.exp() * logp_all).sum(-1), mask[mb].bool()), mask[mb],
-                                      n_tokens)
-                loss = pg_loss - cfg.entropy_coef * entropy
-                vf_loss = torch.zeros((), device=ctx.device)
-                if uses_critic:
-                    if critic is not None:
-                        values = critic(ids[mb], attention_mask=attn[mb], output="scalar")[:, :-1]
-                    vf_loss, _ = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], cfg.clip_eps_value,
-                                                n_tokens)
-                    loss = loss + cfg.vf_coef * vf_loss
-                (loss * ctx.world).backward()  # x world: FSDP averages gradients over ranks (scaffold docstring)
-                optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip)
-                if critic is not None:
-                    optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip)
-                parts = torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, entropy]).detach()  # shares of the means
-                for k, v in zip(stats, global_sum(parts, ctx).tolist()):
-                    stats[k].append(v)
-
-        t_train = time.time()
-        # 6. log means over the whole rollout; adapt β toward the KL target (Ziegler et al. 2019)
-        seq_kl = {k: global_mean((kl_estimate(old_logps, ref_logps, k) * mask).sum(-1), ctx)
-                  for k in ("k1", "k2", "k3")}
-        metrics = {"objective/score": global_mean(scores, ctx), "objective/rm_score": global_mean(rm_scores, ctx),
-                   "objective/gold": global_mean(gold, ctx),
-                   "objective/kl": seq_kl["k1"], "objective/kl_k2": seq_kl["k2"], "objective/kl_k3": seq_kl["k3"],
-                   "objective/beta": beta, **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
-                   "response/length": global_mean(mask.sum(-1), ctx),
-                   "response/eos_rate": global_mean(has_eos.float(), ctx),
-                   "time/rollout": t_rollout - t0, "time/score": t_score - t_rollout, "time/train": t_train - t_score}
-        if uses_critic:
-            r_all, v_all = returns[mask.bool()], old_values[mask.bool()]
-            metrics["ppo/explained_variance"] = 1 - global_var(r_all - v_all, ctx) / global_var(r_all, ctx)
-        if cfg.kl_target > 0:
-            beta = adaptive_kl_beta(beta, seq_kl["k1"], cfg.kl_target, cfg.rollout_size, cfg.kl_horizon)
+        metrics, gold_norm = ppo_update(roll, policy, critic, reference, reward, optimizer, critic_opt, beta,
+                                        gold_norm, cfg, ctx, update)  # 2-6
+        metrics["time/rollout"] = t_rollout - t0
+        if cfg.kl_target > 0:  # adapt β toward the KL target (Ziegler et al. 2019)
+            beta = adaptive_kl_beta(beta, metrics["objective/kl"], cfg.kl_target, cfg.rollout_size, cfg.kl_horizon)
         if (update + 1) % cfg.log_interval == 0:
-            logger.log(update + 1, metrics, global_sum(mask.sum().item(), ctx) / (time.time() - t0))
+            logger.log(update + 1, metrics, global_sum(roll.mask.sum().item(), ctx) / (time.time() - t0))
         if (update + 1) % cfg.ckpt_interval == 0 and update + 1 < cfg.n_updates:
             save_resumable(cfg.out_dir, policy, optimizer, tok, ctx, cfg, update + 1, metrics,
                            {"ppo": {"beta": beta, "gold_norm": gold_norm}},
@@ -295,7 +333,7 @@ def main(cfg: Config) -> dict:
     if cfg.n_eval > 0 and ctx.master:
         eval_policy = policy if ctx.world == 1 else load_model(cfg.out_dir, tok)[0].to(ctx.device)
         result, eval_prompts, eval_answers = evaluate_policy(eval_policy, tok, cfg.data_dir, cfg.n_eval,
-                                                             cfg.max_new_tokens, cfg.temperature, seed=cfg.seed,
+                                                             cfg.eval_max_new_tokens, cfg.temperature, seed=cfg.seed,
                                                              reference=reference)
         for p, a in list(zip(eval_prompts, eval_answers))[:4]:
             print(f"\n> {p}\n{a}")

@@ -4,10 +4,11 @@
     python -m nanoalign.evaluate --checkpoint=out/dpo --reference=out/sft        # + KL and win rate vs SFT
     python -m nanoalign.evaluate --checkpoint=out/sft --reward_model=out/rm --best_of_n=64   # best-of-N curve
 
-eval.json is the contract every stage writes (ALGORITHMS.md §1.1):
+eval.json is the contract every stage writes:
     {"gold", "principles": {name: mean}, "failures": {"disparage", "canned", "leak"}, "n", "demo_gold"}
-plus "length" (mean response tokens, EOS included) and, against a reference policy, "kl", "kl_k1",
-"win_rate_vs_sft", "sft_gold", "sft_failures".
+plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included)
+and, against a reference policy, "kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures" and
+"gain_vs_sft_se" (the standard error of the paired gold difference gold - sft_gold).
 """
 
 import json
@@ -43,14 +44,16 @@ class Config:
 
 def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: float = 1.0,
                    batch_size: int = 64, seed: int = 0) -> tuple[list[str], list[dict]]:
-    """Answer each prompt with the shared sampler -> (decoded answers, the sampler's token batches)."""
+    """Answer each prompt with the shared sampler -> (decoded answers, the sampler's token batches). Each prompt
+    has its own generator, seeded by (seed, its index): its answer does not depend on the other answers'
+    lengths, the batch size or max_new_tokens (beyond the cut), so every stage's SFT baseline is the same."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
     answers, batches = [], []
     for s in range(0, len(prompts), batch_size):
         ids = [tok.encode_prompt(p) for p in prompts[s:s + batch_size]]
+        g = [torch.Generator(device=device).manual_seed(seed * 100003 + i) for i in range(s, s + len(ids))]
         out = sample(model, ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature, generator=g)
         for row, m in zip(out["response_ids"].tolist(), out["response_mask"].tolist()):
             answers.append(tok.decode([t for t, keep in zip(row, m) if keep]))
@@ -76,6 +79,13 @@ def reference_kl(model, reference, batches: list[dict], temperature: float = 1.0
     return {"kl": torch.cat(exact).mean().item(), "kl_k1": torch.cat(k1).mean().item()}
 
 
+def standard_error(xs: list[float]) -> float:
+    """Standard error of the mean of xs (unbiased variance)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    return (sum((x - mean) ** 2 for x in xs) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
+
+
 def win_rate(gold: list[float], baseline_gold: list[float]) -> float:
     """Share of prompts where the answer's gold beats the baseline's; ties count half."""
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold, baseline_gold)) / len(gold)
@@ -90,6 +100,8 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
     prompts = [d["prompt"] for d in demos]
     answers, batches = sample_answers(model, tok, prompts, max_new_tokens, temperature, batch_size, seed)
     metrics = helpdesk.judge_many(prompts, answers)
+    gold = [helpdesk.judge(p, a)["gold"] for p, a in zip(prompts, answers)]
+    metrics["gold_se"] = standard_error(gold)
     metrics["demo_gold"] = helpdesk.judge_many(prompts, [d["completion"] for d in demos])["gold"]
     metrics["length"] = torch.cat([b["response_mask"].sum(-1) for b in batches]).float().mean().item()  # tokens
     if reference is not None:
@@ -97,8 +109,9 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
         sft_answers, _ = sample_answers(reference, tok, prompts, max_new_tokens, temperature, batch_size, seed)
         sft = helpdesk.judge_many(prompts, sft_answers)
         metrics["sft_gold"], metrics["sft_failures"] = sft["gold"], sft["failures"]
-        metrics["win_rate_vs_sft"] = win_rate([helpdesk.judge(p, a)["gold"] for p, a in zip(prompts, answers)],
-                                              [helpdesk.judge(p, a)["gold"] for p, a in zip(prompts, sft_answers)])
+        sft_gold = [helpdesk.judge(p, a)["gold"] for p, a in zip(prompts, sft_answers)]
+        metrics["win_rate_vs_sft"] = win_rate(gold, sft_gold)
+        metrics["gain_vs_sft_se"] = standard_error([a - b for a, b in zip(gold, sft_gold)])  # paired, same prompts
     return metrics, prompts, answers
 
 

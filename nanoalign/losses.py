@@ -11,8 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def widen(x: Tensor) -> Tensor:
+    """x in fp32, or float64 if it is float64: log-probs, KL and entropy never lose precision."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_rows: int = 4096) -> Tensor:
-    """Per-token log-probability of `labels` under softmax(logits / temperature), in fp32.
+    """Per-token log-probability of `labels` under softmax(logits / temperature), in fp32 (float64 stays).
 
     logits [B, T, V] (any float dtype), labels [B, T] -> [B, T]. Computed as z[y] - logsumexp(z) in fp32 over
     chunks of rows, so no fp32 [B, T, V] is ever held at once (fp16 log-probs give NaN losses: trl #878).
@@ -30,7 +35,7 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_
         if z.requires_grad and torch.is_grad_enabled() and z.element_size() < 4:
             out.append(_HalfLogps.apply(z, target, temperature))
             continue
-        z = z.float()  # [n, V]
+        z = widen(z)  # [n, V]
         z = z if temperature == 1.0 else z / temperature
         # ATen's fused log-softmax + NLL: half the time of gather - logsumexp, forward + backward (bench/)
         out.append(-F.cross_entropy(z, target, reduction="none"))
@@ -199,9 +204,17 @@ def token_kl(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Te
     """Exact per-token KL(π‖π_ref) = Σ_v π(v) [log π(v) - log π_ref(v)], both at the sampling temperature.
     logits, ref_logits [B, T, V] -> [B, T], every term >= 0. Summed over a response's tokens it is an
     unbiased, low-variance estimate of the sequence KL (DPO footnote 3; ALGORITHMS.md §1.1)."""
-    logp = (logits.float() / temperature).log_softmax(-1)
-    ref_logp = (ref_logits.float() / temperature).log_softmax(-1)
+    logp = (widen(logits) / temperature).log_softmax(-1)
+    ref_logp = (widen(ref_logits) / temperature).log_softmax(-1)
     return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of the sampling distribution softmax(logits / T) at each position, -Σ_v p_v log p_v, in fp32
+    (or float64).
+    logits [..., V] -> [...]."""
+    logp = (widen(logits) / temperature).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def best_of_n_kl(n: int) -> float:

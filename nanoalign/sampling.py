@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign.data import left_pad
-from nanoalign.losses import last_token_values, token_logps, unpack
+from nanoalign.losses import last_token_values, token_logps, unpack, widen
 from nanoalign.model import GPT, KVCache
 
 
@@ -32,7 +32,7 @@ def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Ten
     of prompt + response + EOS, whether rows are left- or right-padded). input_ids, attention_mask [B, T]
     -> [B], in fp32 whatever the model's dtype. Every consumer (PPO, best-of-N, evaluation) applies the stored
     gain and bias: skipping them silently changes what the KL coefficient means (ALGORITHMS.md §3.6 pitfalls)."""
-    values = model(input_ids, attention_mask=attention_mask, output="scalar").float()  # [B, T]
+    values = widen(model(input_ids, attention_mask=attention_mask, output="scalar"))  # [B, T]
     return gain * last_token_values(values, attention_mask) + bias
 
 
@@ -76,7 +76,9 @@ def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: in
     answer does not depend on the rows beside it, so a rollout split over data-parallel ranks samples what one
     process would.
     Returns prompt_ids [B, P] (left-padded), prompt_mask [B, P], response_ids [B, N] (PAD after EOS),
-    response_mask [B, N] (1 on real response tokens, the EOS included), N <= max_new_tokens.
+    response_mask [B, N] (1 on real response tokens, the EOS included), N <= max_new_tokens, and
+    response_logps [B, N] fp32, each token's log-probability under the distribution it was drawn from (after
+    temperature and top-k / top-p; greedy: under softmax(logits); 0 after EOS).
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
@@ -97,13 +99,15 @@ def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: in
         mask = torch.cat([prompt_mask, prompt_mask.new_zeros(B, length - P)], 1)  # [B, length]
         positions = prompt_mask.sum(-1, keepdim=True)  # [B, 1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, alive = [], []
+    tokens, alive, logps = [], [], []
     for _ in range(max_new_tokens):
         if temperature == 0:
             nxt = logits.argmax(-1)
+            probs = logits.float().softmax(-1)
         else:
             probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
             nxt = draw(probs, generator)  # [B]
+        logps.append(probs.gather(-1, nxt[:, None])[:, 0].log())  # of the distribution it was drawn from
         nxt = nxt.masked_fill(done, pad_id)
         tokens.append(nxt)
         alive.append(~done)
@@ -120,7 +124,8 @@ def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: in
         with eager:
             logits = model(nxt[:, None], attention_mask=mask, kv_cache=cache)[:, -1]
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-            "response_ids": torch.stack(tokens, 1), "response_mask": torch.stack(alive, 1).long()}
+            "response_ids": torch.stack(tokens, 1), "response_mask": torch.stack(alive, 1).long(),
+            "response_logps": torch.stack(logps, 1).masked_fill(~torch.stack(alive, 1), 0.0)}
 
 
 def _decode(model, token, mask, positions, cache):

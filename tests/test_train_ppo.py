@@ -19,7 +19,7 @@ import train_sft
 from conftest import run_killed_at, torchrun
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.losses import gae, kl_estimate, per_token_rewards, ppo_policy_loss, ppo_value_loss, whiten
-from nanoalign.sampling import sample
+from nanoalign.sampling import reward_scores, sample
 from nanoalign.scaffold import gathered, setup, teardown, wrap_model
 
 
@@ -55,19 +55,79 @@ def rollout(model, tok, temperature=0.7, n=8):
     return ids, attn, mask
 
 
-def test_first_ratio_is_one_at_temperature(tiny_run):
-    """Old log-probs from the eval-mode rollout forward equal the train-mode forward on a minibatch:
-    the first PPO ratio is 1 (N details 4, 5, 22), here at temperature 0.7."""
+def test_first_ratio_is_one_against_the_sampler(tiny_run):
+    """The training forward's log-probs (train mode, a minibatch, at the sampling temperature) equal the log-probs
+    the sampler drew each token with, in its KV-cached decode: the first PPO ratio is 1 (N details 4, 5, 10)."""
     policy, tok = load_model(tiny_run / "init", scalar_head=True)
-    policy.eval()
-    ids, attn, mask = rollout(policy, tok)
-    with torch.no_grad():
-        old, _, _ = train_ppo.forward(policy, ids, attn, mask, 0.7, True)
+    out = sample(policy.eval(), [tok.encode_prompt(f"Where is my lamp, order #{1000 + i}?") for i in range(8)], 10,
+                 tok.eos_id, tok.pad_id, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
+    mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:].float()
     policy.train()
     mb = torch.tensor([5, 1, 6])
     new, _, _ = train_ppo.forward(policy, ids[mb], attn[mb], mask[mb], 0.7, True)
-    ratio = torch.exp(new - old[mb])[mask[mb].bool()]
-    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+    sampled = out["response_logps"][mb][out["response_mask"][mb].bool()]
+    assert torch.allclose(new[mask[mb].bool()], sampled, atol=1e-5)
+    # and the test can fail: at temperature 1 the same tokens have other log-probs
+    at_one, _, _ = train_ppo.forward(policy, ids[mb], attn[mb], mask[mb], 1.0, True)
+    assert not torch.allclose(at_one[mask[mb].bool()], sampled, atol=1e-3)
+
+
+def test_values_and_logps_align_with_the_scored_token(tiny_run):
+    """forward()[t-1] pairs the log-prob of token t with the value read at position t-1, the position whose
+    logits score it (N detail 15): checked against a plain full forward, position by position."""
+    policy, tok = load_model(tiny_run / "init", scalar_head=True)
+    with torch.no_grad():
+        policy.scalar_head.weight.normal_()
+    ids, attn, mask = rollout(policy.eval(), tok)
+    logps, _, values = train_ppo.forward(policy, ids, attn, mask, 0.7, True)
+    with torch.no_grad():
+        logits, scalar = policy(ids, attention_mask=attn, output="both")
+    for b in range(len(ids)):
+        for t in range(1, ids.shape[1]):
+            if mask[b, t - 1]:
+                expected = (logits[b, t - 1] / 0.7).log_softmax(-1)[ids[b, t]]
+                assert logps[b, t - 1].item() == pytest.approx(expected.item(), abs=1e-5)
+                assert values[b, t - 1].item() == pytest.approx(scalar[b, t - 1].item(), abs=1e-6)
+            else:
+                assert logps[b, t - 1] == 0
+
+
+def test_critics_start_at_zero_and_at_the_normalised_score(ppo_dirs):
+    """--critic=head: a zero-initialised value head, V ≡ 0 (N detail 11). --critic=separate: the RM with its
+    gain and bias folded into the head, so V at the last token is the normalised reward PPO is trained on."""
+    cfg = train_ppo.Config(data_dir=str(ppo_dirs / "data"), init_from=str(ppo_dirs / "sft"),
+                           reward_model=str(ppo_dirs / "rm"))
+    ctx = setup(0, "cpu")
+    policy, tok, _, (rm, gain, bias), critic = train_ppo.load_models(cfg, ctx)
+    assert critic is None and (gain, bias) == (2.0, -0.5)
+    ids, attn, _ = rollout(policy.eval(), tok)
+    with torch.no_grad():
+        assert torch.equal(policy(ids, attention_mask=attn, output="scalar"), torch.zeros(ids.shape))
+        _, _, _, _, critic = train_ppo.load_models(train_ppo.Config(**{**asdict(cfg), "critic": "separate"}), ctx)
+        values = critic(ids, attention_mask=attn, output="scalar")
+        last = attn.shape[1] - 1 - attn.flip(-1).argmax(-1)  # right-padded: the last real token of each row
+        expected = reward_scores(rm, ids, attn, gain, bias)
+        assert torch.allclose(values[torch.arange(len(ids)), last], expected, atol=1e-5)
+        assert not torch.allclose(expected, reward_scores(rm, ids, attn))  # gain and bias matter here
+
+
+def test_adaptive_beta_moves_toward_the_target(ppo_dirs, tmp_path):
+    """An update whose KL is above the target raises β for the next, one below lowers it (Ziegler et al. 2019's
+    controller, as the loop wires it): here the first update's KL is 0 (policy = reference), the later ones
+    above the target, so β falls once, then rises."""
+    cfg = train_ppo.Config(data_dir=str(ppo_dirs / "data"), init_from=str(ppo_dirs / "sft"),
+                           reward_model=str(ppo_dirs / "rm"), out_dir=str(tmp_path / "ppo"), n_updates=4,
+                           rollout_size=8, minibatches=2, ppo_epochs=1, lr=3e-3, max_new_tokens=16, n_eval=0,
+                           seed=3, kl_target=1e-3, kl_horizon=100)
+    train_ppo.main(cfg)
+    log = [json.loads(l) for l in (tmp_path / "ppo" / "log.jsonl").read_text().splitlines()]
+    betas, kls = [e["objective/beta"] for e in log], [e["objective/kl"] for e in log]
+    assert betas[0] == cfg.beta
+    moves = [(after - before) * (kl - cfg.kl_target) for before, after, kl in zip(betas, betas[1:], kls)]
+    assert all(m > 0 for m in moves), (betas, kls)
+    assert kls[0] < cfg.kl_target < max(kls)  # both directions were exercised
 
 
 def ppo_step_losses(policy, reference, ids, attn, mask, scores):

@@ -1,0 +1,271 @@
+"""An independent PPO update, written for the test, against train_ppo.ppo_update.
+
+The reference below takes a fixed rollout (prompts left-padded, answers with and without EOS, right-padded)
+and the four models, and does one PPO update the slow, plain way: one episode and one token at a time, in
+float64, with nothing from nanoalign.losses: the score with the missing-EOS penalty, the per-token KL at the
+sampling temperature, the rewards, GAE, whitening (or RLOO / GRPO baselines), the clipped policy and value
+losses over the same minibatches, gradient clipping and AdamW with the annealed learning rate, all by hand.
+train_ppo's update, run on copies of the same models, must land on the same parameters.
+"""
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import train_ppo
+from nanoalign.model import GPT, GPTConfig
+from nanoalign.scaffold import Dist, make_optimizer
+
+PAD, EOS, V = 0, 1, 13
+CTX = Dist(0, 1, torch.device("cpu"))
+BETAS = (0.9, 0.95)  # make_optimizer's AdamW betas (a stated departure: β₂ = 0.95)
+
+
+def tiny_models(seed=0):
+    """policy (with a random, not zero, value head so values matter), reference, reward model, critic."""
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=16, vocab_size=V, n_layer=1, n_head=2, n_embd=8, scalar_head=True)
+    policy, reference, rm, critic = (GPT(config).double() for _ in range(4))
+    with torch.no_grad():
+        for model in (policy, rm, critic):
+            model.scalar_head.weight.normal_(std=0.5)
+            model.scalar_head.bias.fill_(0.1)
+    return policy, reference, rm, critic
+
+
+def fixed_rollout(samples_per_prompt=2, seed=0):
+    """8 episodes: prompts of 2-4 tokens left-padded to 4, answers of 1-5 tokens right-padded to 5; EOS ends
+    five of them, the other three stop at the length limit."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens, answer_lens = [4, 2, 3, 4, 3, 2, 4, 3], [5, 1, 3, 5, 2, 4, 5, 3]
+    eos = [True, True, False, True, True, False, True, False]
+    ids = torch.full((8, 9), PAD)
+    attn = torch.zeros(8, 9, dtype=torch.long)
+    for b in range(8):
+        if b % samples_per_prompt == 0:  # a prompt's samples share it
+            prompt = torch.randint(2, V, (prompt_lens[b],), generator=g)
+        ids[b, 4 - len(prompt):4], attn[b, 4 - len(prompt):4] = prompt, 1
+        answer = torch.randint(2, V, (answer_lens[b],), generator=g)
+        if eos[b]:
+            answer[-1] = EOS
+        ids[b, 4:4 + len(answer)], attn[b, 4:4 + len(answer)] = answer, 1
+    response = attn.clone()
+    response[:, :4] = 0
+    mask = response[:, 1:].double()
+    prompts = [f"Where is my order #{1000 + b // samples_per_prompt}?" for b in range(8)]
+    return train_ppo.Rollout(prompts, [""] * 8, ids, attn, mask, torch.tensor(eos))
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def log_softmax_at(row, token, temperature):
+    """log softmax(row / T)[token] for one position: the row's logsumexp written out."""
+    x = row / temperature
+    top = x.max()
+    return x[token] - (top + torch.log(sum(torch.exp(x[v] - top) for v in range(len(x)))))
+
+
+def episode(model, roll, b, temperature, want_values):
+    """Per response token t of episode b: (log-prob of ids[t] from the logits at t-1, value at t-1)."""
+    out = model(roll.ids[b:b + 1], attention_mask=roll.attn[b:b + 1], output="both")
+    logits, values = out[0][0], out[1][0]
+    steps = [t for t in range(1, roll.ids.shape[1]) if roll.mask[b, t - 1] == 1]
+    return [(log_softmax_at(logits[t - 1], roll.ids[b, t].item(), temperature),
+             values[t - 1] if want_values else None,
+             logits[t - 1]) for t in steps]
+
+
+def reference_update(models, roll, cfg, beta, update, adam):
+    """One PPO update by hand; `adam` holds the AdamW states ({param: (m, v, step)}) across updates."""
+    policy, reference, rm, critic, gain, bias = models
+    B, temp = len(roll.ids), cfg.temperature
+    head = cfg.advantage == "gae" and critic is None
+    value_model = policy if head else critic
+    old, ref, old_v, scores = [], [], [], []
+    with torch.no_grad():
+        for b in range(B):
+            old.append([lp.item() for lp, _, _ in episode(policy, roll, b, temp, False)])
+            ref.append([lp.item() for lp, _, _ in episode(reference, roll, b, temp, False)])
+            if cfg.advantage == "gae":
+                old_v.append([v.item() for _, v, _ in episode(value_model, roll, b, temp, True)])
+            last = max(t for t in range(roll.ids.shape[1]) if roll.attn[b, t] == 1)
+            r = rm(roll.ids[b:b + 1], attention_mask=roll.attn[b:b + 1], output="scalar")[0, last].item()
+            scores.append(gain * r + bias if roll.has_eos[b] else cfg.missing_eos_penalty)
+
+    def kl(o, r):
+        return o - r if cfg.kl_estimator == "k1" else math.exp(r - o) - 1 - (r - o)
+
+    rewards = [[-beta * kl(o, r) for o, r in zip(old[b], ref[b])] for b in range(B)]
+    for b in range(B):
+        rewards[b][-1] += scores[b]
+    if cfg.advantage == "gae":
+        adv, ret = [], []
+        for b in range(B):
+            a, nxt, values = [0.0] * len(rewards[b]), 0.0, old_v[b] + [0.0]
+            for t in reversed(range(len(rewards[b]))):
+                delta = rewards[b][t] + cfg.gamma * values[t + 1] - values[t]
+                nxt = delta + cfg.gamma * cfg.lam * nxt
+                a[t] = nxt
+            adv.append(a)
+            ret.append([a[t] + old_v[b][t] for t in range(len(a))])
+        flat = [x for a in adv for x in a]
+        mean = sum(flat) / len(flat)
+        var = sum((x - mean) ** 2 for x in flat) / len(flat)
+        adv = [[(x - mean) / math.sqrt(var + 1e-8) for x in a] for a in adv]
+    else:
+        k = cfg.samples_per_prompt
+        totals = [sum(r) for r in rewards]
+        adv = []
+        for b in range(B):
+            group = totals[b - b % k:b - b % k + k]
+            if cfg.advantage == "rloo":
+                a = totals[b] - (sum(group) - totals[b]) / (k - 1)
+            else:
+                m = sum(group) / k
+                a = (totals[b] - m) / (math.sqrt(sum((x - m) ** 2 for x in group) / (k - 1)) + 1e-4)
+            adv.append([a] * len(rewards[b]))
+
+    lr_frac = 1 - update / cfg.n_updates
+    for epoch in range(cfg.ppo_epochs):
+        for mb in train_ppo.minibatches(B, cfg.minibatches, cfg.seed + update * 97 + epoch, CTX):
+            mb = mb.tolist()
+            n = sum(len(old[b]) for b in mb)
+            pg = vf = ent = 0.0
+            for b in mb:
+                for t, (lp, v, logits) in enumerate(episode(policy, roll, b, temp, head)):
+                    ratio = torch.exp(lp - old[b][t])
+                    clipped = torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+                    pg = pg + torch.maximum(-adv[b][t] * ratio, -adv[b][t] * clipped)
+                    p = torch.softmax(logits / temp, 0)
+                    ent = ent - sum(p[i] * torch.log(p[i]) for i in range(V))
+                if cfg.advantage == "gae":
+                    for t, (_, v, _) in enumerate(episode(value_model, roll, b, temp, True)):
+                        vc = old_v[b][t] + torch.clamp(v - old_v[b][t], -cfg.clip_eps_value, cfg.clip_eps_value)
+                        vf = vf + torch.maximum((v - ret[b][t]) ** 2, (vc - ret[b][t]) ** 2)
+            loss = pg / n - cfg.entropy_coef * ent / n + cfg.vf_coef * 0.5 * vf / n
+            loss.backward()
+            hand_adamw(policy, cfg.lr * lr_frac, cfg, adam)
+            if critic is not None:
+                hand_adamw(critic, cfg.critic_lr * lr_frac, cfg, adam)
+    return sum(sum(kl(o, r) for o, r in zip(old[b], ref[b])) for b in range(B)) / B  # mean sequence KL
+
+
+def hand_adamw(model, lr, cfg, adam):
+    """Global-norm clipping, then AdamW (no weight decay in PPO), bias-corrected, one parameter at a time."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in params))
+    scale = min(1.0, cfg.grad_clip / (norm + 1e-6))
+    with torch.no_grad():
+        for p in params:
+            g = p.grad * scale
+            m, v, step = adam.get(p, (torch.zeros_like(p), torch.zeros_like(p), 0))
+            m, v, step = BETAS[0] * m + (1 - BETAS[0]) * g, BETAS[1] * v + (1 - BETAS[1]) * g * g, step + 1
+            adam[p] = (m, v, step)
+            p -= lr * (m / (1 - BETAS[0] ** step)) / ((v / (1 - BETAS[1] ** step)).sqrt() + cfg.adam_eps)
+            p.grad = None
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+BASE = train_ppo.Config(n_updates=4, rollout_size=8, minibatches=2, ppo_epochs=2, lr=3e-2, critic_lr=1e-2,
+                        temperature=0.7, beta=0.3, vf_coef=0.5, entropy_coef=0.01, grad_clip=0.5,
+                        missing_eos_penalty=-2.0, lam=0.9, gamma=0.95, clip_eps=0.1, clip_eps_value=0.05, seed=11)
+VARIANTS = {
+    "head": {},
+    "separate_critic": dict(critic="separate"),
+    "adaptive_beta": dict(kl_target=0.01, kl_horizon=20),
+    "k3": dict(kl_estimator="k3"),
+    "temperature_1": dict(temperature=1.0),
+    "rloo": dict(advantage="rloo", samples_per_prompt=2),
+    "grpo": dict(advantage="grpo", samples_per_prompt=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_ppo_update_equals_the_hand_written_reference(name, monkeypatch):
+    """Two updates (the second with the annealed lr and, for adaptive β, the adapted coefficient)."""
+    monkeypatch.setattr(train_ppo.helpdesk, "judge", lambda prompt, answer: {"gold": 0.0})  # logged only
+    cfg = replace(BASE, **VARIANTS[name])
+    roll = fixed_rollout(cfg.samples_per_prompt)
+    policy, reference, rm, critic = tiny_models()
+    separate = cfg.critic == "separate" and cfg.advantage == "gae"
+    gain, bias = 1.5, -0.2
+    ours = [copy.deepcopy(m) for m in (policy, reference, rm, critic)]
+    theirs = [copy.deepcopy(m) for m in (policy, reference, rm, critic)]
+
+    optimizer = make_optimizer(ours[0], cfg.lr, 0.0, eps=cfg.adam_eps)
+    critic_opt = make_optimizer(ours[3], cfg.critic_lr, 0.0, eps=cfg.adam_eps) if separate else None
+    beta = cfg.beta
+    for update in range(2):
+        ours[0].eval()
+        metrics, _ = train_ppo.ppo_update(roll, ours[0], ours[3] if separate else None, ours[1],
+                                          (ours[2], gain, bias), optimizer, critic_opt, beta, None, cfg, CTX, update)
+        if cfg.kl_target > 0:
+            beta = train_ppo.adaptive_kl_beta(beta, metrics["objective/kl"], cfg.kl_target, cfg.rollout_size,
+                                              cfg.kl_horizon)
+
+    adam, beta = {}, cfg.beta
+    for update in range(2):
+        models = (theirs[0], theirs[1], theirs[2], theirs[3] if separate else None, gain, bias)
+        seq_kl = reference_update(models, roll, cfg, beta, update, adam)
+        if cfg.kl_target > 0:  # Ziegler et al. 2019's controller, by hand
+            error = min(max(seq_kl / cfg.kl_target - 1, -0.2), 0.2)
+            beta = beta * (1 + error * cfg.rollout_size / cfg.kl_horizon)
+
+    moved = 0.0
+    for a, b, start in zip(ours[0].parameters(), theirs[0].parameters(), policy.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+        moved = max(moved, (a - start).abs().max().item())
+    assert moved > 1e-3  # the update did something
+    if separate:
+        for a, b in zip(ours[3].parameters(), theirs[3].parameters()):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_missing_eos_penalty_replaces_the_score(monkeypatch):
+    monkeypatch.setattr(train_ppo.helpdesk, "judge", lambda prompt, answer: {"gold": 0.0})
+    roll = fixed_rollout()
+    policy, reference, rm, _ = tiny_models()
+    cfg = BASE
+    metrics, _ = train_ppo.ppo_update(roll, policy.eval(), None, reference, (rm, 1.5, -0.2),
+                                      make_optimizer(policy, cfg.lr, 0.0), None, 0.0, None, cfg, CTX, 0)
+    with torch.no_grad():
+        raw = []
+        for b in range(8):
+            last = max(t for t in range(9) if roll.attn[b, t] == 1)
+            raw.append(1.5 * rm(roll.ids[b:b + 1], attention_mask=roll.attn[b:b + 1], output="scalar")[0, last] - 0.2)
+    scored = [r.item() if eos else cfg.missing_eos_penalty for r, eos in zip(raw, roll.has_eos.tolist())]
+    assert metrics["objective/rm_score"] == pytest.approx(sum(r.item() for r in raw) / 8)
+    assert metrics["objective/score"] == pytest.approx(sum(scored) / 8)
+    assert metrics["response/eos_rate"] == 5 / 8
+
+
+def test_learning_rate_anneals_linearly_to_zero(monkeypatch):
+    monkeypatch.setattr(train_ppo.helpdesk, "judge", lambda prompt, answer: {"gold": 0.0})
+    roll, (policy, reference, rm, critic) = fixed_rollout(), tiny_models()
+    cfg = replace(BASE, critic="separate", n_updates=5)
+    optimizer, critic_opt = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(critic, cfg.critic_lr, 0.0)
+    for update in (0, 2, 4):
+        train_ppo.ppo_update(roll, policy.eval(), critic, reference, (rm, 1.0, 0.0), optimizer, critic_opt,
+                             cfg.beta, None, cfg, CTX, update)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * (1 - update / 5))
+        assert critic_opt.param_groups[0]["lr"] == pytest.approx(cfg.critic_lr * (1 - update / 5))
+
+
+@pytest.mark.parametrize("rows,n,world", [(8, 2, 1), (12, 3, 1), (16, 4, 2), (8, 4, 2)])
+def test_every_row_in_exactly_one_minibatch_per_epoch(rows, n, world):
+    """Over the ranks' shares, each global row lands in exactly one minibatch; minibatches are equal in size,
+    and different seeds deal them differently (a shuffle, not a fixed split)."""
+    deals = []
+    for seed in (0, 1):
+        seen = []
+        for rank in range(world):
+            parts = train_ppo.minibatches(rows // world, n, seed, Dist(rank, world, torch.device("cpu")))
+            assert len(parts) == n and {len(p) for p in parts} == {rows // world // n}
+            seen += [(j, rank * (rows // world) + i) for j, p in enumerate(parts) for i in p.tolist()]
+        assert sorted(row for _, row in seen) == list(range(rows))
+        deals.append(sorted(seen))
+    assert deals[0] != deals[1]
