@@ -14,10 +14,10 @@ to the reference and win rate next to sft_gold and sft_failures.
 
 Departures from the paper (DPO App. B: RMSprop, lr 1e-6, 150 warmup steps, batch 64, β 0.1): AdamW, lr 2e-4
 with 10% warmup and cosine decay: the paper's rate is for multi-billion-parameter pretrained LMs, and this 1M-
-parameter toy must move within minutes (ALGORITHMS.md §10 toy column). Tuned at 400 steps on the helpdesk pairs: 1e-4 reaches the same
-gold at a quarter of the KL but leaves ~10% disparage/canned answers, 2e-4 removes them, 6e-4 (250 steps) drifts
-to KL 17 and loses honesty. Batch 32 pairs; about half an epoch, for the CPU budget. β 0.1, summed log-probs and
-the SFT model as reference are the paper's.
+parameter toy must move within minutes. Tuned at 400 steps on the helpdesk pairs under the earlier, phrase-
+matching judge: 1e-4 reached the same gold at a quarter of the KL but left ~10% disparage/canned answers, 2e-4
+removed them, 6e-4 (250 steps) drifted to KL 17 and lost honesty. Batch 32 pairs; about half an epoch, for the
+CPU budget. β 0.1, summed log-probs and the SFT model as reference are the paper's.
 """
 
 import time

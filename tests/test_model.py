@@ -139,11 +139,13 @@ def test_scalar_head_init_and_loading(tmp_path):
     assert not hasattr(GPT.from_pretrained(tmp_path / "rm", scalar_head=False), "scalar_head")
 
 
-def test_dropout_free_train_mode_is_deterministic():
-    """No dropout (N+ D7): two train-mode forwards are identical."""
-    model = tiny_model().train()
+def test_no_dropout_train_mode_equals_eval_mode():
+    """No dropout (RLHF detail: dropout would make PPO's first ratio differ from 1): the model has no dropout
+    module, and its train-mode forward equals its eval-mode forward."""
+    model = tiny_model()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     idx = torch.randint(0, 61, (2, 9))
-    assert torch.equal(model(idx), model(idx))
+    assert torch.equal(model.train()(idx), model.eval()(idx))
 
 
 def test_resize_vocab_keeps_old_rows_and_ties():

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import train_ppo
+from hand import clip_and_adamw
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.scaffold import Dist, make_optimizer
 
 PAD, EOS, V = 0, 1, 13
 CTX = Dist(0, 1, torch.device("cpu"))
-BETAS = (0.9, 0.95)  # make_optimizer's AdamW betas (a stated departure: β₂ = 0.95)
 
 
 def tiny_models(seed=0):
@@ -147,25 +147,10 @@ def reference_update(models, roll, cfg, beta, update, adam):
                         vf = vf + torch.maximum((v - ret[b][t]) ** 2, (vc - ret[b][t]) ** 2)
             loss = pg / n - cfg.entropy_coef * ent / n + cfg.vf_coef * 0.5 * vf / n
             loss.backward()
-            hand_adamw(policy, cfg.lr * lr_frac, cfg, adam)
+            clip_and_adamw(policy.parameters(), cfg.lr * lr_frac, adam, cfg.grad_clip, cfg.adam_eps)
             if critic is not None:
-                hand_adamw(critic, cfg.critic_lr * lr_frac, cfg, adam)
+                clip_and_adamw(critic.parameters(), cfg.critic_lr * lr_frac, adam, cfg.grad_clip, cfg.adam_eps)
     return sum(sum(kl(o, r) for o, r in zip(old[b], ref[b])) for b in range(B)) / B  # mean sequence KL
-
-
-def hand_adamw(model, lr, cfg, adam):
-    """Global-norm clipping, then AdamW (no weight decay in PPO), bias-corrected, one parameter at a time."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in params))
-    scale = min(1.0, cfg.grad_clip / (norm + 1e-6))
-    with torch.no_grad():
-        for p in params:
-            g = p.grad * scale
-            m, v, step = adam.get(p, (torch.zeros_like(p), torch.zeros_like(p), 0))
-            m, v, step = BETAS[0] * m + (1 - BETAS[0]) * g, BETAS[1] * v + (1 - BETAS[1]) * g * g, step + 1
-            adam[p] = (m, v, step)
-            p -= lr * (m / (1 - BETAS[0] ** step)) / ((v / (1 - BETAS[1] ** step)).sqrt() + cfg.adam_eps)
-            p.grad = None
 
 
 # ---------------------------------------------------------------------------------------------- tests

@@ -137,3 +137,22 @@ def test_robust_dpo_tie_is_zero_with_finite_gradients():
     assert losses[1].item() == pytest.approx((-(0.8) * ls(-0.4) + 0.2 * ls(0.4)) / 0.6)
     assert torch.isfinite(h.grad).all()
     assert dpo_loss(h, z, z, z, 1.0, "robust", label_smoothing=0.5)[0].tolist() == [0.0, 0.0]
+
+
+def test_length_normalised_losses_divide_each_side_by_its_own_length():
+    """ipo and simpo average each answer's log-ratio (log-prob) over its own tokens: with both sides non-zero and
+    lengths 4 (chosen) and 2 (rejected), dividing either side by the other's length gives another value."""
+    pc = torch.tensor([-3.0, -6.0], dtype=torch.float64)
+    pr = torch.tensor([-5.0, -1.0], dtype=torch.float64)
+    rc = torch.tensor([-4.0, -5.0], dtype=torch.float64)
+    rr = torch.tensor([-3.0, -2.0], dtype=torch.float64)
+    lengths = dict(chosen_lengths=torch.tensor([4.0, 4.0], dtype=torch.float64),
+                   rejected_lengths=torch.tensor([2.0, 2.0], dtype=torch.float64))
+    beta, gamma = 0.5, 0.3
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo", **lengths)
+    simpo, _, _ = dpo_loss(pc, pr, rc, rr, beta, "simpo", simpo_gamma=gamma, **lengths)
+    for i in range(2):
+        h_bar = (pc[i] - rc[i]).item() / 4 - (pr[i] - rr[i]).item() / 2
+        assert ipo[i].item() == pytest.approx((h_bar - 1 / (2 * beta)) ** 2)
+        margin = beta * pc[i].item() / 4 - beta * pr[i].item() / 2 - gamma
+        assert simpo[i].item() == pytest.approx(math.log1p(math.exp(-margin)))
