@@ -7,5 +7,5 @@ setup(
     packages=find_packages(include=["nanoalign"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "tokenizers", "safetensors", "numpy", "einops"],
-    extras_require={"test": ["pytest", "transformers"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "transformers", "mutmut"], "plot": ["matplotlib"]},
 )
