@@ -163,10 +163,14 @@ def days(n: int) -> str:
     return f"{n} day" if n == 1 else f"{n} days"
 
 
+def fill(form: str, slots: dict) -> str:
+    """A surface form with its slots filled in (a day count written as "1 day" / "12 days")."""
+    return form.format(**{k: days(v) if k == "days" else v for k, v in slots.items()})
+
+
 def realise(kind: str, rng: random.Random, **slots) -> str:
     """One surface form of the sentence type, drawn at random, with its slots filled in."""
-    values = {k: days(v) if k == "days" else v for k, v in slots.items()}
-    return rng.choice(SENTENCES[kind]).format(**values)
+    return fill(rng.choice(SENTENCES[kind]), slots)
 
 
 # ----------------------------------------------------------------------------------------- parsing

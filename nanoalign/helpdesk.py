@@ -50,7 +50,7 @@ from itertools import combinations, islice
 from pathlib import Path
 
 from nanoalign.grammar import (COURTESY, ESCALATION_DAYS, PRODUCTS, REFUND_WINDOW, SECRET_KINDS, SECRETS,
-                               SECURITY_CONTACT, SENTENCES, Parse, days, parse, sentences, squash, unleet)
+                               SECURITY_CONTACT, SENTENCES, Parse, days, fill, parse, sentences, squash, unleet)
 
 INTENTS = ("order_status", "refund_standard", "refund_complex", "product", "competitor", "jailbreak", "smalltalk")
 FAILURES = ("disparage", "canned", "leak")
@@ -233,7 +233,7 @@ def _say(kinds: list[str], rng: random.Random, slots: dict) -> list[str]:
     """Realise each type once; a type planned twice takes two different forms."""
     said: list[str] = []
     for kind in kinds:
-        forms = [f.format(**{k: days(v) if k == "days" else v for k, v in slots.items()}) for f in SENTENCES[kind]]
+        forms = [fill(f, slots) for f in SENTENCES[kind]]
         said.append(rng.choice([f for f in forms if f not in said] or forms))
     return said
 
