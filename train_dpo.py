@@ -103,7 +103,7 @@ def main(cfg: Config) -> dict:
 
     # 3. pairs -> distinct token sequences; each pair points at its chosen and its rejected row
     seqs, chosen, rejected = encode_pairs(tok, records, max_len)
-    # cDPO soft labels: a pair's own "p" (AI feedback) or the global label_smoothing (ALGORITHMS.md §5)
+    # cDPO soft labels: a pair's own "p" (AI feedback) or the global label_smoothing
     smoothing = torch.tensor([1 - r.get("p", 1 - cfg.label_smoothing) for r in records], device=ctx.device)
     assert cfg.batch_size % (ctx.world * cfg.micro_batch_size) == 0, "batch_size must split into ranks x micro-batches"
     if ctx.master:

@@ -57,7 +57,7 @@ class Config:
     min_lr: float = 5e-5  # end of the cosine
     warmup_steps: int = 20  # linear warmup
     weight_decay: float = 0.1  # on matrices only
-    adam_eps: float = 1e-5  # as for PPO (N+, ALGORITHMS.md §10); see step 4
+    adam_eps: float = 1e-5  # as for PPO (N+); see step 4
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
     log_interval: int = 25  # steps between progress lines
     ckpt_interval: int = 100  # steps between resumable checkpoints (the final one carries the normalisation)
@@ -111,7 +111,7 @@ def ranked_above(ranking: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_hits(scores: torch.Tensor, above: torch.Tensor) -> tuple[float, float, float]:
-    """Pairs (i above j) that scores [N, K] order alike, 1 each and 1/2 on a tie (ALGORITHMS.md §3.7)
+    """Pairs (i above j) that scores [N, K] order alike, 1 each and 1/2 on a tie
     -> (hits, summed margin s_i - s_j, number of pairs)."""
     diff = (scores[:, :, None] - scores[:, None, :]).double()  # [N, K, K]: s_i - s_j
     hits = (diff > 0).double() + 0.5 * (diff == 0).double()
@@ -215,7 +215,7 @@ def main(cfg: Config) -> dict:
                 print(f"\n> {p}\n{a}\n[normalised reward {r:+.2f}]")
 
             # 6b. held-out accuracy over all C(K,2) pairs of each ranking, against the noisy labels; the
-            # ceilings need the gold scores (ALGORITHMS.md §3.7)
+            # ceilings need the gold scores
             rewards = group_rewards(rm, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward).cpu()  # [N, K]
             ranking = torch.tensor([g["ranking"] for g in test_groups])
             above = ranked_above(ranking)  # [N, K, K]

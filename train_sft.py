@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=2 train_sft.py --compile=True
 
 With no --init_from it generates the helpdesk world into data/ if missing, trains a BPE tokenizer on it and a
-small GPT from scratch (pretraining-like, ALGORITHMS.md §10), saves out/sft, prints sampled answers and writes
+small GPT from scratch (pretraining-like), saves out/sft, prints sampled answers and writes
 out/sft/eval.json. SFT imitates: the demonstrations' failures come back at about their rates.
 """
 

@@ -1,4 +1,4 @@
-"""What the benchmarks share: the FLOP count of ALGORITHMS.md's appendix, the machine's matmul peak, one DPO
+"""What the benchmarks share: the matmul FLOP count (Kaplan et al. 2020 §2.1), the machine's matmul peak, one DPO
 step exactly as train_dpo.py takes it, and a JSON writer. Run the benchmarks from the repository root."""
 
 import ctypes

@@ -90,7 +90,8 @@ def load_model(path, tokenizer: Tokenizer | None = None, scalar_head: bool | Non
 
 def load_reward_model(path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer, float, float]:
     """A reward model written by train_rm.py -> (model, tokenizer, gain, bias). Consumers score with
-    `nanoalign.sampling.reward_scores(model, ..., gain, bias)` so that SFT samples score mean 0, std 1 (ALGORITHMS.md §3.6)."""
+    `nanoalign.sampling.reward_scores(model, ..., gain, bias)` so that SFT samples score mean 0, std 1
+    (Ziegler et al. 2019 §2)."""
     meta = read_meta(path)
     if "reward_norm" not in meta:
         raise ValueError(f"{path}/config.json: missing field 'reward_norm'; expected a reward model from train_rm.py")

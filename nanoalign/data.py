@@ -76,7 +76,7 @@ def _validate(rec: dict, schema: str, where: str) -> dict:
         if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))):
             raise ValueError(f"{where}: field 'ranking' must list each of the {len(responses)} response "
                              f"indices once, best first; got {ranking!r}")
-        gold = rec.get("gold")  # optional: the true scores, for the accuracy ceilings (ALGORITHMS.md §3.7)
+        gold = rec.get("gold")  # optional: the true scores, for the accuracy ceilings (helpdesk.bayes_ceiling)
         if gold is not None and not (isinstance(gold, list) and len(gold) == len(responses)
                                      and all(_is_number(g) for g in gold)):
             raise ValueError(f"{where}: field 'gold' must be a list of {len(responses)} numbers, got {gold!r}")

@@ -64,7 +64,7 @@ def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: 
 
 @torch.no_grad()
 def reference_kl(model, reference, batches: list[dict], temperature: float = 1.0) -> dict:
-    """Sequence KL(π‖π_ref) on the policy's own samples, both at the sampling temperature (ALGORITHMS.md §1.1):
+    """Sequence KL(π‖π_ref) on the policy's own samples, both at the sampling temperature (DPO paper, footnote 3):
     `kl` = mean Σ_t exact per-token KL (terms >= 0, low variance), `kl_k1` = mean Σ_t (log π - log π_ref)."""
     exact, k1 = [], []
     for out in batches:

@@ -1,7 +1,7 @@
 """Every equation of nanoalign, as pure tensor functions: tensors and floats in, tensors out.
 
 Shapes: B rows, T tokens, V vocabulary. Label shift: logits at position t score token t+1, so per-token
-tensors are [B, T-1] with labels `input_ids[:, 1:]` and mask `loss_mask[:, 1:]` (ALGORITHMS.md §1).
+tensors are [B, T-1] with labels `input_ids[:, 1:]` and mask `loss_mask[:, 1:]`.
 """
 
 import math
@@ -71,7 +71,7 @@ def unpack(packed: Tensor, mask: Tensor) -> Tensor:
 
 
 def last_token_values(values: Tensor, attention_mask: Tensor) -> Tensor:
-    """Read per-position values at each row's last real token, i* = argmax_t (t · a_t) (ALGORITHMS.md §3.1):
+    """Read per-position values at each row's last real token, i* = argmax_t (t · a_t):
     the same index under left padding, right padding or none, and never a PAD slot (PAD != EOS).
     values [B, T], attention_mask [B, T] -> [B]."""
     positions = torch.arange(values.shape[1], device=values.device)
@@ -85,7 +85,7 @@ def sequence_logps(logps: Tensor, mask: Tensor) -> Tensor:
 
 
 def sft_loss(logps: Tensor, mask: Tensor, n_tokens: float | None = None) -> Tensor:
-    """Negative log-likelihood of the response tokens, a token mean over the *global* batch (ALGORITHMS.md §2).
+    """Negative log-likelihood of the response tokens, a token mean over the *global* batch.
 
     logps, mask [B, T]: mask is 1 on response tokens including the final EOS, 0 on prompt and PAD.
     n_tokens: response tokens in the whole global batch (all micro-batches and ranks); default this batch's.
@@ -95,7 +95,7 @@ def sft_loss(logps: Tensor, mask: Tensor, n_tokens: float | None = None) -> Tens
     return -(logps * mask).sum() / n_tokens
 
 
-# ----- reward model (ALGORITHMS.md §3) ------------------------------------------------------------------
+# ----- reward model -------------------------------------------------------------------------------------
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float | None = None) -> Tensor:
@@ -141,7 +141,7 @@ def soft_bradley_terry_loss(r_first: Tensor, r_second: Tensor, p: Tensor) -> Ten
     return (p * F.softplus(-delta) + (1 - p) * F.softplus(delta)).mean()
 
 
-# ----- DPO family (ALGORITHMS.md §5) --------------------------------------------------------------------
+# ----- DPO family ---------------------------------------------------------------------------------------
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "ipo_sum", "simpo")
 
@@ -197,13 +197,13 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-# ----- KL and evaluation statistics (ALGORITHMS.md §1.1, §4.2, §7.2) ------------------------------------
+# ----- KL and evaluation statistics ---------------------------------------------------------------------
 
 
 def token_kl(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Exact per-token KL(π‖π_ref) = Σ_v π(v) [log π(v) - log π_ref(v)], both at the sampling temperature.
     logits, ref_logits [B, T, V] -> [B, T], every term >= 0. Summed over a response's tokens it is an
-    unbiased, low-variance estimate of the sequence KL (DPO footnote 3; ALGORITHMS.md §1.1)."""
+    unbiased, low-variance estimate of the sequence KL (DPO footnote 3)."""
     logp = (widen(logits) / temperature).log_softmax(-1)
     ref_logp = (widen(ref_logits) / temperature).log_softmax(-1)
     return (logp.exp() * (logp - ref_logp)).sum(-1)
@@ -224,7 +224,7 @@ def best_of_n_kl(n: int) -> float:
 
 def best_of_n_pool(proxy: Tensor, gold: Tensor, n: int) -> Tensor:
     """Unbiased estimate of E[gold of the best-of-n answer] from a pool of N >= n samples per prompt
-    (a U-statistic, ALGORITHMS.md §7.2): sort by proxy ascending; the i-th (1-based) is the best of a random
+    (a U-statistic): sort by proxy ascending; the i-th (1-based) is the best of a random
     n-subset with probability C(i-1, n-1) / C(N, n). proxy, gold [P, N] -> [P]. The sort is stable: shuffle
     the columns first to break ties in proxy at random."""
     N = proxy.shape[-1]
@@ -235,7 +235,7 @@ def best_of_n_pool(proxy: Tensor, gold: Tensor, n: int) -> Tensor:
     return (gold.gather(-1, order).double() * log_w.exp()).sum(-1)
 
 
-# ----- PPO for language models (ALGORITHMS.md §4) -------------------------------------------------------
+# ----- PPO for language models --------------------------------------------------------------------------
 
 
 def masked_mean(x: Tensor, mask: Tensor, n: Tensor | float | None = None) -> Tensor:

@@ -5,7 +5,7 @@ Module names follow GPT-2 (`wte`, `c_attn`, `c_proj`, ...) so Hugging Face weigh
 (cache + new), V vocabulary, D width, H heads.
 
 Padding. Prompts are left-padded and responses right-padded, so positions come from the attention mask,
-`pos = clamp(cumsum(mask) - 1, min=0)` (ALGORITHMS.md §1; N detail 3): a padded row then gives the same
+`pos = clamp(cumsum(mask) - 1, min=0)` (N detail 3): a padded row then gives the same
 log-probs on its real tokens as the row alone. Every query may attend to itself, so rows of pure padding
 stay finite (their outputs are never used). A batch padded on the right only (training collate) needs no mask
 at all: its padded keys follow every real query, so the plain causal kernel (flash attention) serves it.

@@ -31,7 +31,7 @@ def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Ten
     """The one reward read-out: gain * r + bias, r the scalar head at each row's last real token (the EOS
     of prompt + response + EOS, whether rows are left- or right-padded). input_ids, attention_mask [B, T]
     -> [B], in fp32 (float64 for a float64 model). Every consumer (PPO, best-of-N, evaluation) applies the stored
-    gain and bias: skipping them silently changes what the KL coefficient means (ALGORITHMS.md §3.6 pitfalls)."""
+    gain and bias: skipping them silently changes what the KL coefficient means (Ziegler et al. 2019 §2)."""
     values = widen(model(input_ids, attention_mask=attention_mask, output="scalar"))  # [B, T]
     return gain * last_token_values(values, attention_mask) + bias
 

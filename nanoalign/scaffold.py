@@ -4,7 +4,7 @@ AdamW with warmup + cosine, the optimizer step, resume state and logging.
 One multi-process path: under `torchrun` the scaffold starts NCCL (GPU) or gloo (CPU) and shards with FSDP2;
 as a plain script it does neither. Loss normalisation under accumulation and sharding: every script divides
 its summed loss by the *global* count (tokens, pairs) and multiplies by the world size, because FSDP2 averages
-gradients over ranks; then 1 process and N processes take the same step (ALGORITHMS.md §2).
+gradients over ranks; then 1 process and N processes take the same step.
 """
 
 import contextlib

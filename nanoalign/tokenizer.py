@@ -2,7 +2,7 @@
 
 The chat template (one function, `render_prompt`) is what makes SFT, reward model, PPO and DPO see the same
 prompt formatting: a prompt is rendered once, the response is tokenized on its own and EOS appended
-(ALGORITHMS.md §2: templating prompt and answer separately elsewhere doubles system prompts or BOS).
+(templating prompt and answer separately elsewhere doubles system prompts or BOS).
 
     <|system|>You are ...<|user|>Where is my order #4821?<|assistant|>Your order ...<|endoftext|>
 

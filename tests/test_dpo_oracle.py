@@ -1,4 +1,4 @@
-"""The enumerable oracle (ALGORITHMS.md §7.3-7.4): a tabular policy over K = 6 answers to one prompt, a known
+"""The enumerable oracle (Rafailov et al. 2023 §4): a tabular policy over K = 6 answers to one prompt, a known
 reward r and a random reference. The KL-regularised optimum is known in closed form,
 pi*(y) = pi_ref(y) exp(r(y)/beta) / Z (DPO Eqs. 4-5), and DPO on Bradley-Terry labels must find it.
 
@@ -64,7 +64,7 @@ def test_optimum_identity_and_perturbation():
 
 def test_exact_soft_label_dpo_recovers_the_optimum():
     """Expected DPO loss over all C(K,2) pairs with soft labels p_ij = σ(r_i - r_j), weights pi_ref(i)·pi_ref(j).
-    Soft labels enter as label_smoothing ε = 1 - p (the cDPO identity, ALGORITHMS.md §5)."""
+    Soft labels enter as label_smoothing ε = 1 - p (the cDPO identity, Mitchell 2023)."""
     r, ref_logps, optimum_logps = world()
     i, j = torch.tensor(list(itertools.combinations(range(K), 2))).T  # [15] each: all unordered pairs
     p = torch.sigmoid(r[i] - r[j])

@@ -36,7 +36,7 @@ def exact_sequence_kl(policy, reference, prompt):
 
 
 def test_sequence_kl_estimates_match_enumeration():
-    """ALGORITHMS.md §8 #18: both estimators are unbiased for the exact sequence KL; within 4 standard errors."""
+    """Both estimators are unbiased for the exact sequence KL; within 4 standard errors."""
     policy, reference = tiny(0), tiny(1)
     prompt = [1, 2]
     exact = exact_sequence_kl(policy, reference, prompt)

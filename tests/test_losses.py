@@ -70,7 +70,7 @@ def test_accumulated_micro_batches_equal_one_batch():
 
 
 def test_last_token_values_under_left_right_and_no_padding():
-    """The reward is read at the last real token whatever the padding (ALGORITHMS.md §3.1)."""
+    """The reward is read at the last real token whatever the padding."""
     from nanoalign.losses import last_token_values
     values = torch.arange(12.0).view(2, 6)
     right = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])

@@ -1,4 +1,4 @@
-"""PPO maths (ALGORITHMS.md §4, §8 #17, #19-23), each against a hand value or a float64 loop."""
+"""PPO maths (Ziegler et al. 2019; Schulman et al. 2016, 2017), each against a hand value or a float64 loop."""
 
 import math
 import threading
@@ -148,7 +148,8 @@ def test_kl_estimators_on_gaussians():
 
 
 def test_kl_gradients_bernoulli():
-    """ALGORITHMS.md §4.2 (derived): E_π[∇log π · k1] = ∇KL(π‖ref); E_π[∇log π · k3] = ∇KL(π‖ref) - ∇KL(ref‖π)."""
+    """Schulman 2020, "Approximating KL", derived:
+    E_π[∇log π · k1] = ∇KL(π‖ref); E_π[∇log π · k3] = ∇KL(π‖ref) - ∇KL(ref‖π)."""
     theta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     q = 0.6
     p = torch.sigmoid(theta)

@@ -87,7 +87,7 @@ def test_rm_learns_and_writes_eval(rm_run):
 
 
 def test_rm_sees_exactly_k_rows_per_prompt(rm_run):
-    """InstructGPT §3.5: K rows per prompt, not 2·C(K,2) rows of separate pairs (ALGORITHMS.md §8 #6). Training
+    """InstructGPT §3.5: K rows per prompt, not 2·C(K,2) rows of separate pairs. Training
     forwards are the ones with gradients on: 32 steps x 2 micro-batches of 4 prompts = 12 rows, forwarded in
     length-sorted chunks of 5, 5 and 2 rows."""
     training = [(rows, output) for rows, grad, output in rm_run["calls"] if grad]
@@ -107,7 +107,7 @@ def test_length_sorted_chunks_change_no_reward(tiny_run, prefs_dir):
 
 
 def test_reward_is_read_at_the_last_real_token():
-    """Right-padded, left-padded and unpadded rows give the same reward (ALGORITHMS.md §8 #10); reading the last
+    """Right-padded, left-padded and unpadded rows give the same reward; reading the last
     column instead would read a PAD slot and fail."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=32, scalar_head=True)).eval()
@@ -125,7 +125,7 @@ def test_reward_is_read_at_the_last_real_token():
 
 
 def test_consumer_reproduces_the_normalisation(rm_run):
-    """ALGORITHMS.md §3.6 and §8 #11: load_reward_model + reward_scores on the SFT samples the script fitted on
+    """Ziegler et al. 2019 §2: load_reward_model + reward_scores on the SFT samples the script fitted on
     give mean 0 and std 1 (population std, as fitted), and the raw rewards do not."""
     model, tok, gain, bias = load_reward_model(rm_run["out"])
     assert json.loads((rm_run["out"] / "config.json").read_text())["reward_norm"] == {"gain": gain, "bias": bias}
