@@ -71,3 +71,28 @@ def test_best_of_n_curve_properties():
     assert rows[0]["kl"] == 0.0
     proxies = [r["proxy"] for r in rows]
     assert all(b >= a - 1e-9 for a, b in zip(proxies, proxies[1:])) and proxies[-1] > proxies[0]
+
+
+def test_standard_error_by_hand():
+    from nanoalign.evaluate import standard_error
+    xs = [0.2, 0.5, 0.9, 0.4]
+    mean = sum(xs) / 4
+    assert abs(standard_error(xs) - (sum((x - mean) ** 2 for x in xs) / 3 / 4) ** 0.5) < 1e-12
+    assert standard_error([0.7]) == 0.0
+
+
+def test_each_prompt_answers_alike_whatever_the_batch_and_length_limit():
+    """One generator per prompt: an answer does not depend on its batch-mates, the batch size, or a longer limit
+    (the sampler draws the same numbers for a row until its own EOS), so every eval.json's SFT baseline agrees."""
+    from nanoalign.evaluate import sample_answers
+    from nanoalign.tokenizer import Tokenizer
+    tok = Tokenizer.train(["Where is my order #1234? It shipped."] * 10, vocab_size=280)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=48, vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts = [f"Where is my order #{1000 + i}?" for i in range(6)]
+    full, _ = sample_answers(policy, tok, prompts, 20, batch_size=6, seed=3)
+    split, _ = sample_answers(policy, tok, prompts, 20, batch_size=4, seed=3)
+    longer, _ = sample_answers(policy, tok, prompts, 30, batch_size=6, seed=3)
+    assert full == split
+    assert all(b.startswith(a) for a, b in zip(full, longer))
+    assert sample_answers(policy, tok, prompts, 20, batch_size=6, seed=4)[0] != full
