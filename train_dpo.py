@@ -82,6 +82,44 @@ def sequence_logps(model, seqs: list, pad_id: int, device, batch_size: int = 64)
     return out
 
 
+def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, step: int, cfg: Config,
+             ctx) -> tuple[dict, int]:
+    """One optimizer step on this rank's `rows` (pair indices): per micro-batch, chosen and rejected in ONE
+    forward (as the DPO authors' concatenated forward), the losses summed over pairs / the global batch, then
+    AdamW. pairs = (seqs, chosen, rejected, smoothing, pad_id) from main; ref_logps [N sequences] when cached,
+    else None and the reference runs live -> (metrics, means over the global batch; tokens read here)."""
+    seqs, chosen, rejected, smoothing, pad_id = pairs
+    starts, sums, tokens = range(0, len(rows), cfg.micro_batch_size), {}, 0
+    for k, s in enumerate(starts):
+        micro = rows[s:s + cfg.micro_batch_size]
+        c, r = [chosen[i] for i in micro], [rejected[i] for i in micro]
+        batch = {key: v.to(ctx.device) for key, v in collate([seqs[i] for i in c + r], pad_id).items()}
+        set_grad_sync(model, k == len(starts) - 1)
+        policy_chosen, policy_rejected = model_logps(model, **batch).sum(-1).chunk(2)  # [P] each
+        if ref_logps is not None:
+            ref_chosen, ref_rejected = ref_logps[c], ref_logps[r]
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = model_logps(reference, **batch).sum(-1).chunk(2)
+        lengths = batch["loss_mask"][:, 1:].sum(-1)  # [2P] response tokens, for ipo, simpo, rpo
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
+            label_smoothing=smoothing[micro], chosen_lengths=lengths[:len(micro)],
+            rejected_lengths=lengths[len(micro):], simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
+        # summed over pairs / global pairs, x world: FSDP averages gradients over ranks (scaffold docstring)
+        (losses.sum() / cfg.batch_size * ctx.world).backward()
+        stats = {"loss": losses.detach(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                 "rewards/margins": chosen_rewards - rejected_rewards, "rewards/chosen": chosen_rewards,
+                 "rewards/rejected": rejected_rewards, "logps/chosen": policy_chosen.detach(),
+                 "logps/rejected": policy_rejected.detach()}
+        sums = {name: sums.get(name, 0.0) + v.sum().item() for name, v in stats.items()}
+        tokens += batch["attention_mask"].sum().item()
+    lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+    return {**{name: global_sum(v, ctx) / cfg.batch_size for name, v in sums.items()},
+            "lr": lr, "grad_norm": grad_norm}, tokens
+
+
 def main(cfg: Config) -> dict:
     # 1. processes, seeds, preference pairs
     ctx = setup(cfg.seed, cfg.device)
@@ -126,7 +164,7 @@ def main(cfg: Config) -> dict:
             torch.distributed.barrier()
         if ctx.master:
             print(f"reference log-probs {'read from' if hit else 'computed into'} {cache} in {time.time() - t0:.0f}s")
-        del reference
+        reference = None  # the reference leaves memory
 
     # 5. optimizer; on resume its moments and the RNG state come back
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -134,41 +172,15 @@ def main(cfg: Config) -> dict:
         step = resume(out_dir, model, optimizer)
     logger = Logger(out_dir, ctx, cfg.max_steps, resume_step=step)
 
-    # 6. train: chosen and rejected of a micro-batch in ONE forward (DPO-ref's concatenated_forward)
+    # 6. train
     model.train()
+    pairs = (seqs, chosen, rejected, smoothing, tok.pad_id)
     t_last, tokens_seen, metrics, window = time.time(), 0, {}, []
     while step < cfg.max_steps:
         rows = batch_indices(len(records), cfg.batch_size, step, cfg.seed)[ctx.rank::ctx.world]
-        starts, sums = range(0, len(rows), cfg.micro_batch_size), {}
-        for k, s in enumerate(starts):
-            pairs = rows[s:s + cfg.micro_batch_size]
-            c, r = [chosen[i] for i in pairs], [rejected[i] for i in pairs]
-            batch = {key: v.to(ctx.device) for key, v in collate([seqs[i] for i in c + r], tok.pad_id).items()}
-            set_grad_sync(model, k == len(starts) - 1)
-            policy_chosen, policy_rejected = model_logps(model, **batch).sum(-1).chunk(2)  # [P] each
-            if ref_logps is not None:
-                ref_chosen, ref_rejected = ref_logps[c], ref_logps[r]
-            else:
-                with torch.no_grad():
-                    ref_chosen, ref_rejected = model_logps(reference, **batch).sum(-1).chunk(2)
-            lengths = batch["loss_mask"][:, 1:].sum(-1)  # [2P] response tokens, for ipo, simpo, rpo
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
-                label_smoothing=smoothing[pairs], chosen_lengths=lengths[:len(pairs)],
-                rejected_lengths=lengths[len(pairs):], simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
-            # summed over pairs / global pairs, x world: FSDP averages gradients over ranks (scaffold docstring)
-            (losses.sum() / cfg.batch_size * ctx.world).backward()
-            stats = {"loss": losses.detach(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-                     "rewards/margins": chosen_rewards - rejected_rewards, "rewards/chosen": chosen_rewards,
-                     "rewards/rejected": rejected_rewards, "logps/chosen": policy_chosen.detach(),
-                     "logps/rejected": policy_rejected.detach()}
-            sums = {name: sums.get(name, 0.0) + v.sum().item() for name, v in stats.items()}
-            tokens_seen += batch["attention_mask"].sum().item()
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-        grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+        metrics, tokens = dpo_step(model, reference, ref_logps, optimizer, pairs, rows, step, cfg, ctx)
+        tokens_seen += tokens
         step += 1
-        metrics = {**{name: global_sum(v, ctx) / cfg.batch_size for name, v in sums.items()},
-                   "lr": lr, "grad_norm": grad_norm}
         window.append(metrics)  # one pair batch is noisy: log the means over the interval
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             logger.log(step, {name: sum(m[name] for m in window) / len(window) for name in metrics},

@@ -118,6 +118,39 @@ def pairwise_hits(scores: torch.Tensor, above: torch.Tensor) -> tuple[float, flo
     return (hits * above).sum().item(), (diff * above).sum().item(), above.sum().item()
 
 
+def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_steps: int, cfg: Config,
+            ctx) -> tuple[dict, int]:
+    """One optimizer step (step counts from 1) on this rank's groups: per micro-batch the soft Bradley-Terry
+    (--data=pairs), K-wise or Plackett-Luce loss, re-weighted to a mean over the global batch's prompts, then
+    AdamW -> (metrics, with the pairwise accuracy and margin over every C(K,2) pair; tokens read here)."""
+    loss_sum, hits, margins, n_pairs, tokens = 0.0, 0.0, 0.0, 0.0, 0
+    for s in range(0, len(groups), cfg.micro_batch_size):
+        micro = groups[s:s + cfg.micro_batch_size]
+        set_grad_sync(model, s + cfg.micro_batch_size >= len(groups))
+        rewards = group_rewards(model, micro, pad_id, ctx.device, cfg.rows_per_forward)  # [N, K]
+        ranking = torch.tensor([g["ranking"] for g in micro], device=ctx.device)  # [N, K]
+        if cfg.data == "pairs":  # column 0 is the chosen answer, p = P(chosen is better)
+            p = torch.tensor([g["p"] for g in micro], device=ctx.device)
+            loss = soft_bradley_terry_loss(rewards[:, 0], rewards[:, 1], p)
+        elif cfg.loss == "kwise":
+            loss = kwise_ranking_loss(rewards, ranking)
+        else:
+            loss = plackett_luce_loss(rewards, ranking)
+        # the losses are means over this micro-batch's prompts: re-weight to a mean over the global batch,
+        # times the world size because FSDP averages gradients over ranks (as train_sft.py)
+        loss = loss * len(micro) / cfg.batch_size * ctx.world
+        loss.backward()
+        loss_sum += loss.item() / ctx.world
+        h, m, n = pairwise_hits(rewards.detach(), ranked_above(ranking))
+        hits, margins, n_pairs = hits + h, margins + m, n_pairs + n
+        tokens += sum(len(ids) for g in micro for ids, _ in g["rows"])
+    lr = lr_at(step - 1, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+    n_pairs = global_sum(n_pairs, ctx)
+    return {"loss": global_sum(loss_sum, ctx), "rewards/accuracies": global_sum(hits, ctx) / n_pairs,
+            "rewards/margins": global_sum(margins, ctx) / n_pairs, "lr": lr, "grad_norm": grad_norm}, tokens
+
+
 def main(cfg: Config) -> dict:
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
     if cfg.data not in ("prefs", "pairs") or cfg.loss not in ("kwise", "plackett_luce"):
@@ -157,32 +190,9 @@ def main(cfg: Config) -> dict:
     t_last, tokens_seen, metrics = time.time(), 0, {}
     for step in range(start + 1, max_steps + 1):
         rows = batch_indices(len(examples), cfg.batch_size, step - 1, cfg.seed)[ctx.rank::ctx.world]
-        loss_sum, hits, margins, n_pairs = 0.0, 0.0, 0.0, 0.0
-        for s in range(0, len(rows), cfg.micro_batch_size):
-            groups = [examples[i] for i in rows[s:s + cfg.micro_batch_size]]
-            set_grad_sync(model, s + cfg.micro_batch_size >= len(rows))
-            rewards = group_rewards(model, groups, tok.pad_id, ctx.device, cfg.rows_per_forward)  # [N, K]
-            ranking = torch.tensor([g["ranking"] for g in groups], device=ctx.device)  # [N, K]
-            if cfg.data == "pairs":  # column 0 is the chosen answer, p = P(chosen is better)
-                p = torch.tensor([g["p"] for g in groups], device=ctx.device)
-                loss = soft_bradley_terry_loss(rewards[:, 0], rewards[:, 1], p)
-            elif cfg.loss == "kwise":
-                loss = kwise_ranking_loss(rewards, ranking)
-            else:
-                loss = plackett_luce_loss(rewards, ranking)
-            # the losses are means over this micro-batch's prompts: re-weight to a mean over the global batch,
-            # times the world size because FSDP averages gradients over ranks (as train_sft.py)
-            loss = loss * len(groups) / cfg.batch_size * ctx.world
-            loss.backward()
-            loss_sum += loss.item() / ctx.world
-            h, m, n = pairwise_hits(rewards.detach(), ranked_above(ranking))
-            hits, margins, n_pairs = hits + h, margins + m, n_pairs + n
-            tokens_seen += sum(len(ids) for g in groups for ids, _ in g["rows"])
-        lr = lr_at(step - 1, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-        grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
-        n_pairs = global_sum(n_pairs, ctx)
-        metrics = {"loss": global_sum(loss_sum, ctx), "rewards/accuracies": global_sum(hits, ctx) / n_pairs,
-                   "rewards/margins": global_sum(margins, ctx) / n_pairs, "lr": lr, "grad_norm": grad_norm}
+        metrics, tokens = rm_step(model, optimizer, [examples[i] for i in rows], tok.pad_id, step, max_steps, cfg,
+                                  ctx)
+        tokens_seen += tokens
         if step % cfg.log_interval == 0 or step == max_steps:
             logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0

@@ -55,6 +55,25 @@ class Config:
     seed: int = 1234  # model init and data order; sampling uses seed + 100003 * rank
 
 
+def sft_step(model, optimizer, micros: list[dict], step: int, cfg: Config, ctx) -> tuple[dict, int]:
+    """One optimizer step on this rank's micro-batches: the gradient of the mean loss over the global batch's
+    response tokens, accumulated, then AdamW at the step's learning rate -> (metrics, tokens read here)."""
+    n_tokens = global_sum(sum(m["loss_mask"][:, 1:].sum().item() for m in micros), ctx)
+    loss_sum, tokens = 0.0, 0
+    for k, m in enumerate(micros):
+        set_grad_sync(model, k == len(micros) - 1)
+        m = {key: v.to(ctx.device) for key, v in m.items()}
+        logps = model_logps(model, **m)  # [B, T-1], zero on prompt and padding
+        # FSDP averages gradients over ranks: scale by the world size so the sum is the global token mean
+        loss = sft_loss(logps, m["loss_mask"][:, 1:], n_tokens) * ctx.world
+        loss.backward()
+        loss_sum += loss.item() / ctx.world
+        tokens += m["attention_mask"].sum().item()
+    lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+    return {"loss": global_sum(loss_sum, ctx), "lr": lr, "grad_norm": grad_norm}, tokens
+
+
 def main(cfg: Config) -> dict:
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
     ctx = setup(cfg.seed, cfg.device)
@@ -93,21 +112,9 @@ def main(cfg: Config) -> dict:
         rows = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)[ctx.rank::ctx.world]
         micros = [collate([examples[i] for i in rows[s:s + cfg.micro_batch_size]], tok.pad_id)
                   for s in range(0, len(rows), cfg.micro_batch_size)]
-        n_tokens = global_sum(sum(m["loss_mask"][:, 1:].sum().item() for m in micros), ctx)
-        loss_sum = 0.0
-        for k, m in enumerate(micros):
-            set_grad_sync(model, k == len(micros) - 1)
-            m = {key: v.to(ctx.device) for key, v in m.items()}
-            logps = model_logps(model, **m)  # [B, T-1], zero on prompt and padding
-            # FSDP averages gradients over ranks: scale by the world size so the sum is the global token mean
-            loss = sft_loss(logps, m["loss_mask"][:, 1:], n_tokens) * ctx.world
-            loss.backward()
-            loss_sum += loss.item() / ctx.world
-            tokens_seen += m["attention_mask"].sum().item()
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-        grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+        metrics, tokens = sft_step(model, optimizer, micros, step, cfg, ctx)
+        tokens_seen += tokens
         step += 1
-        metrics = {"loss": global_sum(loss_sum, ctx), "lr": lr, "grad_norm": grad_norm}
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0
