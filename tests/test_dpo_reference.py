@@ -76,7 +76,8 @@ def reference_steps(cfg, init_dir, steps):
     state, out = {}, []
     for step in range(steps):
         rows = batch_indices(len(RECORDS), cfg.batch_size, step, cfg.seed)
-        total = 0.0
+        total, stats = 0.0, {k: 0.0 for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen",
+                                                 "rewards/rejected", "logps/chosen", "logps/rejected")}
         for i in rows:
             r = RECORDS[i]
             pc, lc = sequence_logp(policy, tok, r["prompt"], r["chosen"])
@@ -86,11 +87,16 @@ def reference_steps(cfg, init_dir, steps):
                 rr, _ = sequence_logp(reference, tok, r["prompt"], r["rejected"])
             eps = 1 - r.get("p", 1 - cfg.label_smoothing)
             total = total + pair_loss(cfg, pc, pr, rc, rr, lc, lr_, eps)
+            # the implicit rewards β(S_θ - S_ref); SimPO's are β·S̄_θ (no reference)
+            wc, wr = (pc / lc, pr / lr_) if cfg.loss_type == "simpo" else (pc - rc, pr - rr)
+            wc, wr = cfg.beta * wc.item(), cfg.beta * wr.item()
+            for k, x in zip(stats, (float(wc > wr), wc - wr, wc, wr, pc.item(), pr.item())):
+                stats[k] += x / cfg.batch_size
         loss = total / cfg.batch_size
         loss.backward()
         lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
         norm = clip_and_adamw(policy.parameters(), lr, state, cfg.grad_clip, 1e-8, cfg.weight_decay)
-        out.append((loss.item(), norm))
+        out.append({"loss": loss.item(), "grad_norm": norm, "lr": lr, **stats})
     return dict(policy.named_parameters()), out
 
 
@@ -122,6 +128,6 @@ def test_dpo_steps_equal_the_hand_written_reference(tiny_run, pairs, tmp_path, l
         torch.testing.assert_close(got[name].double(), p.detach(), atol=1e-9, rtol=1e-7)
     assert max((got[n] - start[n]).abs().max().item() for n in expected) > 1e-2  # three steps moved it
     log = [json.loads(l) for l in (tmp_path / "dpo" / "log.jsonl").read_text().splitlines()]
-    for entry, (loss, norm) in zip(log, logged):
-        assert entry["loss"] == pytest.approx(loss, rel=1e-9)
-        assert entry["grad_norm"] == pytest.approx(norm, rel=1e-9)
+    assert len(log) == cfg.max_steps
+    for entry, expected in zip(log, logged):
+        assert {k: entry[k] for k in expected} == pytest.approx(expected, rel=1e-9, abs=1e-12)

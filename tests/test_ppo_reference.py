@@ -58,6 +58,11 @@ def fixed_rollout(samples_per_prompt=2, seed=0):
     return train_ppo.Rollout(prompts, [""] * 8, ids, attn, mask, torch.tensor(eos))
 
 
+def gold(prompt, answer):
+    """A stand-in gold judge (logged only): a score that differs between prompts."""
+    return {"gold": int(prompt[-5:-1]) % 8 / 8}
+
+
 # ------------------------------------------------------------------------------------------- reference
 
 
@@ -84,7 +89,7 @@ def reference_update(models, roll, cfg, beta, update, adam):
     B, temp = len(roll.ids), cfg.temperature
     head = cfg.advantage == "gae" and critic is None
     value_model = policy if head else critic
-    old, ref, old_v, scores = [], [], [], []
+    old, ref, old_v, scores, raw = [], [], [], [], []
     with torch.no_grad():
         for b in range(B):
             old.append([lp.item() for lp, _, _ in episode(policy, roll, b, temp, False)])
@@ -93,7 +98,8 @@ def reference_update(models, roll, cfg, beta, update, adam):
                 old_v.append([v.item() for _, v, _ in episode(value_model, roll, b, temp, True)])
             last = max(t for t in range(roll.ids.shape[1]) if roll.attn[b, t] == 1)
             r = rm(roll.ids[b:b + 1], attention_mask=roll.attn[b:b + 1], output="scalar")[0, last].item()
-            scores.append(gain * r + bias if roll.has_eos[b] else cfg.missing_eos_penalty)
+            raw.append(gain * r + bias)
+            scores.append(raw[-1] if roll.has_eos[b] else cfg.missing_eos_penalty)
 
     def kl(o, r):
         return o - r if cfg.kl_estimator == "k1" else math.exp(r - o) - 1 - (r - o)
@@ -129,14 +135,17 @@ def reference_update(models, roll, cfg, beta, update, adam):
             adv.append([a] * len(rewards[b]))
 
     lr_frac = 1 - update / cfg.n_updates
+    logged = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")}
     for epoch in range(cfg.ppo_epochs):
         for mb in train_ppo.minibatches(B, cfg.minibatches, cfg.seed + update * 97 + epoch, CTX):
             mb = mb.tolist()
             n = sum(len(old[b]) for b in mb)
-            pg = vf = ent = 0.0
+            pg = vf = ent = clipped_tokens = half_sq = 0.0
             for b in mb:
                 for t, (lp, v, logits) in enumerate(episode(policy, roll, b, temp, head)):
                     ratio = torch.exp(lp - old[b][t])
+                    clipped_tokens += abs(ratio.item() - 1) > cfg.clip_eps
+                    half_sq += 0.5 * (lp.item() - old[b][t]) ** 2
                     clipped = torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
                     pg = pg + torch.maximum(-adv[b][t] * ratio, -adv[b][t] * clipped)
                     p = torch.softmax(logits / temp, 0)
@@ -146,11 +155,29 @@ def reference_update(models, roll, cfg, beta, update, adam):
                         vc = old_v[b][t] + torch.clamp(v - old_v[b][t], -cfg.clip_eps_value, cfg.clip_eps_value)
                         vf = vf + torch.maximum((v - ret[b][t]) ** 2, (vc - ret[b][t]) ** 2)
             loss = pg / n - cfg.entropy_coef * ent / n + cfg.vf_coef * 0.5 * vf / n
+            for k, x in zip(logged, (pg / n, 0.5 * vf / n, clipped_tokens / n, half_sq / n, ent / n)):
+                logged[k].append(float(torch.as_tensor(x).detach()))
             loss.backward()
             clip_and_adamw(policy.parameters(), cfg.lr * lr_frac, adam, cfg.grad_clip, cfg.adam_eps)
             if critic is not None:
                 clip_and_adamw(critic.parameters(), cfg.critic_lr * lr_frac, adam, cfg.grad_clip, cfg.adam_eps)
-    return sum(sum(kl(o, r) for o, r in zip(old[b], ref[b])) for b in range(B)) / B  # mean sequence KL
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    u = [[r - o for o, r in zip(old[b], ref[b])] for b in range(B)]
+    metrics = {"objective/kl": mean([-sum(x) for x in u]), "objective/kl_k2": mean([sum(x * x / 2 for x in e) for e in u]),
+               "objective/kl_k3": mean([sum(math.expm1(x) - x for x in e) for e in u]),
+               "objective/score": mean(scores), "objective/rm_score": mean(raw),
+               "objective/gold": mean([gold(p, "")["gold"] for p in roll.prompts]), "objective/beta": beta,
+               "response/length": mean([len(e) for e in old]), "response/eos_rate": mean(roll.has_eos.tolist()),
+               **{f"ppo/{k}": mean(v) for k, v in logged.items()}}
+    if cfg.advantage == "gae":  # 1 - Var(R - V) / Var(R) over the response tokens, unbiased variances
+        def var(xs):
+            return sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)
+        r = [x for e in ret for x in e]
+        v = [x for e in old_v for x in e]
+        metrics["ppo/explained_variance"] = 1 - var([a - b for a, b in zip(r, v)]) / var(r)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -171,8 +198,9 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_ppo_update_equals_the_hand_written_reference(name, monkeypatch):
-    """Two updates (the second with the annealed lr and, for adaptive β, the adapted coefficient)."""
-    monkeypatch.setattr(train_ppo.helpdesk, "judge", lambda prompt, answer: {"gold": 0.0})  # logged only
+    """Two updates (the second with the annealed lr and, for adaptive β, the adapted coefficient): the same
+    parameters and the same logged metrics."""
+    monkeypatch.setattr(train_ppo.helpdesk, "judge", gold)
     cfg = replace(BASE, **VARIANTS[name])
     roll = fixed_rollout(cfg.samples_per_prompt)
     policy, reference, rm, critic = tiny_models()
@@ -183,11 +211,12 @@ def test_ppo_update_equals_the_hand_written_reference(name, monkeypatch):
 
     optimizer = make_optimizer(ours[0], cfg.lr, 0.0, eps=cfg.adam_eps)
     critic_opt = make_optimizer(ours[3], cfg.critic_lr, 0.0, eps=cfg.adam_eps) if separate else None
-    beta = cfg.beta
+    beta, logged = cfg.beta, []
     for update in range(2):
         ours[0].eval()
         metrics, _ = train_ppo.ppo_update(roll, ours[0], ours[3] if separate else None, ours[1],
                                           (ours[2], gain, bias), optimizer, critic_opt, beta, None, cfg, CTX, update)
+        logged.append(metrics)
         if cfg.kl_target > 0:
             beta = train_ppo.adaptive_kl_beta(beta, metrics["objective/kl"], cfg.kl_target, cfg.rollout_size,
                                               cfg.kl_horizon)
@@ -195,9 +224,11 @@ def test_ppo_update_equals_the_hand_written_reference(name, monkeypatch):
     adam, beta = {}, cfg.beta
     for update in range(2):
         models = (theirs[0], theirs[1], theirs[2], theirs[3] if separate else None, gain, bias)
-        seq_kl = reference_update(models, roll, cfg, beta, update, adam)
+        expected = reference_update(models, roll, cfg, beta, update, adam)
+        got = {k: v for k, v in logged[update].items() if not k.startswith("time/")}
+        assert got == pytest.approx(expected, rel=1e-7, abs=1e-10)
         if cfg.kl_target > 0:  # Ziegler et al. 2019's controller, by hand
-            error = min(max(seq_kl / cfg.kl_target - 1, -0.2), 0.2)
+            error = min(max(expected["objective/kl"] / cfg.kl_target - 1, -0.2), 0.2)
             beta = beta * (1 + error * cfg.rollout_size / cfg.kl_horizon)
 
     moved = 0.0
