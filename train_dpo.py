@@ -31,8 +31,8 @@ from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import dpo_loss
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config, resume,
-                                save_resumable, set_grad_sync, setup, teardown, wrap_model)
+from nanoalign.scaffold import (accumulate, Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config, resume,
+                                save_resumable, setup, teardown, wrap_model)
 
 
 @dataclass
@@ -89,12 +89,10 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
     AdamW. pairs = (seqs, chosen, rejected, smoothing, pad_id) from main; ref_logps [N sequences] when cached,
     else None and the reference runs live -> (metrics, means over the global batch; tokens read here)."""
     seqs, chosen, rejected, smoothing, pad_id = pairs
-    starts, sums, tokens = range(0, len(rows), cfg.micro_batch_size), {}, 0
-    for k, s in enumerate(starts):
-        micro = rows[s:s + cfg.micro_batch_size]
+    sums, tokens = {}, 0
+    for micro in accumulate(model, rows, cfg.micro_batch_size):
         c, r = [chosen[i] for i in micro], [rejected[i] for i in micro]
         batch = {key: v.to(ctx.device) for key, v in collate([seqs[i] for i in c + r], pad_id).items()}
-        set_grad_sync(model, k == len(starts) - 1)
         policy_chosen, policy_rejected = model_logps(model, **batch).sum(-1).chunk(2)  # [P] each
         if ref_logps is not None:
             ref_chosen, ref_rejected = ref_logps[c], ref_logps[r]

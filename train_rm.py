@@ -37,8 +37,8 @@ from nanoalign.evaluate import sample_answers, write_json
 from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, reward_normalisation, soft_bradley_terry_loss
 from nanoalign.model import GPT
 from nanoalign.sampling import reward_scores
-from nanoalign.scaffold import (ensure_world, Logger, full_state, global_sum, lr_at, make_optimizer, optimizer_step,
-                                parse_config, resume, save_resumable, set_grad_sync, setup, teardown, wrap_model)
+from nanoalign.scaffold import (accumulate, ensure_world, Logger, full_state, global_sum, lr_at, make_optimizer, optimizer_step,
+                                parse_config, resume, save_resumable, setup, teardown, wrap_model)
 
 
 @dataclass
@@ -124,9 +124,7 @@ def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_st
     (--data=pairs), K-wise or Plackett-Luce loss, re-weighted to a mean over the global batch's prompts, then
     AdamW -> (metrics, with the pairwise accuracy and margin over every C(K,2) pair; tokens read here)."""
     loss_sum, hits, margins, n_pairs, tokens = 0.0, 0.0, 0.0, 0.0, 0
-    for s in range(0, len(groups), cfg.micro_batch_size):
-        micro = groups[s:s + cfg.micro_batch_size]
-        set_grad_sync(model, s + cfg.micro_batch_size >= len(groups))
+    for micro in accumulate(model, groups, cfg.micro_batch_size):
         rewards = group_rewards(model, micro, pad_id, ctx.device, cfg.rows_per_forward)  # [N, K]
         ranking = torch.tensor([g["ranking"] for g in micro], device=ctx.device)  # [N, K]
         if cfg.data == "pairs":  # column 0 is the chosen answer, p = P(chosen is better)

@@ -20,8 +20,8 @@ from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (ensure_world, Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config, resume,
-                                save_resumable, set_grad_sync, setup, teardown, wrap_model)
+from nanoalign.scaffold import (accumulate, ensure_world, Logger, global_sum, lr_at, make_optimizer, optimizer_step,
+                                parse_config, resume, save_resumable, setup, teardown, wrap_model)
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -55,20 +55,20 @@ class Config:
     seed: int = 1234  # model init and data order; sampling uses seed + 100003 * rank
 
 
-def sft_step(model, optimizer, micros: list[dict], step: int, cfg: Config, ctx) -> tuple[dict, int]:
-    """One optimizer step on this rank's micro-batches: the gradient of the mean loss over the global batch's
-    response tokens, accumulated, then AdamW at the step's learning rate -> (metrics, tokens read here)."""
-    n_tokens = global_sum(sum(m["loss_mask"][:, 1:].sum().item() for m in micros), ctx)
+def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Config, ctx) -> tuple[dict, int]:
+    """One optimizer step on this rank's (ids, n_prompt) examples: the gradient of the mean loss over the global
+    batch's response tokens, accumulated over micro-batches, then AdamW at the step's learning rate
+    -> (metrics, tokens read here)."""
+    n_tokens = global_sum(sum(len(ids) - n_prompt for ids, n_prompt in examples), ctx)  # response tokens + EOS
     loss_sum, tokens = 0.0, 0
-    for k, m in enumerate(micros):
-        set_grad_sync(model, k == len(micros) - 1)
-        m = {key: v.to(ctx.device) for key, v in m.items()}
-        logps = model_logps(model, **m)  # [B, T-1], zero on prompt and padding
+    for micro in accumulate(model, examples, cfg.micro_batch_size):
+        batch = {key: v.to(ctx.device) for key, v in collate(micro, pad_id).items()}
+        logps = model_logps(model, **batch)  # [B, T-1], zero on prompt and padding
         # FSDP averages gradients over ranks: scale by the world size so the sum is the global token mean
-        loss = sft_loss(logps, m["loss_mask"][:, 1:], n_tokens) * ctx.world
+        loss = sft_loss(logps, batch["loss_mask"][:, 1:], n_tokens) * ctx.world
         loss.backward()
         loss_sum += loss.item() / ctx.world
-        tokens += m["attention_mask"].sum().item()
+        tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
     grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
     return {"loss": global_sum(loss_sum, ctx), "lr": lr, "grad_norm": grad_norm}, tokens
@@ -110,9 +110,7 @@ def main(cfg: Config) -> dict:
     t_last, tokens_seen, metrics = time.time(), 0, {}
     while step < cfg.max_steps:
         rows = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)[ctx.rank::ctx.world]
-        micros = [collate([examples[i] for i in rows[s:s + cfg.micro_batch_size]], tok.pad_id)
-                  for s in range(0, len(rows), cfg.micro_batch_size)]
-        metrics, tokens = sft_step(model, optimizer, micros, step, cfg, ctx)
+        metrics, tokens = sft_step(model, optimizer, [examples[i] for i in rows], tok.pad_id, step, cfg, ctx)
         tokens_seen += tokens
         step += 1
         if step % cfg.log_interval == 0 or step == cfg.max_steps:

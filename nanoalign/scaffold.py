@@ -178,10 +178,14 @@ def gathered(model: torch.nn.Module):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-def set_grad_sync(model, sync: bool) -> None:
-    """Skip the reduce-scatter on all accumulation micro-steps but the last."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
+def accumulate(model, items: list, size: int):
+    """Gradient accumulation: yield `items` in micro-batches of `size`, with the model's gradient sync (FSDP's
+    reduce-scatter) off for every micro-batch but the last, so the ranks communicate once per optimizer step."""
+    starts = range(0, len(items), size)
+    for k, s in enumerate(starts):
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(k == len(starts) - 1)
+        yield items[s:s + size]
 
 
 # ----- optimizer ----------------------------------------------------------------------------------------

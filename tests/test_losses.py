@@ -90,6 +90,8 @@ def test_token_kl_matches_float64_enumeration_and_k1_mean():
     x = torch.multinomial(p[0, 0], 200_000, replacement=True, generator=g)
     k1 = p[0, 0].log()[x] - q[0, 0].log()[x]
     assert abs(k1.mean() - token_kl(logits, ref, 0.7)[0, 0]) < 4 * k1.std() / len(x) ** 0.5
+    p, q = logits.double().softmax(-1), ref.double().softmax(-1)  # the default temperature is 1
+    assert torch.allclose(token_kl(logits, ref).double(), (p * (p / q).log()).sum(-1), atol=1e-6)
 
 
 def test_best_of_n_pool_estimator_equals_brute_force_over_subsets():
@@ -102,6 +104,21 @@ def test_best_of_n_pool_estimator_equals_brute_force_over_subsets():
             subsets = list(itertools.combinations(range(7), n))
             brute = sum(gold[prompt, max(s, key=lambda j: proxy[prompt, j])].item() for s in subsets) / len(subsets)
             assert abs(best_of_n_pool(proxy, gold, n)[prompt].item() - brute) < 1e-9
+
+
+def test_best_of_n_pool_breaks_proxy_ties_by_position():
+    """With ties in proxy the later column counts as the better (the documented stable sort): answer j is the
+    best of a random n-subset with probability C(#answers below j, n-1) / C(N, n), computed here by counting."""
+    from math import comb
+    from nanoalign.losses import best_of_n_pool
+    g = torch.Generator().manual_seed(2)
+    proxy, gold = torch.randint(0, 3, (2, 40), generator=g).float(), torch.randn(2, 40, generator=g)
+    for n in (1, 3, 40):
+        for p in range(2):
+            below = [sum(proxy[p, i] < proxy[p, j] or (proxy[p, i] == proxy[p, j] and i < j) for i in range(40))
+                     for j in range(40)]
+            expected = sum(gold[p, j].item() * comb(below[j], n - 1) for j in range(40)) / comb(40, n)
+            assert best_of_n_pool(proxy, gold, n)[p].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def test_best_of_n_kl_formula_against_exact_distribution():

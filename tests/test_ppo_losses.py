@@ -126,6 +126,7 @@ def test_reward_normalisation_population_std_and_constant_scores():
     normed = gain * s.double() + bias
     assert normed.mean().item() == pytest.approx(0, abs=1e-12) and normed.std(correction=0).item() == pytest.approx(1)
     assert reward_normalisation(torch.full((5,), 0.3)) == (1.0, pytest.approx(-0.3))  # no spread: centre only
+    assert reward_normalisation(s / 100) == (pytest.approx(100 / std), pytest.approx(-mean / std))  # std < 1
     shares = as_ranks(lambda rows, all_sum: reward_normalisation(s[rows], all_sum), [slice(0, 1), slice(1, 4)])
     assert shares[0] == shares[1] == (pytest.approx(gain), pytest.approx(bias))  # every rank: the whole's
 

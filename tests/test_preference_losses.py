@@ -102,6 +102,7 @@ def test_dpo_variants_by_hand():
     simpo, cw, _ = dpo_loss(pc, pr, rc, rr, 2.0, "simpo", simpo_gamma=1.0, **lengths)
     assert simpo.tolist() == pytest.approx([-ls(2.0 * h / 4 - 1.0) for h in (0.0, 0.8, 3.0)])
     assert cw.tolist() == pytest.approx([2.0 * h / 4 for h in (0.0, 0.8, 3.0)])
+    assert dpo_loss(pc, pr, rc, rr, 2.0, "simpo", **lengths)[0].tolist() == simpo.tolist()  # γ defaults to 1
     rpo, _, _ = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha=1.0, **lengths)
     base, _, _ = dpo_loss(pc, pr, rc, rr, beta)
     assert (rpo - base).tolist() == pytest.approx([-h / 4 for h in (0.0, 0.8, 3.0)])

@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from nanoalign.scaffold import lr_at, parse_config
 
@@ -70,3 +71,22 @@ def test_keep_cpu_heap_reuses_freed_memory_without_page_faults():
                                        check=True).stdout) for mode in ("default", "keep")}
     assert faults["default"] > 10 * 1024  # 4 MB or more faulted in again per step (37k-310k seen over 10 steps)
     assert faults["keep"] < 1000
+
+
+def test_accumulate_syncs_gradients_on_the_last_micro_batch_only():
+    from nanoalign.scaffold import accumulate
+
+    class Recorder:  # stands in for an FSDP module
+        def __init__(self):
+            self.calls = []
+
+        def set_requires_gradient_sync(self, sync):
+            self.calls.append(sync)
+
+    for items, size, parts in (([1, 2, 3, 4, 5], 2, [[1, 2], [3, 4], [5]]), ([1, 2], 4, [[1, 2]])):
+        model = Recorder()
+        got = []
+        for micro in accumulate(model, items, size):
+            got.append((micro, model.calls[-1]))  # the flag is set before the micro-batch's forward
+        assert got == [(p, k == len(parts) - 1) for k, p in enumerate(parts)]
+    assert list(accumulate(torch.nn.Linear(1, 1), [1, 2, 3], 2)) == [[1, 2], [3]]  # unsharded: no flag

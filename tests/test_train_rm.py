@@ -106,6 +106,18 @@ def test_length_sorted_chunks_change_no_reward(tiny_run, prefs_dir):
         torch.testing.assert_close(rewards, one, atol=1e-5, rtol=0)
 
 
+def test_pairwise_hits_counts_each_ranked_pair_once_and_half_a_tie():
+    ranking = torch.tensor([[2, 0, 1], [0, 1, 2]])  # best first
+    above = train_rm.ranked_above(ranking)
+    pairs = {(i, j) for i in range(3) for j in range(3) if above[0, i, j]}
+    assert pairs == {(2, 0), (2, 1), (0, 1)} and above[1].tolist() == [[0, 1, 1], [0, 0, 1], [0, 0, 0]]
+    scores = torch.tensor([[0.5, 0.5, 2.0], [1.0, 3.0, 0.0]])
+    # row 0: 2>0 hit, 2>1 hit, 0~1 tie; row 1: 0<1 miss, 0>2 hit, 1>2 hit
+    hits, margins, n = train_rm.pairwise_hits(scores, above)
+    assert (hits, n) == (2 + 0.5 + 0 + 1 + 1, 6)
+    assert margins == pytest.approx((1.5 + 1.5 + 0.0) + (-2.0 + 1.0 + 3.0))
+
+
 def test_reward_is_read_at_the_last_real_token():
     """Right-padded, left-padded and unpadded rows give the same reward; reading the last
     column instead would read a PAD slot and fail."""

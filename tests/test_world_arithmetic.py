@@ -1,0 +1,140 @@
+"""The scripts' rank arithmetic, in one process: a rank of a two-process world whose peer holds the same data
+must take exactly the step that one process takes on that data.
+
+`global_sum` is replaced by doubling (the peer's share is identical) and the model is not wrapped, so the
+gradient one rank computes is what FSDP's average over the two identical ranks would be. Every "× world",
+"/ world", global count and global batch size in the update code must then cancel; a wrong one changes the
+step or a logged metric. test_train_*.py's two-process tests check the same under real torchrun.
+"""
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+import train_dpo
+import train_ppo
+import train_rm
+import train_sft
+from nanoalign.checkpoint import load_model
+from nanoalign.data import encode_example, encode_pairs, read_jsonl
+from nanoalign.scaffold import Dist, make_optimizer
+from test_ppo_reference import BASE, fixed_rollout, gold, tiny_models
+
+ONE, TWO = Dist(0, 1, torch.device("cpu")), Dist(0, 2, torch.device("cpu"))
+
+
+def as_rank_of_two(monkeypatch, module):
+    """module's global_sum as a two-rank all-reduce whose peer holds the same values."""
+    monkeypatch.setattr(module, "global_sum", lambda x, ctx: 2 * x)
+
+
+def same_steps(one, two, metrics_one, metrics_two):
+    for a, b in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert metrics_two == pytest.approx(metrics_one, rel=1e-9, abs=1e-12)
+
+
+@pytest.fixture
+def model64(tiny_run):
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, tok = load_model(tiny_run / "init")
+        yield model.double(), tok
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_sft_step(tiny_run, model64, monkeypatch):
+    model, tok = model64
+    records = read_jsonl(tiny_run / "data" / "sft.jsonl")[:6]
+    examples = [encode_example(tok, r["prompt"], r["completion"], 48) for r in records]
+    cfg = train_sft.Config(batch_size=6, micro_batch_size=4, max_steps=2, warmup_steps=1, lr=1e-2, grad_clip=0.5)
+    one, two = model, copy.deepcopy(model)
+    opt_one, opt_two = make_optimizer(one, cfg.lr, 0.1), make_optimizer(two, cfg.lr, 0.1)
+    for step in range(2):
+        m1, t1 = train_sft.sft_step(one, opt_one, examples, tok.pad_id, step, cfg, ONE)
+        with monkeypatch.context() as mp:
+            as_rank_of_two(mp, train_sft)
+            m2, t2 = train_sft.sft_step(two, opt_two, examples, tok.pad_id, step, replace(cfg, batch_size=12), TWO)
+        same_steps(one, two, m1, m2)
+        assert t1 == t2 == sum(len(ids) for ids, _ in examples)  # tokens this rank read
+
+
+def test_dpo_step(tiny_run, model64, monkeypatch):
+    from test_dpo_reference import RECORDS
+    model, tok = model64
+    seqs, chosen, rejected = encode_pairs(tok, RECORDS[:6], 48)
+    smoothing = torch.tensor([0.0, 0.2, 0.0, 0.1, 0.0, 0.0])
+    reference = copy.deepcopy(model).requires_grad_(False)
+    for loss_type, cached in (("sigmoid", False), ("ipo", True)):
+        cfg = train_dpo.Config(batch_size=6, micro_batch_size=4, max_steps=2, warmup_steps=1, lr=1e-2,
+                               loss_type=loss_type, rpo_alpha=0.5)
+        ref_logps = train_dpo.sequence_logps(reference, seqs, tok.pad_id, "cpu") if cached else None
+        one, two = copy.deepcopy(model), copy.deepcopy(model)
+        opt_one, opt_two = make_optimizer(one, cfg.lr, 0.1), make_optimizer(two, cfg.lr, 0.1)
+        pairs = (seqs, chosen, rejected, smoothing, tok.pad_id)
+        for step in range(2):
+            m1, t1 = train_dpo.dpo_step(one, reference, ref_logps, opt_one, pairs, list(range(6)), step, cfg, ONE)
+            with monkeypatch.context() as mp:
+                as_rank_of_two(mp, train_dpo)
+                m2, t2 = train_dpo.dpo_step(two, reference, ref_logps, opt_two, pairs, list(range(6)), step,
+                                            replace(cfg, batch_size=12), TWO)
+            same_steps(one, two, m1, m2)
+            assert t1 == t2 == sum(len(seqs[i][0]) for i in chosen + rejected)
+
+
+def test_rm_step(tiny_run, monkeypatch):
+    from test_rm_reference import prefs_records
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_run / "init", scalar_head=True)
+    model = model.double()
+    groups = [train_rm.encode_group(tok, {**r, "where": "test"}, 48) for r in prefs_records(3)[:6]]
+    for data in ("prefs", "pairs"):
+        if data == "pairs":  # two answers each, soft labels
+            groups = [{**g, "rows": g["rows"][:2], "ranking": [0, 1], "p": 0.7} for g in groups]
+        cfg = train_rm.Config(batch_size=6, micro_batch_size=4, rows_per_forward=5, lr=1e-2, warmup_steps=1,
+                              data=data)
+        one, two = copy.deepcopy(model), copy.deepcopy(model)
+        opt_one, opt_two = make_optimizer(one, cfg.lr, 0.1), make_optimizer(two, cfg.lr, 0.1)
+        for step in (1, 2):
+            m1, t1 = train_rm.rm_step(one, opt_one, groups, tok.pad_id, step, 2, cfg, ONE)
+            with monkeypatch.context() as mp:
+                as_rank_of_two(mp, train_rm)
+                m2, t2 = train_rm.rm_step(two, opt_two, groups, tok.pad_id, step, 2, replace(cfg, batch_size=12), TWO)
+            same_steps(one, two, m1, m2)
+            assert t1 == t2 == sum(len(ids) for g in groups for ids, _ in g["rows"])
+
+
+@pytest.mark.parametrize("variant", [{}, dict(critic="separate"), dict(advantage="grpo", samples_per_prompt=4)])
+def test_ppo_update(monkeypatch, variant):
+    monkeypatch.setattr(train_ppo.helpdesk, "judge", gold)
+    cfg = replace(BASE, minibatches=1, **variant)  # one minibatch: the same rows for any world size
+    roll = fixed_rollout(cfg.samples_per_prompt)
+    separate = cfg.critic == "separate"
+    runs = []
+    for ctx in (ONE, TWO):
+        policy, reference, rm, critic = tiny_models()
+        optimizer, critic_opt = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(critic, cfg.critic_lr, 0.0)
+        with monkeypatch.context() as mp:
+            if ctx.world == 2:
+                as_rank_of_two(mp, train_ppo)
+            metrics, _ = train_ppo.ppo_update(roll, policy.eval(), critic if separate else None, reference,
+                                              (rm, 1.5, -0.2), optimizer, critic_opt, cfg.beta, None,
+                                              replace(cfg, rollout_size=8 * ctx.world), ctx, 1)
+        runs.append((policy, critic, {k: v for k, v in metrics.items() if not k.startswith("time/")}))
+    (p1, c1, m1), (p2, c2, m2) = runs
+    same_steps(p1, p2, m1, m2)
+    same_steps(c1, c2, {}, {})
+
+
+def test_rollout_shares(tiny_run, monkeypatch):
+    """Rank 1 of 2 samples exactly rows 4-7 of the one-process rollout: the same prompts and answers."""
+    model, tok = load_model(tiny_run / "init")
+    prompts = [f"Where is my lamp, order #{1000 + 37 * i}?" for i in range(10)]
+    cfg = replace(BASE, rollout_size=8, samples_per_prompt=2, max_new_tokens=6)
+    whole = train_ppo.rollout(model, tok, prompts, cfg, ONE, update=3)
+    half = train_ppo.rollout(model, tok, prompts, cfg, Dist(1, 2, torch.device("cpu")), update=3)
+    assert half.prompts == whole.prompts[4:] and half.answers == whole.answers[4:]
+    assert half.has_eos.tolist() == whole.has_eos[4:].tolist()
+    assert half.mask.sum(-1).tolist() == whole.mask[4:].sum(-1).tolist()
