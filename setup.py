@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Minimal from-scratch alignment (SFT, reward model, PPO, DPO, RLAIF) in pure PyTorch",
     packages=find_packages(include=["nanoalign"]),
+    package_data={"nanoalign": ["constitution.txt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "tokenizers", "safetensors", "numpy", "einops"],
     extras_require={"test": ["pytest", "transformers", "mutmut"], "plot": ["matplotlib"]},

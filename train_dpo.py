@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from nanoalign.checkpoint import cached_tensors, content_hash, load_model
-from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl
+from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl, require_soft_labels
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import dpo_loss
 from nanoalign.sampling import model_logps
@@ -48,6 +48,7 @@ class Config:
     beta: float = 0.1  # pull toward the reference (DPO Eq. 7); smaller drifts further. SimPO wants ~2
     loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo | ipo_sum | simpo (nanoalign.losses.dpo_loss)
     label_smoothing: float = 0.0  # cDPO / robust ε, the assumed label-flip rate; a pair's "p" overrides (ε = 1-p)
+    soft_labels: bool = False  # every pair must carry "p" (AI feedback labels, nanoalign.rlaif)
     simpo_gamma: float = 1.0  # SimPO target margin γ (simpo only)
     rpo_alpha: float = 0.0  # weight of the NLL on the chosen answer (RPO); 0 = off
     batch_size: int = 32  # pairs per optimizer step (global, over ranks and micro-batches)
@@ -126,6 +127,8 @@ def main(cfg: Config) -> dict:
     records = read_jsonl(pairs_path)  # schema detected: pairs, or HH text read as pairs
     if "chosen" not in records[0]:
         raise ValueError(f"{records[0]['where']}: expected preference pairs (prompt, chosen, rejected) or HH text")
+    if cfg.soft_labels:
+        require_soft_labels(records)
 
     # 2. policy from --init_from (or out_dir on resume); the reference is the --init_from model, frozen
     model, tok = load_model(out_dir if cfg.resume else cfg.init_from)

@@ -3,6 +3,7 @@
     python train_rm.py                                     # helpdesk rankings from out/sft, ~2 min on 2 CPU cores
     python train_rm.py --loss=plackett_luce                # likelihood of the full ranking instead of its pairs
     python train_rm.py --data=pairs                        # pairs.jsonl, an optional soft label "p" per pair
+    python train_rm.py --data=pairs --pairs_file=ai_pairs.jsonl --soft_labels=True --out_dir=out/rm_rlaif
     python train_rm.py --resume=True                       # continue a killed run from out/rm's last checkpoint
     torchrun --nproc_per_node=2 train_rm.py --compile=True
 
@@ -32,7 +33,7 @@ import torch
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, write_checkpoint
-from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
+from nanoalign.data import batch_indices, collate, encode_example, read_jsonl, require_soft_labels
 from nanoalign.evaluate import sample_answers, write_json
 from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, reward_normalisation, soft_bradley_terry_loss
 from nanoalign.model import GPT
@@ -47,7 +48,9 @@ class Config:
     out_dir: str = "out/rm"  # checkpoint, log.jsonl and eval.json go here
     init_from: str = "out/sft"  # SFT checkpoint: the RM's trunk, and the policy sampled for normalisation
     resume: bool = False  # continue from out_dir's checkpoint (optimizer, RNG, data position)
-    data: str = "prefs"  # prefs: K ranked answers per prompt | pairs: pairs.jsonl with optional soft label "p"
+    data: str = "prefs"  # prefs: K ranked answers per prompt | pairs: pairs_file with optional soft label "p"
+    pairs_file: str = "pairs.jsonl"  # --data=pairs: the pairs in data_dir (ai_pairs.jsonl: nanoalign.rlaif's)
+    soft_labels: bool = False  # --data=pairs: every pair must carry "p" (AI feedback labels)
     loss: str = "kwise"  # prefs: kwise (all C(K,2) pairs) | plackett_luce; pairs: always soft Bradley-Terry
     epochs: int = 2  # passes over the training records
     batch_size: int = 32  # prompts (K rows each) or pairs per optimizer step (global)
@@ -156,7 +159,9 @@ def main(cfg: Config) -> dict:
     ctx = setup(cfg.seed, cfg.device)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     ensure_world(data_dir, "prefs.jsonl", cfg.seed, ctx)
-    train = read_jsonl(data_dir / f"{cfg.data}.jsonl", cfg.data)
+    train = read_jsonl(data_dir / (cfg.pairs_file if cfg.data == "pairs" else "prefs.jsonl"), cfg.data)
+    if cfg.data == "pairs" and cfg.soft_labels:
+        require_soft_labels(train)
     test = read_jsonl(data_dir / "prefs_test.jsonl", "prefs")
 
     # 2. the SFT trunk plus a new scalar head ~ N(0, 1/sqrt(D+1)) (N detail 8); without SFT init an RM

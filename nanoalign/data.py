@@ -86,6 +86,14 @@ def _validate(rec: dict, schema: str, where: str) -> dict:
     return {**rec, "where": where}
 
 
+def require_soft_labels(records: list[dict]) -> None:
+    """For runs that ask for soft labels (AI feedback): every pair must carry its own "p"."""
+    missing = next((r for r in records if "p" not in r), None)
+    if missing is not None:
+        raise ValueError(f"{missing['where']}: no field 'p' (the soft label P(chosen is better)), and soft labels "
+                         f"were asked for (--soft_labels=True); label the pairs with python -m nanoalign.rlaif")
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

@@ -120,9 +120,14 @@ def _prompt_stream(rng: random.Random):
         yield _sample_prompt(rng, rng.choice(INTENTS))
 
 
+def prompt_stream(seed):
+    """An endless stream of prompts, intents drawn uniformly, deterministic in seed."""
+    return _prompt_stream(random.Random(f"prompts/{seed}"))
+
+
 def make_prompts(n: int, seed: int) -> list[str]:
     """n prompts, intents drawn uniformly, deterministic in seed."""
-    return list(islice(_prompt_stream(random.Random(f"prompts/{seed}")), n))
+    return list(islice(prompt_stream(seed), n))
 
 
 # ---------------------------------------------------------------------------- reading a prompt back

@@ -1,0 +1,413 @@
+"""RLAIF: preference labels from an AI feedback model that reads a constitution (Bai et al. 2022, Constitutional
+AI §4.1-4.3; Lee et al. 2023, RLAIF), written in the pairs format that train_rm.py and train_dpo.py read.
+
+    python -m nanoalign.rlaif                                   # after train_sft.py: data/ai_pairs.jsonl
+    python -m nanoalign.rlaif --labels=hard --principles=ensemble
+    python -m nanoalign.rlaif --judge=path/to/gpt2              # any nanoalign checkpoint or local GPT-2 dir
+    python -m nanoalign.rlaif --labeller=synthetic --position_bias=1.0   # the controlled labeller
+
+The feedback model answers a comparison query through the shared chat template: the customer's message, one
+principle, the two answers as (A) and (B), and a question; its preference is read from the log-probs of the
+two option strings, in both orders, averaged against position bias:
+
+    p_AB = σ(S("(A)" | q(y1, y2)) - S("(B)" | q(y1, y2)))        y1 in slot A
+    P(y1 ≻ y2) = ½ [p_AB + (1 - p_BA)]                          p_BA: the same with the answers swapped
+
+For the helpdesk world the feedback model is trained from scratch with train_sft.py on a judging corpus the
+world writes (`write_judge_corpus`): comparison queries under one principle each, answered from that principle's
+gold score alone, on answers from the world's answer generator (never the policy's samples, so that it must
+generalise to them) and prompts outside the held-out test set. The labelling pass never calls the gold judge; eval.json does, to
+measure the labels (agreement, log-loss, calibration, position bias).
+"""
+
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoalign import helpdesk
+from nanoalign.checkpoint import load_model
+from nanoalign.data import collate, read_jsonl
+from nanoalign.evaluate import sample_answers, write_json
+from nanoalign.sampling import model_logps
+from nanoalign.scaffold import parse_config
+
+CONSTITUTION = Path(__file__).with_name("constitution.txt")
+OPTIONS = ("(A)", "(B)")
+SCORES = (*helpdesk.PRINCIPLES, "gold")  # what a principle may name as its gold score
+
+
+@dataclass
+class Config:
+    data_dir: str = "data"  # the helpdesk world (prompts.jsonl); the judging corpus is written to data_dir/judge
+    policy: str = "out/sft"  # the policy whose answers are labelled
+    judge: str = "out/judge"  # the feedback model; trained with train_sft.py first when missing
+    constitution: str = ""  # principles file ("" = nanoalign/constitution.txt)
+    out: str = "data/ai_pairs.jsonl"  # the labelled pairs: prompt, chosen, rejected, p = P(chosen is better)
+    eval_dir: str = "out/rlaif"  # eval.json: the labels measured against the gold judge
+    n_prompts: int = 1000  # training prompts whose answers are labelled
+    k: int = 2  # answers sampled per prompt; each of their C(k, 2) pairs is labelled
+    principles: str = "sample"  # sample: one principle per comparison (CAI) | ensemble: P averaged over all
+    labels: str = "soft"  # soft: p = P | hard: p = 1 | clamped: p clipped to [0.4, 0.6] (CAI §4.3)
+    order_average: bool = True  # average both orders (False: y1 always in slot A)
+    labeller: str = "model"  # model: the feedback model | synthetic: logit kappa*(s(A) - s(B)) + bias + noise
+    kappa: float = 5.0  # synthetic: logit per unit of principle score
+    noise: float = 1.0  # synthetic: std of the Gaussian logit noise
+    position_bias: float = 0.0  # synthetic: log-odds added in favour of slot A
+    max_new_tokens: int = 64  # answer length when sampling the policy (PPO's rollout length)
+    temperature: float = 1.0  # sampling temperature of the policy
+    batch_size: int = 16  # comparisons per forward of the feedback model (4 sequences each)
+    judge_train: int = 24000  # judging-corpus queries for a new feedback model
+    judge_steps: int = 1500  # its train_sft.py steps (batch 32)
+    judge_block_size: int = 320  # its context: a query holds the customer's message and two answers
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+
+
+# ----- the constitution and the query -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Principle:
+    score: str  # the gold judge's score that teaches and measures it
+    text: str  # the instruction the feedback model reads
+
+
+def read_constitution(path=None) -> list[Principle]:
+    """Principles from a file of "<score>: <instruction>" lines ('#' comments and blank lines skipped). An unknown
+    score, an empty instruction, a duplicate, or fewer than two principles is an error naming the file and line."""
+    path = Path(path or CONSTITUTION)
+    principles, seen = [], {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        score, sep, text = (part.strip() for part in line.partition(":"))
+        where = f"{path}:{n}"
+        if not sep or score not in SCORES:
+            raise ValueError(f"{where}: expected '<score>: <instruction>' with score one of {', '.join(SCORES)}; "
+                             f"got {line!r}")
+        if not text:
+            raise ValueError(f"{where}: empty principle")
+        if text.lower() in seen:
+            raise ValueError(f"{where}: duplicate principle, first at line {seen[text.lower()]}")
+        seen[text.lower()] = n
+        principles.append(Principle(score, text))
+    if len(principles) < 2:
+        raise ValueError(f"{path}: {len(principles)} principle(s); a constitution needs at least 2")
+    return principles
+
+
+def query(prompt: str, principle: str, answer_a: str, answer_b: str) -> str:
+    """The comparison query, a user message; render_prompt (the shared chat template) adds the assistant cue."""
+    return (f"Customer: {prompt}\nPrinciple: {principle}\n(A) {answer_a}\n(B) {answer_b}\n"
+            f"Which answer follows the principle better?")
+
+
+def option_ids(tok) -> tuple[list[int], list[int]]:
+    """The two options as response tokens (+ EOS). They must split alike, position by position, so that their
+    log-probs compare like for like; a tokenizer that splits them differently is an error."""
+    a, b = (tok.encode_response(o) for o in OPTIONS)
+    if len(a) != len(b) or sum(x != y for x, y in zip(a, b)) != 1:
+        raise ValueError(f"the feedback model's tokenizer splits the options differently: {OPTIONS[0]!r} -> {a}, "
+                         f"{OPTIONS[1]!r} -> {b}; they must differ in exactly one token")
+    return a, b
+
+
+def principle_score(score: str, prompt: str, answer: str) -> float:
+    """The gold judge's score that a principle names (the judging corpus and the measurements use it)."""
+    return helpdesk.judge(prompt, answer)["gold"] if score == "gold" else helpdesk.PRINCIPLE_FNS[score](prompt, answer)
+
+
+# ----- preferences ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def option_logits(model, tok, queries: list[str], batch_size: int = 16) -> torch.Tensor:
+    """S("(A)" | q) - S("(B)" | q) for each query -> [Q] float64: the feedback model's log-odds for slot A. Both
+    options of a query go through the same forward, with the shared log-prob function."""
+    a, b = option_ids(tok)
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(queries), batch_size):
+        rows = []
+        for q in queries[s:s + batch_size]:
+            prompt_ids = tok.encode_prompt(q)
+            if len(prompt_ids) + len(a) > model.config.block_size:
+                raise ValueError(f"a comparison query of {len(prompt_ids)} tokens does not fit the feedback model's "
+                                 f"context ({model.config.block_size}); answers too long: {q[:80]!r}...")
+            rows += [(prompt_ids + a, len(prompt_ids)), (prompt_ids + b, len(prompt_ids))]
+        batch = {k: v.to(device) for k, v in collate(rows, tok.pad_id).items()}
+        logps = model_logps(model, **batch).sum(-1).double().view(-1, 2)  # [b, 2]: S(A), S(B)
+        out.append((logps[:, 0] - logps[:, 1]).cpu())
+    return torch.cat(out)
+
+
+def model_preferences(model, tok, items: list[tuple], batch_size: int = 16) -> dict:
+    """items: (prompt, principle text, y1, y2) -> {"p_ab", "p_ba"} [N] float64, p_ab = P(slot A) with y1 in
+    slot A, p_ba = P(slot A) with y2 there. Both orders of a comparison share one forward (4 sequences)."""
+    queries = [q for p, pr, y1, y2 in items for q in (query(p, pr, y1, y2), query(p, pr, y2, y1))]
+    logits = option_logits(model, tok, queries, 2 * batch_size).view(-1, 2)
+    return {"p_ab": torch.sigmoid(logits[:, 0]), "p_ba": torch.sigmoid(logits[:, 1])}
+
+
+def synthetic_preferences(s1: torch.Tensor, s2: torch.Tensor, kappa: float, noise: float, position_bias: float,
+                          generator: torch.Generator) -> dict:
+    """The controlled labeller: slot A's log-odds are kappa·(s(A) - s(B)) + position_bias + N(0, noise²), a fresh
+    draw per order. s1, s2 [N]: the principle's scores of y1 and y2 -> {"p_ab", "p_ba"} as model_preferences."""
+    d = kappa * (s1 - s2).double()
+    eps = noise * torch.randn(2, len(d), generator=generator, dtype=torch.float64)
+    return {"p_ab": torch.sigmoid(d + position_bias + eps[0]), "p_ba": torch.sigmoid(-d + position_bias + eps[1])}
+
+
+def combine(p_ab: torch.Tensor, p_ba: torch.Tensor, order_average: bool = True) -> torch.Tensor:
+    """P(y1 ≻ y2): ½[p_AB + (1 - p_BA)] with order averaging (RLAIF §2), else p_AB alone."""
+    return 0.5 * (p_ab + (1 - p_ba)) if order_average else p_ab
+
+
+def label(P: torch.Tensor, mode: str) -> torch.Tensor:
+    """The label written for y1 ≻ y2 from P: soft (P), hard (1[P > ½], ½ on a tie) or clamped to [0.4, 0.6]."""
+    if mode == "soft":
+        return P
+    if mode == "hard":
+        return torch.where(P > 0.5, 1.0, torch.where(P < 0.5, 0.0, 0.5)).double()
+    if mode == "clamped":
+        return P.clamp(0.4, 0.6)
+    raise ValueError(f"unknown label mode {mode!r}; expected soft, hard or clamped")
+
+
+# ----- measuring labels against the gold judge -------------------------------------------------------------
+
+
+def agreement(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> float:
+    """mean 1[(P - ½)(g1 - g2) > 0] over pairs whose gold differs, ½ where P = ½ (a label that prefers neither)."""
+    differ = g1 != g2
+    right = ((P - 0.5) * (g1 - g2) > 0).double() + 0.5 * (P == 0.5).double()
+    return right[differ].mean().item() if differ.any() else float("nan")
+
+
+def log_loss(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> float:
+    """-mean log P(the gold-better answer) over pairs whose gold differs (P clipped to [1e-6, 1 - 1e-6])."""
+    differ = g1 != g2
+    q = torch.where(g1 > g2, P, 1 - P).clamp(1e-6, 1 - 1e-6)
+    return -q[differ].log().mean().item() if differ.any() else float("nan")
+
+
+def calibration(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bins: int = 10) -> list[dict]:
+    """Reliability table: pairs whose gold differs, binned by P -> per bin its range, count, mean P and the share
+    where y1 is the gold-better answer (a calibrated labeller has the two equal)."""
+    differ = g1 != g2
+    P, y1_better = P[differ], (g1 > g2)[differ].double()
+    which = (P * bins).long().clamp(max=bins - 1)
+    return [{"bin": [b / bins, (b + 1) / bins], "n": int((which == b).sum()),
+             "mean_p": P[which == b].mean().item(), "gold_rate": y1_better[which == b].mean().item()}
+            for b in range(bins) if (which == b).any()]
+
+
+# ----- the judging corpus (helpdesk world) -----------------------------------------------------------------
+
+
+def garble(answer: str, rng: random.Random) -> str:
+    """A policy-like failure of a generated answer: cut off mid-sentence (the length limit), or one sentence's
+    words shuffled, or a sentence said twice; the judging corpus needs incoherent and rambling answers too."""
+    words = answer.split()
+    kind = rng.choice(("cut", "shuffle", "repeat"))
+    if kind == "cut" and len(words) > 3:
+        return " ".join(words[:rng.randrange(2, len(words) - 1)])
+    said = helpdesk.sentences(answer)
+    if kind == "shuffle" and said:
+        i = rng.randrange(len(said))
+        shuffled = said[i].split()
+        rng.shuffle(shuffled)
+        said[i] = " ".join(shuffled)
+        return " ".join(said)
+    return " ".join(said + said[-1:]) if said else answer
+
+
+def judge_corpus(principles: list[Principle], prompts, n: int, rng: random.Random) -> list[dict]:
+    """n comparison queries in the sft format, the principles in turn: for each, prompts are drawn from `prompts`
+    (an iterator) until two of a prompt's answers (generated, or garbled) differ in that principle's gold score;
+    the verdict "(A)" or "(B)" follows that score alone, the better answer in either slot at random."""
+    records = []
+    while len(records) < n:
+        principle = principles[len(records) % len(principles)]
+        for _ in range(500):
+            p = next(prompts)
+            answers = helpdesk.candidates(p, rng) + [helpdesk.demonstration(p, rng)]
+            answers.append(garble(rng.choice(answers), rng))
+            scored = [(principle_score(principle.score, p, y), y) for y in answers]
+            differ = [(x, y) for x in scored for y in scored if x[0] > y[0]]
+            if differ:
+                better, worse = rng.choice(differ)
+                a, b = (better, worse) if rng.random() < 0.5 else (worse, better)
+                records.append({"prompt": query(p, principle.text, a[1], b[1]), "completion": OPTIONS[a is worse],
+                                "principle": principle.text})
+                break
+        else:
+            raise ValueError(f"principle {principle.text!r} ({principle.score}) told no answers apart in 500 prompts")
+    return records
+
+
+def write_judge_corpus(data_dir, principles: list[Principle], n_train: int, n_test: int, seed: int) -> Path:
+    """data_dir/judge/{sft,sft_test}.jsonl on fresh draws of the world's prompts, never its held-out test prompts
+    (the policies are measured there). The prompt space is small (about 100 distinct competitor prompts, and
+    the training set holds nearly all of them), so the judge's prompts do overlap the policy's training prompts;
+    its answers never overlap the policy's samples: they come from the answer generator."""
+    data_dir = Path(data_dir)
+    held_out = {r["prompt"] for r in read_jsonl(data_dir / "prompts_test.jsonl", "prompts")}
+    rng = random.Random(f"{seed}/judge")
+    fresh = (p for p in helpdesk.prompt_stream(f"judge/{seed}") if p not in held_out)
+    out = data_dir / "judge"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, n in (("sft_test.jsonl", n_test), ("sft.jsonl", n_train)):
+        records = judge_corpus(principles, fresh, n, rng)
+        tmp = out / (name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(out / name)
+    return out
+
+
+def train_judge(cfg: Config, principles: list[Principle]) -> None:
+    """Write the judging corpus and train the feedback model with train_sft.py (a separate process: the package
+    does not import the scripts)."""
+    script = Path(__file__).resolve().parent.parent / "train_sft.py"
+    if not script.exists():
+        raise FileNotFoundError(f"no feedback model at {cfg.judge}, and no train_sft.py at {script} to train one")
+    corpus = write_judge_corpus(cfg.data_dir, principles, cfg.judge_train, 500, cfg.seed)
+    print(f"training the feedback model into {cfg.judge} on {corpus} ({cfg.judge_steps} steps)")
+    subprocess.run([sys.executable, str(script), f"--data_dir={corpus}", f"--out_dir={cfg.judge}",
+                    f"--block_size={cfg.judge_block_size}", f"--max_steps={cfg.judge_steps}", "--n_eval=0",
+                    f"--seed={cfg.seed}", f"--device={cfg.device}"], check=True)
+
+
+# ----- the labelling pass ------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict:
+    for name, value, allowed in (("principles", cfg.principles, ("sample", "ensemble")),
+                                 ("labels", cfg.labels, ("soft", "hard", "clamped")),
+                                 ("labeller", cfg.labeller, ("model", "synthetic"))):
+        if value not in allowed:
+            raise SystemExit(f"--{name}={value}: expected one of {', '.join(allowed)}")
+    if cfg.k < 2:
+        raise SystemExit(f"--k={cfg.k}: need at least 2 answers per prompt to compare")
+    principles = read_constitution(cfg.constitution or None)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    # 1. the feedback model (trained first if missing) and the policy's answers, k per training prompt
+    if cfg.labeller == "model":
+        if not (Path(cfg.judge) / "config.json").exists():
+            train_judge(cfg, principles)
+        judge, judge_tok = load_model(cfg.judge)
+        judge = judge.to(device).eval()
+        option_ids(judge_tok)  # options the tokenizer splits differently fail here, before any sampling
+    policy, tok = load_model(cfg.policy)
+    prompts = [r["prompt"] for r in read_jsonl(Path(cfg.data_dir) / "prompts.jsonl", "prompts")]
+    prompts = random.Random(cfg.seed).sample(prompts, min(cfg.n_prompts, len(prompts)))
+    longest = max(len(tok.encode_prompt(p)) for p in prompts)
+    if longest + cfg.max_new_tokens > policy.config.block_size:
+        raise SystemExit(f"a prompt of {longest} tokens + --max_new_tokens={cfg.max_new_tokens} exceeds the policy's "
+                         f"context ({policy.config.block_size} tokens in {cfg.policy})")
+    t0 = time.time()
+    answers, _ = sample_answers(policy.to(device), tok, [p for p in prompts for _ in range(cfg.k)],
+                                cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+    t_sample = time.time() - t0
+    pairs = [(p, answers[i * cfg.k + a], answers[i * cfg.k + b]) for i, p in enumerate(prompts)
+             for a in range(cfg.k) for b in range(a + 1, cfg.k)]
+    n_all = len(pairs)  # a pair of equal answers, or with an empty one, says nothing and is no valid record
+    pairs = [(p, y1, y2) for p, y1, y2 in pairs if y1 != y2 and y1.strip() and y2.strip()]
+    print(f"{len(pairs)} pairs from {len(prompts)} prompts x {cfg.k} answers ({t_sample:.0f}s; "
+          f"{n_all - len(pairs)} left out: equal or empty answers)")
+
+    # 2. comparisons: one principle per pair (or every principle), each asked in both orders
+    rng = random.Random(f"{cfg.seed}/principles")
+    comparisons = [(i, m) for i in range(len(pairs)) for m in
+                   ([rng.randrange(len(principles))] if cfg.principles == "sample" else range(len(principles)))]
+    t0 = time.time()
+    if cfg.labeller == "model":
+        pref = model_preferences(judge, judge_tok, [(pairs[i][0], principles[m].text, *pairs[i][1:])
+                                                    for i, m in comparisons], cfg.batch_size)
+    else:  # the controlled labeller reads the principle's score: an experiment's instrument, not RLAIF proper
+        s = torch.tensor([[principle_score(principles[m].score, pairs[i][0], y) for y in pairs[i][1:]]
+                          for i, m in comparisons], dtype=torch.float64)
+        pref = synthetic_preferences(s[:, 0], s[:, 1], cfg.kappa, cfg.noise, cfg.position_bias,
+                                     torch.Generator().manual_seed(cfg.seed))
+    t_label = time.time() - t0
+    pair_of = torch.tensor([i for i, _ in comparisons])
+    P = per_pair(combine(pref["p_ab"], pref["p_ba"], cfg.order_average), pair_of, len(pairs))
+    p = label(P, cfg.labels)
+
+    # 3. the pairs file: chosen = the answer the label prefers, "p" = P(chosen is better) >= ½
+    rows = [{"prompt": pr, "chosen": y1 if q >= 0.5 else y2, "rejected": y2 if q >= 0.5 else y1,
+             "p": round(max(q, 1 - q), 6)} for (pr, y1, y2), q in zip(pairs, p.tolist())]
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+
+    # 4. the labels measured against the gold judge (evaluation only: nothing above read it)
+    result = measure(principles, pairs, comparisons, pref, p)
+    result.update({"labels": cfg.labels, "principles_mode": cfg.principles, "labeller": cfg.labeller,
+                   "order_average": cfg.order_average, "pairs": len(pairs), "pairs_left_out": n_all - len(pairs),
+                   "comparisons": len(comparisons),
+                   "comparisons_per_s": len(comparisons) / max(t_label, 1e-9), "label_time_s": t_label,
+                   "sample_time_s": t_sample})
+    if cfg.labeller == "model":
+        result["position_bias"] = position_bias(judge, judge_tok, pairs, principles, cfg)
+    Path(cfg.eval_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(cfg.eval_dir) / "eval.json", result)
+    print(f"wrote {out} ({len(rows)} pairs) and {Path(cfg.eval_dir) / 'eval.json'}")
+    print("eval:", {k: round(v, 4) for k, v in result.items() if k in
+                    ("agreement", "agreement_one_order", "human_label_agreement", "log_loss", "comparisons_per_s")})
+    return result
+
+
+def per_pair(values: torch.Tensor, pair_of: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """The mean of each pair's comparisons (one, or one per principle for the ensemble) -> [n_pairs]."""
+    total = torch.zeros(n_pairs, dtype=values.dtype).index_add_(0, pair_of, values)
+    return total / torch.bincount(pair_of, minlength=n_pairs)
+
+
+def measure(principles, pairs, comparisons, pref, p) -> dict:
+    """The written labels p against the gold judge (agreement, log-loss, calibration); agreement of both orders
+    averaged and of one order alone; per principle, agreement with its own score and with gold; and what
+    labels drawn like the world's human ones (σ(κ Δgold)) would agree on the same pairs."""
+    g = torch.tensor([[helpdesk.judge(pr, y)["gold"] for y in (y1, y2)] for pr, y1, y2 in pairs], dtype=torch.float64)
+    pair_of = torch.tensor([i for i, _ in comparisons])
+    both, one = combine(pref["p_ab"], pref["p_ba"]), pref["p_ab"]
+    result = {"agreement": agreement(p, g[:, 0], g[:, 1]),
+              "agreement_both_orders": agreement(per_pair(both, pair_of, len(pairs)), g[:, 0], g[:, 1]),
+              "agreement_one_order": agreement(per_pair(one, pair_of, len(pairs)), g[:, 0], g[:, 1]),
+              "human_label_agreement": helpdesk.bayes_ceiling(g.tolist()),
+              "log_loss": log_loss(p, g[:, 0], g[:, 1]), "calibration": calibration(p, g[:, 0], g[:, 1]),
+              "principles": {}}
+    for m, pr in enumerate(principles):
+        rows = [c for c, (_, mc) in enumerate(comparisons) if mc == m]
+        if rows:
+            own = torch.tensor([[principle_score(pr.score, pairs[comparisons[c][0]][0], y)
+                                 for y in pairs[comparisons[c][0]][1:]] for c in rows], dtype=torch.float64)
+            gold = g[pair_of[rows]]
+            result["principles"][pr.text] = {
+                "score": pr.score, "n": len(rows), "agreement_with_its_score": agreement(both[rows], own[:, 0], own[:, 1]),
+                "agreement_with_gold": agreement(both[rows], gold[:, 0], gold[:, 1])}
+    return result
+
+
+def position_bias(judge, tok, pairs, principles, cfg: Config, n: int = 200) -> dict:
+    """P(slot A) when both slots hold the same answer (½ for an unbiased labeller), over up to n answers under
+    random principles: one order alone, and averaged over both orders (½ by construction)."""
+    rng = random.Random(f"{cfg.seed}/position")
+    items = [(pr, rng.choice(principles).text, y, y) for pr, y, _ in pairs[:n]]
+    p_same = model_preferences(judge, tok, items, cfg.batch_size)["p_ab"]
+    return {"one_order": p_same.mean().item(), "both_orders": combine(p_same, p_same).mean().item()}
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
