@@ -197,7 +197,7 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
         if critic is not None:
             old_values = critic(ids, attention_mask=attn, output="scalar")[:, :-1]
         ref_logps, _, _ = forward(reference, ids, attn, mask, cfg.temperature, False)
-    kl = kl_estimate(old_logps, ref_logps, cfg.kl_estimator) * mask  # [B, T-1]
+    kl = kl_estimate(old_logps, ref_logps, cfg.kl_estimator)  # [B, T-1]; 0 off the response, where both are 0
     rewards = per_token_rewards(scores, kl, mask, beta)
     if cfg.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False, all_sum=all_sum)

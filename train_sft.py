@@ -43,6 +43,7 @@ class Config:
     min_lr: float = 1e-4  # end of the cosine
     warmup_steps: int = 50  # linear warmup
     weight_decay: float = 0.1  # on matrices only
+    prompt_loss_weight: float = 0.0  # weight of each prompt token's loss against a response token's (0 = off)
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
     log_interval: int = 25  # steps between progress lines
     ckpt_interval: int = 400  # steps between checkpoints (also at the end)
@@ -57,13 +58,16 @@ class Config:
 
 def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Config, ctx) -> tuple[dict, int]:
     """One optimizer step on this rank's (ids, n_prompt) examples: the gradient of the mean loss over the global
-    batch's response tokens, accumulated over micro-batches, then AdamW at the step's learning rate
-    -> (metrics, tokens read here)."""
-    n_tokens = global_sum(sum(len(ids) - n_prompt for ids, n_prompt in examples), ctx)  # response tokens + EOS
+    batch's response tokens (and prompt tokens, weighted by --prompt_loss_weight), accumulated over
+    micro-batches, then AdamW at the step's learning rate -> (metrics, tokens read here)."""
+    w = cfg.prompt_loss_weight  # each prompt token but the first is predicted, from the tokens before it
+    n_tokens = global_sum(sum(len(ids) - n_prompt + w * (n_prompt - 1) for ids, n_prompt in examples), ctx)
     loss_sum, tokens = 0.0, 0
     for micro in accumulate(model, examples, cfg.micro_batch_size):
         batch = {key: v.to(ctx.device) for key, v in collate(micro, pad_id).items()}
-        logps = model_logps(model, **batch)  # [B, T-1], zero on prompt and padding
+        if w > 0:  # the loss mask becomes a weight per token: 1 on the response, w on the prompt
+            batch["loss_mask"] = batch["loss_mask"] + w * (batch["attention_mask"] - batch["loss_mask"])
+        logps = model_logps(model, **batch)  # [B, T-1], zero where the weight is
         # FSDP averages gradients over ranks: scale by the world size so the sum is the global token mean
         loss = sft_loss(logps, batch["loss_mask"][:, 1:], n_tokens) * ctx.world
         loss.backward()

@@ -1,5 +1,7 @@
 """Log-probs and the SFT loss, each written a second way (float64 loops)."""
 
+import math
+
 import pytest
 import torch
 
@@ -78,6 +80,19 @@ def test_last_token_values_under_left_right_and_no_padding():
     assert last_token_values(values, right).tolist() == [2.0, 11.0]
     assert last_token_values(values, left).tolist() == [5.0, 10.0]
     assert last_token_values(values, torch.ones(2, 6, dtype=torch.long)).tolist() == [5.0, 11.0]
+
+
+def test_token_entropy_by_enumeration_and_shape_errors():
+    from nanoalign.losses import token_entropy, token_logps
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    for t in (1.0, 0.6):
+        p = (logits / t).softmax(-1)
+        expected = [-sum(p[i, v].item() * math.log(p[i, v].item()) for v in range(7)) for i in range(5)]
+        got = token_entropy(logits, t) if t != 1.0 else token_entropy(logits)  # the default temperature is 1
+        assert got.tolist() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(AssertionError, match=r"logits \(5, 7\) vs labels \(4,\)"):
+        token_logps(logits, torch.zeros(4, dtype=torch.long))
 
 
 def test_token_kl_matches_float64_enumeration_and_k1_mean():

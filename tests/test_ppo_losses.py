@@ -39,6 +39,7 @@ def test_gae_special_cases_and_padding():
     assert torch.allclose(adv, r + v_next - v)
     adv, _ = gae(r, v, mask, gamma=1.0, lam=1.0)  # γ = λ = 1: Â_t = Σ_{k>=t} r_k - V_t
     assert torch.allclose(adv, r.flip(1).cumsum(1).flip(1) - v)
+    assert torch.equal(gae(r, v, mask)[0], gae(r, v, mask, gamma=1.0, lam=0.95)[0])  # the defaults: γ 1, λ 0.95
     # extra padding columns (holding garbage) after the last token change nothing
     pad = lambda x, fill: torch.cat([x, torch.full((2, 3), fill, dtype=torch.float64)], 1)
     adv_pad, ret_pad = gae(pad(r, 7.0), pad(v, -3.0), pad(mask, 0.0), 0.95, 0.9)
@@ -76,6 +77,7 @@ def test_clipped_surrogate_hand_values_and_zero_gradients():
     (grad,) = torch.autograd.grad(loss, logps)
     assert grad[0, 0] == 0 and grad[0, 1] == 0  # ρ > 1+ε with Â > 0, ρ < 1-ε with Â < 0: clipped, no gradient
     assert grad[0, 2] != 0 and grad[0, 3] != 0  # ρ < 1-ε with Â > 0 is not clipped (pessimistic bound)
+    assert ppo_policy_loss(logps, old, adv, mask)[0].item() == loss.item()  # the default ε is 0.2
 
 
 def test_clipped_value_loss_hand_values():
@@ -86,6 +88,9 @@ def test_clipped_value_loss_hand_values():
     # token 1: max((0.5-1)², (0.2-1)²) = 0.64; token 2: max(0.81, 0.81) = 0.81
     assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
     assert clipfrac.item() == pytest.approx(0.5)
+    old, values = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.1, 0.5]])  # V - V_old = 0.1 (kept), 0.5 (clipped)
+    loss, clipfrac = ppo_value_loss(values, old, returns, torch.ones(1, 2))  # the default ε_v = 0.2
+    assert loss.item() == pytest.approx(0.5 * (0.01 + max(0.25, 0.64)) / 2) and clipfrac.item() == 0.5
 
 
 def test_sentinels_in_masked_slots_never_reach_a_loss():
@@ -179,6 +184,8 @@ def test_per_token_rewards_land_on_the_last_real_token():
     r = per_token_rewards(torch.tensor([2.0, -1.0]), kl, mask, beta=0.1)
     assert r[0].tolist() == pytest.approx([-0.01, -0.02, -0.03 + 2.0, 0.0])
     assert r[1].tolist() == pytest.approx([-0.05 - 1.0, 0.0, 0.0, 0.0])
+    r64 = per_token_rewards(torch.tensor([2.0, -1.0]), kl.double(), mask, beta=0.1)  # fp32 scores, fp64 KL
+    assert r64.dtype == torch.float64 and torch.allclose(r64, r.double())
 
 
 def test_whitening_masked_statistics():

@@ -36,13 +36,13 @@ def tiny_models(seed=0):
 
 
 def fixed_rollout(samples_per_prompt=2, seed=0):
-    """8 episodes: prompts of 2-4 tokens left-padded to 4, answers of 1-5 tokens right-padded to 5; EOS ends
+    """8 episodes: prompts of 2-4 tokens left-padded to 4, answers of 1-5 tokens right-padded to 6; EOS ends
     five of them, the other three stop at the length limit."""
     g = torch.Generator().manual_seed(seed)
     prompt_lens, answer_lens = [4, 2, 3, 4, 3, 2, 4, 3], [5, 1, 3, 5, 2, 4, 5, 3]
     eos = [True, True, False, True, True, False, True, False]
-    ids = torch.full((8, 9), PAD)
-    attn = torch.zeros(8, 9, dtype=torch.long)
+    ids = torch.full((8, 10), PAD)  # a padding column at the end: T - 1 = 9 differs from the batch's 8
+    attn = torch.zeros(8, 10, dtype=torch.long)
     for b in range(8):
         if b % samples_per_prompt == 0:  # a prompt's samples share it
             prompt = torch.randint(2, V, (prompt_lens[b],), generator=g)
@@ -107,6 +107,11 @@ def reference_update(models, roll, cfg, beta, update, adam):
     rewards = [[-beta * kl(o, r) for o, r in zip(old[b], ref[b])] for b in range(B)]
     for b in range(B):
         rewards[b][-1] += scores[b]
+    if cfg.whiten_rewards:  # unit variance over every response token, the mean kept
+        flat = [x for r in rewards for x in r]
+        mean = sum(flat) / len(flat)
+        std = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat) + 1e-8)
+        rewards = [[(x - mean) / std + mean for x in r] for r in rewards]
     if cfg.advantage == "gae":
         adv, ret = [], []
         for b in range(B):
@@ -190,6 +195,7 @@ VARIANTS = {
     "separate_critic": dict(critic="separate"),
     "adaptive_beta": dict(kl_target=0.01, kl_horizon=20),
     "k3": dict(kl_estimator="k3"),
+    "whiten_rewards": dict(whiten_rewards=True),
     "temperature_1": dict(temperature=1.0),
     "rloo": dict(advantage="rloo", samples_per_prompt=2),
     "grpo": dict(advantage="grpo", samples_per_prompt=4),
@@ -251,7 +257,7 @@ def test_missing_eos_penalty_replaces_the_score(monkeypatch):
     with torch.no_grad():
         raw = []
         for b in range(8):
-            last = max(t for t in range(9) if roll.attn[b, t] == 1)
+            last = max(t for t in range(roll.ids.shape[1]) if roll.attn[b, t] == 1)
             raw.append(1.5 * rm(roll.ids[b:b + 1], attention_mask=roll.attn[b:b + 1], output="scalar")[0, last] - 0.2)
     scored = [r.item() if eos else cfg.missing_eos_penalty for r, eos in zip(raw, roll.has_eos.tolist())]
     assert metrics["objective/rm_score"] == pytest.approx(sum(r.item() for r in raw) / 8)

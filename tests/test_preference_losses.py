@@ -91,8 +91,14 @@ def test_dpo_variants_by_hand():
     ls = lambda x: -math.log1p(math.exp(-x))  # log σ(x)
     cdpo, _, _ = dpo_loss(pc, pr, rc, rr, beta, label_smoothing=eps)
     assert cdpo.tolist() == pytest.approx([-(1 - eps) * ls(x) - eps * ls(-x) for x in bh.tolist()])
-    robust, _, _ = dpo_loss(pc, pr, rc, rr, beta, "robust", label_smoothing=eps)
-    assert robust.tolist() == pytest.approx([(-(1 - eps) * ls(x) + eps * ls(-x)) / 0.8 for x in bh.tolist()])
+    robust, _, _ = dpo_loss(pc, pr, rc, rr, beta, "robust", label_smoothing=eps)  # a float ε, float64 exact
+    assert robust.tolist() == pytest.approx([(-(1 - eps) * ls(x) + eps * ls(-x)) / 0.8 for x in bh.tolist()],
+                                            rel=1e-14)
+    for b in (0.25, 2.0):  # the IPO target 1/(2β), away from β = ½ where it equals 2β
+        h = torch.tensor([0.0, 0.8, 3.0], dtype=torch.float64)
+        assert dpo_loss(pc, pr, rc, rr, b, "ipo_sum")[0].tolist() == pytest.approx(((h - 1 / (2 * b)) ** 2).tolist())
+        assert dpo_loss(pc, pr, rc, rr, b, "ipo", **lengths)[0].tolist() == pytest.approx(
+            ((h / 4 - 1 / (2 * b)) ** 2).tolist())
     hinge, _, _ = dpo_loss(pc, pr, rc, rr, beta, "hinge")
     assert hinge.tolist() == pytest.approx([1.0, 0.6, 0.0])
     ipo_sum, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo_sum")

@@ -1,7 +1,8 @@
 """train_sft.py's training steps against a hand-written float64 reference.
 
-The reference scores each demonstration from its own unpadded forward, one response token at a time (the EOS
-included, the prompt not), divides the batch's summed negative log-likelihood by its number of response tokens,
+The reference scores each demonstration from its own unpadded forward, one token at a time (the response with
+its EOS at weight 1, the prompt at --prompt_loss_weight), divides the batch's weighted negative log-likelihood
+by its summed weights,
 and takes AdamW steps by hand; it imports nothing from nanoalign.losses. train_sft.main's steps (two
 micro-batches of different token counts each) must reach the same weights and log the same losses.
 """
@@ -26,9 +27,10 @@ def reference_steps(cfg, init_dir, records, steps):
         for i in batch_indices(len(records), cfg.batch_size, step, cfg.seed):
             prompt, answer = tok.encode_prompt(records[i]["prompt"]), tok.encode_response(records[i]["completion"])
             logits = model(torch.tensor([prompt + answer]))[0]
-            for t in range(len(prompt), len(prompt) + len(answer)):  # logits at t-1 score token t
-                nll = nll - (logits[t - 1, (prompt + answer)[t]] - torch.logsumexp(logits[t - 1], 0))
-            n_tokens += len(answer)
+            for t in range(1, len(prompt) + len(answer)):  # logits at t-1 score token t
+                w = 1.0 if t >= len(prompt) else cfg.prompt_loss_weight
+                nll = nll - w * (logits[t - 1, (prompt + answer)[t]] - torch.logsumexp(logits[t - 1], 0))
+                n_tokens += w
         loss = nll / n_tokens
         loss.backward()
         lr = warmup_cosine(step, steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
@@ -37,8 +39,9 @@ def reference_steps(cfg, init_dir, records, steps):
     return dict(model.named_parameters()), out
 
 
-def test_sft_steps_equal_the_hand_written_reference(tiny_run, tmp_path):
-    cfg = train_sft.Config(data_dir=str(tiny_run / "data"), out_dir=str(tmp_path / "sft"),
+@pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.3])
+def test_sft_steps_equal_the_hand_written_reference(tiny_run, tmp_path, prompt_loss_weight):
+    cfg = train_sft.Config(prompt_loss_weight=prompt_loss_weight, data_dir=str(tiny_run / "data"), out_dir=str(tmp_path / "sft"),
                            init_from=str(tiny_run / "init"), batch_size=6, micro_batch_size=3, max_steps=3,
                            warmup_steps=1, lr=1e-2, min_lr=1e-3, weight_decay=0.1, grad_clip=0.5, log_interval=1,
                            n_eval=0, seed=3)

@@ -18,9 +18,10 @@ import train_ppo
 import train_sft
 from conftest import run_killed_at, torchrun
 from nanoalign.checkpoint import load_model, write_checkpoint
+from nanoalign.data import batch_indices
 from nanoalign.losses import gae, kl_estimate, per_token_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from nanoalign.sampling import reward_scores, sample
-from nanoalign.scaffold import gathered, setup, teardown, wrap_model
+from nanoalign.scaffold import Dist, gathered, setup, teardown, wrap_model
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,28 @@ def rollout(model, tok, temperature=0.7, n=8):
     attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
     mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:].float()
     return ids, attn, mask
+
+
+def test_rollout_samples_each_row_at_the_temperature_and_marks_the_answers_that_stopped(ppo_dirs):
+    """rollout = the shared sampler with each episode's own generator, at --temperature, the answer length
+    bounded by the context; has_eos and the response mask follow the sampled tokens."""
+    policy, tok = load_model(ppo_dirs / "sft")
+    prompts = [f"Where is my lamp, order #{1000 + 37 * i}?" for i in range(6)]
+    cfg = train_ppo.Config(rollout_size=6, samples_per_prompt=2, max_new_tokens=100, temperature=0.7, seed=1)
+    roll = train_ppo.rollout(policy, tok, prompts, cfg, Dist(0, 1, torch.device("cpu")), update=2)
+    batch = [prompts[i] for i in batch_indices(len(prompts), 3, 2, cfg.seed)]
+    encoded = [tok.encode_prompt(p) for p in batch for _ in range(2)]
+    limit = policy.config.block_size - max(map(len, encoded))
+    assert limit < cfg.max_new_tokens  # the context, not --max_new_tokens, bounds the answers here
+    out = sample(policy, encoded, limit, tok.eos_id, tok.pad_id, temperature=0.7,
+                 generator=train_ppo.row_generators(cfg.seed, 2, range(6), 6, torch.device("cpu")))
+    assert roll.prompts == [p for p in batch for _ in range(2)]
+    assert roll.ids[:, -out["response_ids"].shape[1]:].tolist() == out["response_ids"].tolist()
+    for b in range(6):
+        response = [t for t, m in zip(out["response_ids"][b].tolist(), out["response_mask"][b].tolist()) if m]
+        assert roll.has_eos[b].item() == (tok.eos_id in response) and roll.mask[b].sum().item() == len(response)
+        assert roll.answers[b] == tok.decode(response)
+    assert 0 < roll.has_eos.sum() < 6  # both kinds present (seed chosen so), or the check above is weak
 
 
 def test_first_ratio_is_one_against_the_sampler(tiny_run):

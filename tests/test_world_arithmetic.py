@@ -49,7 +49,8 @@ def test_sft_step(tiny_run, model64, monkeypatch):
     model, tok = model64
     records = read_jsonl(tiny_run / "data" / "sft.jsonl")[:6]
     examples = [encode_example(tok, r["prompt"], r["completion"], 48) for r in records]
-    cfg = train_sft.Config(batch_size=6, micro_batch_size=4, max_steps=2, warmup_steps=1, lr=1e-2, grad_clip=0.5)
+    cfg = train_sft.Config(batch_size=6, micro_batch_size=4, max_steps=2, warmup_steps=1, lr=1e-2, grad_clip=0.5,
+                           prompt_loss_weight=0.2)
     one, two = model, copy.deepcopy(model)
     opt_one, opt_two = make_optimizer(one, cfg.lr, 0.1), make_optimizer(two, cfg.lr, 0.1)
     for step in range(2):
@@ -106,7 +107,8 @@ def test_rm_step(tiny_run, monkeypatch):
             assert t1 == t2 == sum(len(ids) for g in groups for ids, _ in g["rows"])
 
 
-@pytest.mark.parametrize("variant", [{}, dict(critic="separate"), dict(advantage="grpo", samples_per_prompt=4)])
+@pytest.mark.parametrize("variant", [{}, dict(critic="separate", whiten_rewards=True),
+                                     dict(advantage="grpo", samples_per_prompt=4)])
 def test_ppo_update(monkeypatch, variant):
     monkeypatch.setattr(train_ppo.helpdesk, "judge", gold)
     cfg = replace(BASE, minibatches=1, **variant)  # one minibatch: the same rows for any world size
@@ -138,3 +140,12 @@ def test_rollout_shares(tiny_run, monkeypatch):
     assert half.prompts == whole.prompts[4:] and half.answers == whole.answers[4:]
     assert half.has_eos.tolist() == whole.has_eos[4:].tolist()
     assert half.mask.sum(-1).tolist() == whole.mask[4:].sum(-1).tolist()
+
+
+def test_global_mean_and_unbiased_variance(monkeypatch):
+    x = torch.tensor([1.0, 2.0, 4.0, 9.0], dtype=torch.float64)
+    assert train_ppo.global_mean(x, ONE) == pytest.approx(4.0)
+    assert train_ppo.global_var(x, ONE) == pytest.approx(x.var().item())  # torch's unbiased convention
+    as_rank_of_two(monkeypatch, train_ppo)  # the peer holds x too: the statistics of [x, x]
+    assert train_ppo.global_mean(x, TWO) == pytest.approx(4.0)
+    assert train_ppo.global_var(x, TWO) == pytest.approx(torch.cat([x, x]).var().item())
