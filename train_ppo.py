@@ -179,7 +179,7 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
 
     # 2. score: normalised RM (or gold) at the last real token; no EOS -> the penalty replaces it
     gold = torch.tensor([helpdesk.judge(p, a)["gold"] for p, a in zip(roll.prompts, roll.answers)],
-                        device=ctx.device)
+                        dtype=torch.float64, device=ctx.device)
     with torch.no_grad():
         rm, gain, bias = reward
         rm_scores = reward_scores(rm, ids, attn, gain, bias)  # [B]

@@ -51,7 +51,7 @@ class Config:
     out: str = "data/ai_pairs.jsonl"  # the labelled pairs: prompt, chosen, rejected, p = P(chosen is better)
     eval_dir: str = "out/rlaif"  # eval.json: the labels measured against the gold judge
     n_prompts: int = 1000  # training prompts whose answers are labelled
-    k: int = 2  # answers sampled per prompt; each of their C(k, 2) pairs is labelled
+    k: int = 4  # answers sampled per prompt; each of their C(k, 2) pairs is labelled (as the human rankings)
     principles: str = "sample"  # sample: one principle per comparison (CAI) | ensemble: P averaged over all
     labels: str = "soft"  # soft: p = P | hard: p = 1 | clamped: p clipped to [0.4, 0.6] (CAI §4.3)
     order_average: bool = True  # average both orders (False: y1 always in slot A)
@@ -63,8 +63,9 @@ class Config:
     temperature: float = 1.0  # sampling temperature of the policy
     batch_size: int = 16  # comparisons per forward of the feedback model (4 sequences each)
     judge_train: int = 24000  # judging-corpus queries for a new feedback model
-    judge_steps: int = 1500  # its train_sft.py steps (batch 32)
+    judge_steps: int = 1000  # its train_sft.py steps (batch 32)
     judge_block_size: int = 320  # its context: a query holds the customer's message and two answers
+    judge_prompt_loss: float = 0.1  # its loss on the query tokens: without it the verdict alone stays at chance
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
 
@@ -282,6 +283,7 @@ def train_judge(cfg: Config, principles: list[Principle]) -> None:
     print(f"training the feedback model into {cfg.judge} on {corpus} ({cfg.judge_steps} steps)")
     subprocess.run([sys.executable, str(script), f"--data_dir={corpus}", f"--out_dir={cfg.judge}",
                     f"--block_size={cfg.judge_block_size}", f"--max_steps={cfg.judge_steps}", "--n_eval=0",
+                    f"--prompt_loss_weight={cfg.judge_prompt_loss}",
                     f"--seed={cfg.seed}", f"--device={cfg.device}"], check=True)
 
 
@@ -361,6 +363,9 @@ def main(cfg: Config) -> dict:
                    "sample_time_s": t_sample})
     if cfg.labeller == "model":
         result["position_bias"] = position_bias(judge, judge_tok, pairs, principles, cfg)
+        held_out = Path(cfg.data_dir) / "judge" / "sft_test.jsonl"
+        if held_out.exists():  # the judging corpus's own test queries: verdicts it was taught to give
+            result["judge_test_accuracy"] = judge_accuracy(judge, judge_tok, read_jsonl(held_out, "sft"), cfg.batch_size)
     Path(cfg.eval_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.eval_dir) / "eval.json", result)
     print(f"wrote {out} ({len(rows)} pairs) and {Path(cfg.eval_dir) / 'eval.json'}")
@@ -398,6 +403,16 @@ def measure(principles, pairs, comparisons, pref, p) -> dict:
                 "score": pr.score, "n": len(rows), "agreement_with_its_score": agreement(both[rows], own[:, 0], own[:, 1]),
                 "agreement_with_gold": agreement(both[rows], gold[:, 0], gold[:, 1])}
     return result
+
+
+def judge_accuracy(judge, tok, records: list[dict], batch_size: int = 16) -> dict:
+    """The share of judging-corpus queries whose verdict the feedback model prefers, per principle and overall."""
+    logits = option_logits(judge, tok, [r["prompt"] for r in records], 2 * batch_size)
+    right = [(x > 0) == (r["completion"] == OPTIONS[0]) for r, x in zip(records, logits.tolist())]
+    out = {}
+    for r, ok in zip(records, right):
+        out.setdefault(r.get("principle", "all"), []).append(ok)
+    return {**{k: sum(v) / len(v) for k, v in out.items()}, "all": sum(right) / len(right)}
 
 
 def position_bias(judge, tok, pairs, principles, cfg: Config, n: int = 200) -> dict:

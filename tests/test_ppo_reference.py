@@ -9,6 +9,7 @@ train_ppo's update, run on copies of the same models, must land on the same para
 """
 import copy
 import math
+import time
 from dataclasses import replace
 
 import pytest
@@ -99,7 +100,14 @@ def reference_update(models, roll, cfg, beta, update, adam):
             last = max(t for t in range(roll.ids.shape[1]) if roll.attn[b, t] == 1)
             r = rm(roll.ids[b:b + 1], attention_mask=roll.attn[b:b + 1], output="scalar")[0, last].item()
             raw.append(gain * r + bias)
-            scores.append(raw[-1] if roll.has_eos[b] else cfg.missing_eos_penalty)
+    golds = [gold(p, "")["gold"] for p in roll.prompts]
+    if cfg.reward == "gold":  # the gold judge, normalised like the RM: mean 0, population std 1 over the rollout
+        mean = sum(golds) / B
+        std = math.sqrt(sum((g - mean) ** 2 for g in golds) / B)
+        earned = [(g - mean) / std for g in golds]
+    else:
+        earned = raw
+    scores = [e if roll.has_eos[b] else cfg.missing_eos_penalty for b, e in enumerate(earned)]
 
     def kl(o, r):
         return o - r if cfg.kl_estimator == "k1" else math.exp(r - o) - 1 - (r - o)
@@ -173,7 +181,7 @@ def reference_update(models, roll, cfg, beta, update, adam):
     metrics = {"objective/kl": mean([-sum(x) for x in u]), "objective/kl_k2": mean([sum(x * x / 2 for x in e) for e in u]),
                "objective/kl_k3": mean([sum(math.expm1(x) - x for x in e) for e in u]),
                "objective/score": mean(scores), "objective/rm_score": mean(raw),
-               "objective/gold": mean([gold(p, "")["gold"] for p in roll.prompts]), "objective/beta": beta,
+               "objective/gold": mean(golds), "objective/beta": beta,
                "response/length": mean([len(e) for e in old]), "response/eos_rate": mean(roll.has_eos.tolist()),
                **{f"ppo/{k}": mean(v) for k, v in logged.items()}}
     if cfg.advantage == "gae":  # 1 - Var(R - V) / Var(R) over the response tokens, unbiased variances
@@ -196,6 +204,7 @@ VARIANTS = {
     "adaptive_beta": dict(kl_target=0.01, kl_horizon=20),
     "k3": dict(kl_estimator="k3"),
     "whiten_rewards": dict(whiten_rewards=True),
+    "reward_gold": dict(reward="gold"),
     "temperature_1": dict(temperature=1.0),
     "rloo": dict(advantage="rloo", samples_per_prompt=2),
     "grpo": dict(advantage="grpo", samples_per_prompt=4),
@@ -217,11 +226,15 @@ def test_ppo_update_equals_the_hand_written_reference(name, monkeypatch):
 
     optimizer = make_optimizer(ours[0], cfg.lr, 0.0, eps=cfg.adam_eps)
     critic_opt = make_optimizer(ours[3], cfg.critic_lr, 0.0, eps=cfg.adam_eps) if separate else None
-    beta, logged = cfg.beta, []
+    beta, logged, gold_norm = cfg.beta, [], None
     for update in range(2):
         ours[0].eval()
-        metrics, _ = train_ppo.ppo_update(roll, ours[0], ours[3] if separate else None, ours[1],
-                                          (ours[2], gain, bias), optimizer, critic_opt, beta, None, cfg, CTX, update)
+        t0 = time.time()
+        metrics, gold_norm = train_ppo.ppo_update(roll, ours[0], ours[3] if separate else None, ours[1],
+                                                  (ours[2], gain, bias), optimizer, critic_opt, beta, gold_norm, cfg,
+                                                  CTX, update)
+        wall = time.time() - t0
+        assert 0 <= metrics["time/score"] <= metrics["time/score"] + metrics["time/train"] <= wall
         logged.append(metrics)
         if cfg.kl_target > 0:
             beta = train_ppo.adaptive_kl_beta(beta, metrics["objective/kl"], cfg.kl_target, cfg.rollout_size,

@@ -210,3 +210,17 @@ def test_ai_pairs_feed_the_reward_model_and_dpo(tiny_run, judge_dir, rlaif_world
     with pytest.raises(ValueError, match=r"hard.jsonl:1: no field 'p'"):
         train_rm.main(train_rm.Config(data_dir=str(rlaif_world), out_dir=str(tmp_path / "rm2"), data="pairs",
                                       pairs_file="hard.jsonl", soft_labels=True, init_from=str(judge_dir)))
+
+
+def test_a_missing_feedback_model_is_trained_first(rlaif_world, judge_dir, tmp_path):
+    """No checkpoint at --judge: the judging corpus is written beside the world and train_sft.py trains one."""
+    cfg = rlaif.Config(data_dir=str(rlaif_world), policy=str(judge_dir), judge=str(tmp_path / "judge"),
+                       out=str(tmp_path / "ai_pairs.jsonl"), eval_dir=str(tmp_path / "eval"), n_prompts=3, k=2,
+                       max_new_tokens=4, judge_train=40, judge_steps=2, seed=5)
+    result = rlaif.main(cfg)
+    assert (tmp_path / "judge" / "model.safetensors").exists()
+    assert len(read_jsonl(rlaif_world / "judge" / "sft.jsonl", "sft")) == 40
+    test_prompts = {r["prompt"] for r in read_jsonl(rlaif_world / "prompts_test.jsonl", "prompts")}
+    corpus = read_jsonl(rlaif_world / "judge" / "sft_test.jsonl", "sft")
+    assert not any(r["prompt"].split("\n")[0].removeprefix("Customer: ") in test_prompts for r in corpus)
+    assert 0 <= result["judge_test_accuracy"]["all"] <= 1
