@@ -130,16 +130,20 @@ def test_ppo_update(monkeypatch, variant):
     same_steps(c1, c2, {}, {})
 
 
-def test_rollout_shares(tiny_run, monkeypatch):
-    """Rank 1 of 2 samples exactly rows 4-7 of the one-process rollout: the same prompts and answers."""
+def test_rollout_shares(tiny_run):
+    """Each rank of two samples exactly its half of the one-process rollout, and the longest prompt of the whole
+    rollout, not of the rank's half, bounds every answer (here the context binds, not --max_new_tokens)."""
     model, tok = load_model(tiny_run / "init")
-    prompts = [f"Where is my lamp, order #{1000 + 37 * i}?" for i in range(10)]
-    cfg = replace(BASE, rollout_size=8, samples_per_prompt=2, max_new_tokens=6)
+    prompts = ["Where is my lamp, order #1234? It has been a while.", "Hi", "Lamp?", "Order #77?"]
+    cfg = replace(BASE, rollout_size=8, samples_per_prompt=2, max_new_tokens=100)
     whole = train_ppo.rollout(model, tok, prompts, cfg, ONE, update=3)
-    half = train_ppo.rollout(model, tok, prompts, cfg, Dist(1, 2, torch.device("cpu")), update=3)
-    assert half.prompts == whole.prompts[4:] and half.answers == whole.answers[4:]
-    assert half.has_eos.tolist() == whole.has_eos[4:].tolist()
-    assert half.mask.sum(-1).tolist() == whole.mask[4:].sum(-1).tolist()
+    assert not whole.has_eos[:4].all() and not whole.has_eos[4:].all()  # answers in each half run to the bound
+    for rank in (0, 1):
+        half = train_ppo.rollout(model, tok, prompts, cfg, Dist(rank, 2, torch.device("cpu")), update=3)
+        rows = slice(4 * rank, 4 * rank + 4)
+        assert half.prompts == whole.prompts[rows] and half.answers == whole.answers[rows]
+        assert half.has_eos.tolist() == whole.has_eos[rows].tolist()
+        assert half.mask.sum(-1).tolist() == whole.mask[rows].sum(-1).tolist()
 
 
 def test_global_mean_and_unbiased_variance(monkeypatch):
