@@ -12,7 +12,7 @@ def test_token_logps_match_float64_loop():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 11, generator=g)
     labels = torch.randint(0, 11, (3, 7), generator=g)
-    for temperature in (1.0, 0.7):
+    for temperature in (1.0, 0.7, 2.0):
         fast = token_logps(logits, labels, temperature, chunk_rows=4)  # chunks that split rows unevenly
         for b in range(3):
             for t in range(7):
