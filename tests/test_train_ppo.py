@@ -238,12 +238,13 @@ def test_gathered_policy_decodes_without_collectives(tiny_run):
 
 def test_two_process_fsdp_matches_single_process(ppo_dirs, tmp_path):
     """2 gloo processes with FSDP2, each sampling and training on half of every rollout, == 1 process: one
-    generator per episode, whitening and loss normalisation over both ranks' tokens, the same minibatches.
+    generator per episode, whitening (rewards and advantages) and loss normalisation over both ranks' tokens,
+    the same minibatches.
     Tolerance 1e-5: only the order of floating-point reductions (and each rank's padding) differs."""
     cfg = lambda out: train_ppo.Config(data_dir=str(ppo_dirs / "data"), init_from=str(ppo_dirs / "sft"),
                                        reward_model=str(ppo_dirs / "rm"), out_dir=str(tmp_path / out), n_updates=2,
                                        rollout_size=8, minibatches=2, ppo_epochs=2, lr=3e-3, max_new_tokens=24,
-                                       n_eval=0, seed=3)
+                                       whiten_rewards=True, n_eval=0, seed=3)
     train_ppo.main(cfg("one"))
     torchrun("train_ppo.py", cfg("two"))
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
