@@ -31,8 +31,8 @@ from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl, req
 from nanoalign.evaluate import evaluate_policy, write_json
 from nanoalign.losses import dpo_loss
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config, resume,
-                                save_resumable, setup, teardown, wrap_model)
+from nanoalign.scaffold import (accumulate, Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config,
+                                resume, save_resumable, setup, teardown, wrap_model)
 
 
 @dataclass

@@ -38,8 +38,8 @@ from nanoalign.evaluate import sample_answers, write_json
 from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, reward_normalisation, soft_bradley_terry_loss
 from nanoalign.model import GPT
 from nanoalign.sampling import reward_scores
-from nanoalign.scaffold import (accumulate, ensure_world, Logger, full_state, global_sum, lr_at, make_optimizer, optimizer_step,
-                                parse_config, resume, save_resumable, setup, teardown, wrap_model)
+from nanoalign.scaffold import (accumulate, ensure_world, Logger, full_state, global_sum, lr_at, make_optimizer,
+                                optimizer_step, parse_config, resume, save_resumable, setup, teardown, wrap_model)
 
 
 @dataclass

@@ -16,8 +16,8 @@ two option strings, in both orders, averaged against position bias:
 For the helpdesk world the feedback model is trained from scratch with train_sft.py on a judging corpus the
 world writes (`write_judge_corpus`): comparison queries under one principle each, answered from that principle's
 gold score alone, on answers from the world's answer generator (never the policy's samples, so that it must
-generalise to them) and prompts outside the held-out test set. The labelling pass never calls the gold judge; eval.json does, to
-measure the labels (agreement, log-loss, calibration, position bias).
+generalise to them) and prompts outside the held-out test set. The labelling pass never calls the gold judge;
+eval.json does, to measure the labels (agreement, log-loss, calibration, position bias).
 """
 
 import json
@@ -365,7 +365,8 @@ def main(cfg: Config) -> dict:
         result["position_bias"] = position_bias(judge, judge_tok, pairs, principles, cfg)
         held_out = Path(cfg.data_dir) / "judge" / "sft_test.jsonl"
         if held_out.exists():  # the judging corpus's own test queries: verdicts it was taught to give
-            result["judge_test_accuracy"] = judge_accuracy(judge, judge_tok, read_jsonl(held_out, "sft"), cfg.batch_size)
+            result["judge_test_accuracy"] = judge_accuracy(judge, judge_tok, read_jsonl(held_out, "sft"),
+                                                           cfg.batch_size)
     Path(cfg.eval_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.eval_dir) / "eval.json", result)
     print(f"wrote {out} ({len(rows)} pairs) and {Path(cfg.eval_dir) / 'eval.json'}")
@@ -400,7 +401,8 @@ def measure(principles, pairs, comparisons, pref, p) -> dict:
                                  for y in pairs[comparisons[c][0]][1:]] for c in rows], dtype=torch.float64)
             gold = g[pair_of[rows]]
             result["principles"][pr.text] = {
-                "score": pr.score, "n": len(rows), "agreement_with_its_score": agreement(both[rows], own[:, 0], own[:, 1]),
+                "score": pr.score, "n": len(rows),
+                "agreement_with_its_score": agreement(both[rows], own[:, 0], own[:, 1]),
                 "agreement_with_gold": agreement(both[rows], gold[:, 0], gold[:, 1])}
     return result
 

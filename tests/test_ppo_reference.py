@@ -178,7 +178,8 @@ def reference_update(models, roll, cfg, beta, update, adam):
         return sum(xs) / len(xs)
 
     u = [[r - o for o, r in zip(old[b], ref[b])] for b in range(B)]
-    metrics = {"objective/kl": mean([-sum(x) for x in u]), "objective/kl_k2": mean([sum(x * x / 2 for x in e) for e in u]),
+    metrics = {"objective/kl": mean([-sum(x) for x in u]),
+               "objective/kl_k2": mean([sum(x * x / 2 for x in e) for e in u]),
                "objective/kl_k3": mean([sum(math.expm1(x) - x for x in e) for e in u]),
                "objective/score": mean(scores), "objective/rm_score": mean(raw),
                "objective/gold": mean(golds), "objective/beta": beta,

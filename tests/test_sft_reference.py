@@ -41,10 +41,10 @@ def reference_steps(cfg, init_dir, records, steps):
 
 @pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.3])
 def test_sft_steps_equal_the_hand_written_reference(tiny_run, tmp_path, prompt_loss_weight):
-    cfg = train_sft.Config(prompt_loss_weight=prompt_loss_weight, data_dir=str(tiny_run / "data"), out_dir=str(tmp_path / "sft"),
-                           init_from=str(tiny_run / "init"), batch_size=6, micro_batch_size=3, max_steps=3,
-                           warmup_steps=1, lr=1e-2, min_lr=1e-3, weight_decay=0.1, grad_clip=0.5, log_interval=1,
-                           n_eval=0, seed=3)
+    cfg = train_sft.Config(prompt_loss_weight=prompt_loss_weight, data_dir=str(tiny_run / "data"),
+                           out_dir=str(tmp_path / "sft"), init_from=str(tiny_run / "init"), batch_size=6,
+                           micro_batch_size=3, max_steps=3, warmup_steps=1, lr=1e-2, min_lr=1e-3, weight_decay=0.1,
+                           grad_clip=0.5, log_interval=1, n_eval=0, seed=3)
     torch.set_default_dtype(torch.float64)  # the script's model and optimizer in float64, as the reference
     try:
         train_sft.main(cfg)
