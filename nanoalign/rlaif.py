@@ -66,7 +66,7 @@ class Config:
     judge_steps: int = 1000  # its train_sft.py steps (batch 32)
     judge_block_size: int = 320  # its context: a query holds the customer's message and two answers
     judge_prompt_loss: float = 0.1  # its loss on the query tokens: without it the verdict alone stays at chance
-    seed: int = 1234
+    seed: int = 1234  # prompts, sampling, principles drawn per comparison, the feedback model's training
     device: str = "auto"  # auto | cpu | cuda
 
 

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -37,8 +38,12 @@ def parse_config(cls, argv=None):
     `None` is accepted for optional fields, `True`/`False` for booleans; unknown keys are an error."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(config_help(cls))
+        raise SystemExit(0)
     overrides = {}
-    for arg in sys.argv[1:] if argv is None else argv:
+    for arg in argv:
         key, sep, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep:
             raise SystemExit(f"expected --key=value, got {arg!r}")
@@ -46,6 +51,22 @@ def parse_config(cls, argv=None):
             raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
         overrides[key] = _convert(value, hints[key], key)
     return cls(**overrides)
+
+
+def config_help(cls) -> str:
+    """One line per field of the Config dataclass `cls`: --name=default, its type, and the comment written
+    beside it in the source (the only documentation a flag has)."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and name.isidentifier() and "#" in rest:
+            comments[name] = rest.split("#", 1)[1].strip()
+    hints = typing.get_type_hints(cls)
+    lines = [f"usage: python {Path(sys.argv[0]).name} [--key=value ...]; the flags, their defaults and types:"]
+    for f in dataclasses.fields(cls):
+        kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        lines.append(f"  --{f.name}={f.default}  ({kind})  {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
 
 
 def _convert(value: str, hint, key: str):

@@ -39,6 +39,35 @@ def test_parse_errors(argv, match):
         parse_config(Cfg, argv)
 
 
+def test_help_prints_each_flag_with_its_default_type_and_comment(capsys):
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as exit_:
+            parse_config(Cfg, ["--lr=2", flag])
+        assert exit_.value.code == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[1:] == ["  --lr=0.001  (float)  learning rate", "  --steps=10  (int)  steps",
+                             "  --name=run  (str)  name", "  --compile=False  (bool)  compile",
+                             "  --max_len=None  (int | None)  optional"]
+
+
+@pytest.mark.parametrize("module", ["train_sft", "train_rm", "train_dpo", "train_ppo", "nanoalign.evaluate",
+                                    "nanoalign.rlaif"])
+def test_every_entry_point_has_help(module, capsys):
+    import dataclasses
+    import importlib
+    cls = importlib.import_module(module).Config
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(cls, ["--help"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    fields = dataclasses.fields(cls)
+    assert len(lines) == len(fields)
+    for f, line in zip(fields, lines):
+        prefix = f"  --{f.name}={f.default}  ("
+        _, sep, comment = line.removeprefix(prefix).partition(")  ")
+        assert line.startswith(prefix) and sep and comment.strip(), f"--{f.name} has no comment in the Config"
+
+
 def test_lr_schedule_warmup_then_cosine():
     kw = dict(max_steps=110, lr=1.0, warmup_steps=10, min_lr=0.1)
     assert lr_at(0, **kw) == pytest.approx(0.1)
