@@ -86,6 +86,15 @@ def _validate(rec: dict, schema: str, where: str) -> dict:
     return {**rec, "where": where}
 
 
+def write_jsonl(path, rows: list[dict]) -> None:
+    """One JSON record per line, written beside `path` and renamed into place: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    tmp.replace(path)
+
+
 def require_soft_labels(records: list[dict]) -> None:
     """For runs that ask for soft labels (AI feedback): every pair must carry its own "p"."""
     missing = next((r for r in records if "p" not in r), None)

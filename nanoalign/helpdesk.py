@@ -39,9 +39,7 @@ P(i above j) = sigmoid(KAPPA * (g_i - g_j)) and a reward model's accuracy has a 
 
     write_world("data")    # sft, prefs, pairs, prompts JSONL files, each with a disjoint _test split
 """
-import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from functools import lru_cache
 from itertools import combinations, islice
 from pathlib import Path
 
+from nanoalign.data import write_jsonl
 from nanoalign.grammar import (COURTESY, ESCALATION_DAYS, PRODUCTS, REFUND_WINDOW, SECRET_KINDS, SECRETS,
                                SECURITY_CONTACT, SENTENCES, Parse, days, fill, parse, sentences, squash, unleet)
 
@@ -562,13 +561,6 @@ def bayes_ceiling(gold_pairs, kappa: float = KAPPA) -> float:
     return sum(1.0 / (1.0 + math.exp(-kappa * abs(a - b))) for a, b in pairs) / len(pairs)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # a reader never sees a half-written file
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
-
-
 def _write_split(data_dir: Path, suffix: str, prompts: list[str], seed: int) -> None:
     demo_rng = random.Random(f"{seed}/{suffix}/sft")
     prefs_rng = random.Random(f"{seed}/{suffix}/prefs")
@@ -580,10 +572,10 @@ def _write_split(data_dir: Path, suffix: str, prompts: list[str], seed: int) -> 
         ranking = noisy_ranking(gold, prefs_rng)
         prefs.append({"prompt": p, "responses": responses, "ranking": ranking, "gold": [round(g, 4) for g in gold]})
         pairs += [{"prompt": p, "chosen": responses[a], "rejected": responses[b]} for a, b in combinations(ranking, 2)]
-    _write_jsonl(data_dir / f"sft{suffix}.jsonl", sft)
-    _write_jsonl(data_dir / f"prefs{suffix}.jsonl", prefs)
-    _write_jsonl(data_dir / f"pairs{suffix}.jsonl", pairs)
-    _write_jsonl(data_dir / f"prompts{suffix}.jsonl", [{"prompt": p} for p in prompts])
+    write_jsonl(data_dir / f"sft{suffix}.jsonl", sft)
+    write_jsonl(data_dir / f"prefs{suffix}.jsonl", prefs)
+    write_jsonl(data_dir / f"pairs{suffix}.jsonl", pairs)
+    write_jsonl(data_dir / f"prompts{suffix}.jsonl", [{"prompt": p} for p in prompts])
 
 
 def write_world(data_dir, seed: int = 0, n_train: int = 4000, n_test: int = 200) -> None:

@@ -14,13 +14,12 @@ two option strings, in both orders, averaged against position bias:
     P(y1 ≻ y2) = ½ [p_AB + (1 - p_BA)]                          p_BA: the same with the answers swapped
 
 For the helpdesk world the feedback model is trained from scratch with train_sft.py on a judging corpus the
-world writes (`write_judge_corpus`): comparison queries under one principle each, answered from that principle's
-gold score alone, on answers from the world's answer generator (never the policy's samples, so that it must
-generalise to them) and prompts outside the held-out test set. The labelling pass never calls the gold judge;
-eval.json does, to measure the labels (agreement, log-loss, calibration, position bias).
+world writes (`constitution.write_judge_corpus`): comparison queries under one principle each, answered from
+that principle's gold score alone, on answers from the world's answer generator (never the policy's samples, so
+that it must generalise to them) and prompts outside the held-out test set. The labelling pass never calls the
+gold judge; eval.json does, to measure the labels (agreement, log-loss, calibration, position bias).
 """
 
-import json
 import random
 import subprocess
 import sys
@@ -32,14 +31,12 @@ import torch
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model
-from nanoalign.data import collate, read_jsonl
+from nanoalign.constitution import OPTIONS, Principle, option_ids, principle_score, query, read_constitution, \
+    write_judge_corpus
+from nanoalign.data import collate, read_jsonl, write_jsonl
 from nanoalign.evaluate import sample_answers, write_json
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import parse_config
-
-CONSTITUTION = Path(__file__).with_name("constitution.txt")
-OPTIONS = ("(A)", "(B)")
-SCORES = (*helpdesk.PRINCIPLES, "gold")  # what a principle may name as its gold score
+from nanoalign.scaffold import parse_config, setup
 
 
 @dataclass
@@ -68,61 +65,6 @@ class Config:
     judge_prompt_loss: float = 0.1  # its loss on the query tokens: without it the verdict alone stays at chance
     seed: int = 1234  # prompts, sampling, principles drawn per comparison, the feedback model's training
     device: str = "auto"  # auto | cpu | cuda
-
-
-# ----- the constitution and the query -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Principle:
-    score: str  # the gold judge's score that teaches and measures it
-    text: str  # the instruction the feedback model reads
-
-
-def read_constitution(path=None) -> list[Principle]:
-    """Principles from a file of "<score>: <instruction>" lines ('#' comments and blank lines skipped). An unknown
-    score, an empty instruction, a duplicate, or fewer than two principles is an error naming the file and line."""
-    path = Path(path or CONSTITUTION)
-    principles, seen = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        score, sep, text = (part.strip() for part in line.partition(":"))
-        where = f"{path}:{n}"
-        if not sep or score not in SCORES:
-            raise ValueError(f"{where}: expected '<score>: <instruction>' with score one of {', '.join(SCORES)}; "
-                             f"got {line!r}")
-        if not text:
-            raise ValueError(f"{where}: empty principle")
-        if text.lower() in seen:
-            raise ValueError(f"{where}: duplicate principle, first at line {seen[text.lower()]}")
-        seen[text.lower()] = n
-        principles.append(Principle(score, text))
-    if len(principles) < 2:
-        raise ValueError(f"{path}: {len(principles)} principle(s); a constitution needs at least 2")
-    return principles
-
-
-def query(prompt: str, principle: str, answer_a: str, answer_b: str) -> str:
-    """The comparison query, a user message; render_prompt (the shared chat template) adds the assistant cue."""
-    return (f"Customer: {prompt}\nPrinciple: {principle}\n(A) {answer_a}\n(B) {answer_b}\n"
-            f"Which answer follows the principle better?")
-
-
-def option_ids(tok) -> tuple[list[int], list[int]]:
-    """The two options as response tokens (+ EOS). They must split alike, position by position, so that their
-    log-probs compare like for like; a tokenizer that splits them differently is an error."""
-    a, b = (tok.encode_response(o) for o in OPTIONS)
-    if len(a) != len(b) or sum(x != y for x, y in zip(a, b)) != 1:
-        raise ValueError(f"the feedback model's tokenizer splits the options differently: {OPTIONS[0]!r} -> {a}, "
-                         f"{OPTIONS[1]!r} -> {b}; they must differ in exactly one token")
-    return a, b
-
-
-def principle_score(score: str, prompt: str, answer: str) -> float:
-    """The gold judge's score that a principle names (the judging corpus and the measurements use it)."""
-    return helpdesk.judge(prompt, answer)["gold"] if score == "gold" else helpdesk.PRINCIPLE_FNS[score](prompt, answer)
 
 
 # ----- preferences ----------------------------------------------------------------------------------------
@@ -210,69 +152,6 @@ def calibration(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bins: int =
             for b in range(bins) if (which == b).any()]
 
 
-# ----- the judging corpus (helpdesk world) -----------------------------------------------------------------
-
-
-def garble(answer: str, rng: random.Random) -> str:
-    """A policy-like failure of a generated answer: cut off mid-sentence (the length limit), or one sentence's
-    words shuffled, or a sentence said twice; the judging corpus needs incoherent and rambling answers too."""
-    words = answer.split()
-    kind = rng.choice(("cut", "shuffle", "repeat"))
-    if kind == "cut" and len(words) > 3:
-        return " ".join(words[:rng.randrange(2, len(words) - 1)])
-    said = helpdesk.sentences(answer)
-    if kind == "shuffle" and said:
-        i = rng.randrange(len(said))
-        shuffled = said[i].split()
-        rng.shuffle(shuffled)
-        said[i] = " ".join(shuffled)
-        return " ".join(said)
-    return " ".join(said + said[-1:]) if said else answer
-
-
-def judge_corpus(principles: list[Principle], prompts, n: int, rng: random.Random) -> list[dict]:
-    """n comparison queries in the sft format, the principles in turn: for each, prompts are drawn from `prompts`
-    (an iterator) until two of a prompt's answers (generated, or garbled) differ in that principle's gold score;
-    the verdict "(A)" or "(B)" follows that score alone, the better answer in either slot at random."""
-    records = []
-    while len(records) < n:
-        principle = principles[len(records) % len(principles)]
-        for _ in range(500):
-            p = next(prompts)
-            answers = helpdesk.candidates(p, rng) + [helpdesk.demonstration(p, rng)]
-            answers.append(garble(rng.choice(answers), rng))
-            scored = [(principle_score(principle.score, p, y), y) for y in answers]
-            differ = [(x, y) for x in scored for y in scored if x[0] > y[0]]
-            if differ:
-                better, worse = rng.choice(differ)
-                a, b = (better, worse) if rng.random() < 0.5 else (worse, better)
-                records.append({"prompt": query(p, principle.text, a[1], b[1]), "completion": OPTIONS[a is worse],
-                                "principle": principle.text})
-                break
-        else:
-            raise ValueError(f"principle {principle.text!r} ({principle.score}) told no answers apart in 500 prompts")
-    return records
-
-
-def write_judge_corpus(data_dir, principles: list[Principle], n_train: int, n_test: int, seed: int) -> Path:
-    """data_dir/judge/{sft,sft_test}.jsonl on fresh draws of the world's prompts, never its held-out test prompts
-    (the policies are measured there). The prompt space is small (about 100 distinct competitor prompts, and
-    the training set holds nearly all of them), so the judge's prompts do overlap the policy's training prompts;
-    its answers never overlap the policy's samples: they come from the answer generator."""
-    data_dir = Path(data_dir)
-    held_out = {r["prompt"] for r in read_jsonl(data_dir / "prompts_test.jsonl", "prompts")}
-    rng = random.Random(f"{seed}/judge")
-    fresh = (p for p in helpdesk.prompt_stream(f"judge/{seed}") if p not in held_out)
-    out = data_dir / "judge"
-    out.mkdir(parents=True, exist_ok=True)
-    for name, n in (("sft_test.jsonl", n_test), ("sft.jsonl", n_train)):
-        records = judge_corpus(principles, fresh, n, rng)
-        tmp = out / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(out / name)
-    return out
-
-
 def train_judge(cfg: Config, principles: list[Principle]) -> None:
     """Write the judging corpus and train the feedback model with train_sft.py (a separate process: the package
     does not import the scripts)."""
@@ -299,8 +178,7 @@ def main(cfg: Config) -> dict:
     if cfg.k < 2:
         raise SystemExit(f"--k={cfg.k}: need at least 2 answers per prompt to compare")
     principles = read_constitution(cfg.constitution or None)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    torch.manual_seed(cfg.seed)
+    device = setup(cfg.seed, cfg.device).device
 
     # 1. the feedback model (trained first if missing) and the policy's answers, k per training prompt
     if cfg.labeller == "model":
@@ -308,7 +186,7 @@ def main(cfg: Config) -> dict:
             train_judge(cfg, principles)
         judge, judge_tok = load_model(cfg.judge)
         judge = judge.to(device).eval()
-        option_ids(judge_tok)  # options the tokenizer splits differently fail here, before any sampling
+        option_ids(judge_tok, cfg.judge)  # options split differently fail here, before any sampling
     policy, tok = load_model(cfg.policy)
     prompts = [r["prompt"] for r in read_jsonl(Path(cfg.data_dir) / "prompts.jsonl", "prompts")]
     prompts = random.Random(cfg.seed).sample(prompts, min(cfg.n_prompts, len(prompts)))
@@ -350,9 +228,7 @@ def main(cfg: Config) -> dict:
              "p": round(max(q, 1 - q), 6)} for (pr, y1, y2), q in zip(pairs, p.tolist())]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
+    write_jsonl(out, rows)
 
     # 4. the labels measured against the gold judge (evaluation only: nothing above read it)
     result = measure(principles, pairs, comparisons, pref, p)
@@ -421,8 +297,8 @@ def position_bias(judge, tok, pairs, principles, cfg: Config, n: int = 200) -> d
     """P(slot A) when both slots hold the same answer (½ for an unbiased labeller), over up to n answers under
     random principles: one order alone, and averaged over both orders (½ by construction)."""
     rng = random.Random(f"{cfg.seed}/position")
-    items = [(pr, rng.choice(principles).text, y, y) for pr, y, _ in pairs[:n]]
-    p_same = model_preferences(judge, tok, items, cfg.batch_size)["p_ab"]
+    queries = [query(pr, rng.choice(principles).text, y, y) for pr, y, _ in pairs[:n]]
+    p_same = torch.sigmoid(option_logits(judge, tok, queries, 2 * cfg.batch_size))  # both orders: the same query
     return {"one_order": p_same.mean().item(), "both_orders": combine(p_same, p_same).mean().item()}
 
 

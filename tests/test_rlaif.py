@@ -1,6 +1,6 @@
-"""RLAIF: the constitution, the comparison query and its option log-probs, order averaging, label modes, the
-measurements, the judging corpus, and the labelling pass end to end (feedback model and synthetic labeller),
-its pairs consumed by train_rm.py and train_dpo.py."""
+"""RLAIF (nanoalign.constitution, nanoalign.rlaif): the constitution, the comparison query and its option
+log-probs, order averaging, label modes, the measurements, the judging corpus, and the labelling pass end to end
+(feedback model and synthetic labeller), its pairs consumed by train_rm.py and train_dpo.py."""
 import json
 import math
 import random
@@ -11,7 +11,7 @@ import torch
 
 import train_dpo
 import train_rm
-from nanoalign import helpdesk, rlaif
+from nanoalign import constitution, helpdesk, rlaif
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.data import read_jsonl
 from nanoalign.model import GPT, GPTConfig
@@ -19,9 +19,9 @@ from nanoalign.tokenizer import Tokenizer
 
 
 def test_the_packaged_constitution():
-    principles = rlaif.read_constitution()
+    principles = constitution.read_constitution()
     assert len(principles) >= 8 and len({p.text for p in principles}) == len(principles)
-    assert {p.score for p in principles} == set(rlaif.SCORES)  # every gold score is taught by some principle
+    assert {p.score for p in principles} == set(constitution.SCORES)  # every gold score is taught by some principle
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_bad_constitutions(tmp_path, lines, match):
     path = tmp_path / "c.txt"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=match):
-        rlaif.read_constitution(path)
+        constitution.read_constitution(path)
 
 
 def test_options_must_split_alike(judge):
@@ -60,21 +60,21 @@ def test_options_must_split_alike(judge):
     bpe = HFTokenizer(models.BPE())  # no pre-tokenizer: "(A)" can merge into one token while "(B)" stays three
     bpe.train_from_iterator(["(A)"] * 50 + ["(B"], trainers.BpeTrainer(vocab_size=12, show_progress=False))
     with pytest.raises(ValueError, match="splits the options differently"):
-        rlaif.option_ids(Tokenizer(bpe))
-    a, b = rlaif.option_ids(judge[1])  # a byte-level BPE splits them alike
+        constitution.option_ids(Tokenizer(bpe))
+    a, b = constitution.option_ids(judge[1])  # a byte-level BPE splits them alike
     assert len(a) == len(b) and a[-1] == judge[1].eos_id
 
 
 def test_option_logits_equal_unbatched_float64_log_probs(judge):
     """S("(A)"|q) - S("(B)"|q) from each query's own unpadded forward, token by token, EOS included."""
     model, tok = judge
-    queries = [rlaif.query("Where is my lamp?", "Choose the kinder answer.", "It ships.", "Go away."),
-               rlaif.query("Hi", "Choose the shorter answer.", "Hello there, how can I help you today?", "Hi.")]
+    queries = [constitution.query("Where is my lamp?", "Choose the kinder answer.", "It ships.", "Go away."),
+               constitution.query("Hi", "Choose the shorter answer.", "Hello there, how can I help you today?", "Hi.")]
     got = rlaif.option_logits(model, tok, queries, batch_size=2)
     for q, logit in zip(queries, got.tolist()):
         prompt = tok.encode_prompt(q)
         s = []
-        for option in rlaif.OPTIONS:
+        for option in constitution.OPTIONS:
             ids = prompt + tok.encode_response(option)
             logits = model(torch.tensor([ids]))[0].double()
             s.append(sum((logits[t - 1].log_softmax(-1)[ids[t]]).item() for t in range(len(prompt), len(ids))))
@@ -129,16 +129,16 @@ def test_label_modes_and_measurements_by_hand():
 
 
 def test_judging_corpus_verdicts_follow_their_principle(tmp_path):
-    principles = rlaif.read_constitution()
-    records = rlaif.judge_corpus(principles, helpdesk.prompt_stream("t"), 90, random.Random(0))
+    principles = constitution.read_constitution()
+    records = constitution.judge_corpus(principles, helpdesk.prompt_stream("t"), 90, random.Random(0))
     assert [r["principle"] for r in records] == [p.text for p in principles] * 10  # in turn, balanced
     by_text = {p.text: p.score for p in principles}
     slots = []
     for r in records:
         lines = r["prompt"].split("\n")
         prompt, a, b = lines[0].removeprefix("Customer: "), lines[2][4:], lines[3][4:]
-        sa, sb = (rlaif.principle_score(by_text[r["principle"]], prompt, y) for y in (a, b))
-        assert sa != sb and r["completion"] == rlaif.OPTIONS[sa < sb]
+        sa, sb = (constitution.principle_score(by_text[r["principle"]], prompt, y) for y in (a, b))
+        assert sa != sb and r["completion"] == constitution.OPTIONS[sa < sb]
         slots.append(r["completion"])
     assert 0.3 < slots.count("(A)") / len(slots) < 0.7
 
@@ -148,7 +148,7 @@ def test_garble_makes_policy_like_failures():
     prompt = "Where is my order #1234?"
     good = helpdesk.compose(prompt, rng, "correct")
     assert helpdesk.judge(prompt, good)["principles"]["coherent"] == 1.0
-    worse = [rlaif.garble(good, rng) for _ in range(30)]
+    worse = [constitution.garble(good, rng) for _ in range(30)]
     assert all(helpdesk.judge(prompt, w)["gold"] < helpdesk.judge(prompt, good)["gold"] for w in worse if w != good)
     assert sum(w != good for w in worse) >= 25
 
@@ -176,7 +176,7 @@ def test_labelling_pass_writes_pairs_and_eval(tiny_run, judge_dir, rlaif_world, 
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert set(saved) >= {"agreement", "agreement_one_order", "log_loss", "calibration", "human_label_agreement",
                           "principles", "comparisons_per_s"}
-    n_principles = len(rlaif.read_constitution())
+    n_principles = len(constitution.read_constitution())
     assert saved["comparisons"] == len(rows) * (n_principles if kw.get("principles") == "ensemble" else 1)
     if kw["labeller"] == "model":
         assert saved["position_bias"]["both_orders"] == pytest.approx(0.5)
