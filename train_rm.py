@@ -14,7 +14,8 @@ rollouts (same length limit and temperature; only answers that end in EOS, since
 score by a penalty), fix a gain and bias so that their rewards have mean 0 and std 1 (Ziegler et al. 2019 §2,
 `losses.reward_normalisation`, the same function PPO uses for --reward=gold); they are stored in
 out/rm/config.json and applied by every consumer through `nanoalign.checkpoint.reward_scores`.
-out/rm/eval.json: held-out accuracy against the noisy labels beside its Bayes ceiling, and against the gold order.
+out/rm/eval.json: held-out accuracy against the noisy labels beside its Bayes ceiling, and against the gold order;
+the held-out log-loss and calibration error of P(i above j) = σ(r_i - r_j) against the noisy labels.
 
 Departures from the papers: the tiny trunk trains at lr 5e-4 for 2 epochs (InstructGPT and Ziegler: 1 epoch
 at 9e-6 to 5e-5 on pretrained models); Plackett-Luce is divided by K-1 so that K = 2 is Bradley-Terry; rewards
@@ -34,7 +35,7 @@ import torch
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl, require_soft_labels
-from nanoalign.evaluate import sample_answers, write_json
+from nanoalign.evaluate import calibration, sample_answers, write_json
 from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, reward_normalisation, soft_bradley_terry_loss
 from nanoalign.model import GPT
 from nanoalign.sampling import reward_scores
@@ -233,7 +234,9 @@ def main(cfg: Config) -> dict:
             ranking = torch.tensor([g["ranking"] for g in test_groups])
             above = ranked_above(ranking)  # [N, K, K]
             hits, _, n_pairs = pairwise_hits(rewards, above)
-            result = {"accuracy": hits / n_pairs}
+            i, j = torch.triu_indices(*above.shape[1:], 1)  # each pair once: P(answer i above answer j), i < j
+            result = {"accuracy": hits / n_pairs, "calibration_error": calibration(
+                torch.sigmoid(rewards[:, i] - rewards[:, j]).flatten(), above[:, i, j].flatten())["error"]}
             if all(g["gold"] is not None for g in test_groups):
                 gold = torch.tensor([g["gold"] for g in test_groups], dtype=torch.float64)  # [N, K]
                 result["bayes_ceiling"] = helpdesk.bayes_ceiling(pair for g in gold.tolist()

@@ -86,6 +86,18 @@ def standard_error(xs: list[float]) -> float:
     return (sum((x - mean) ** 2 for x in xs) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
 
 
+def calibration(p: torch.Tensor, outcome: torch.Tensor, bins: int = 10) -> dict:
+    """Reliability of probabilities p [N] for 0/1 outcomes [N] -> {"table": per bin of p its range, count, mean p
+    and the outcomes' rate; "error": the expected calibration error Σ_b (n_b / N)·|mean p_b - rate_b|, 0 for a
+    calibrated forecaster, NaN without outcomes}."""
+    p, outcome = p.double(), outcome.double()
+    which = (p * bins).long().clamp(0, bins - 1)
+    table = [{"bin": [b / bins, (b + 1) / bins], "n": int((which == b).sum()), "mean_p": p[which == b].mean().item(),
+              "rate": outcome[which == b].mean().item()} for b in range(bins) if (which == b).any()]
+    error = sum(r["n"] * abs(r["mean_p"] - r["rate"]) for r in table) / len(p) if len(p) else float("nan")
+    return {"table": table, "error": error}
+
+
 def win_rate(gold: list[float], baseline_gold: list[float]) -> float:
     """Share of prompts where the answer's gold beats the baseline's; ties count half."""
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold, baseline_gold)) / len(gold)

@@ -28,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model
 from nanoalign.constitution import OPTIONS, Principle, option_ids, principle_score, query, read_constitution, \
     write_judge_corpus
-from nanoalign.data import collate, read_jsonl, write_jsonl
-from nanoalign.evaluate import sample_answers, write_json
-from nanoalign.sampling import model_logps
+from nanoalign.data import left_pad, read_jsonl, write_jsonl
+from nanoalign.evaluate import calibration, sample_answers, write_json
+from nanoalign.losses import token_logps
+from nanoalign.model import KVCache
 from nanoalign.scaffold import parse_config, setup
 
 
@@ -72,21 +74,31 @@ class Config:
 
 @torch.no_grad()
 def option_logits(model, tok, queries: list[str], batch_size: int = 16) -> torch.Tensor:
-    """S("(A)" | q) - S("(B)" | q) for each query -> [Q] float64: the feedback model's log-odds for slot A. Both
-    options of a query go through the same forward, with the shared log-prob function."""
+    """S("(A)" | q) - S("(B)" | q) for each query -> [Q] float64: the feedback model's log-odds for slot A, the
+    options' per-token log-probs summed (EOS included) with the shared log-prob function. Each query is read
+    once: its forward fills a KV cache that both options then continue from (half the work of scoring query +
+    option twice, since a query is ~250 tokens and an option 4)."""
     a, b = option_ids(tok)
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(queries), batch_size):
-        rows = []
-        for q in queries[s:s + batch_size]:
-            prompt_ids = tok.encode_prompt(q)
-            if len(prompt_ids) + len(a) > model.config.block_size:
-                raise ValueError(f"a comparison query of {len(prompt_ids)} tokens does not fit the feedback model's "
+        prompts = [tok.encode_prompt(q) for q in queries[s:s + batch_size]]
+        for q, ids in zip(queries[s:s + batch_size], prompts):
+            if len(ids) + len(a) > model.config.block_size:
+                raise ValueError(f"a comparison query of {len(ids)} tokens does not fit the feedback model's "
                                  f"context ({model.config.block_size}); answers too long: {q[:80]!r}...")
-            rows += [(prompt_ids + a, len(prompt_ids)), (prompt_ids + b, len(prompt_ids))]
-        batch = {k: v.to(device) for k, v in collate(rows, tok.pad_id).items()}
-        logps = model_logps(model, **batch).sum(-1).double().view(-1, 2)  # [b, 2]: S(A), S(B)
+        ids, mask = (t.to(device) for t in left_pad(prompts, tok.pad_id))  # [n, P]: every query ends in column P
+        n, P = ids.shape
+        cache = KVCache(model.config, n, P + len(a), device, dtype=next(model.parameters()).dtype)
+        last = F.pad(torch.ones(n, 1, dtype=torch.bool, device=device), (P - 1, 0))  # [n, P]
+        first = model(ids, attention_mask=mask, kv_cache=cache, logits_at=last)  # [n, V]: scores options' token 0
+        cache.k, cache.v = ([t.repeat_interleave(2, 0) for t in kv] for kv in (cache.k, cache.v))  # rows A, B
+        options = torch.tensor([a, b], device=device).repeat(n, 1)  # [2n, L]
+        logits = first.repeat_interleave(2, 0)[:, None]  # [2n, 1, V]
+        if len(a) > 1:  # the options' own tokens (but the last) score the tokens after them
+            mask = torch.cat([mask.repeat_interleave(2, 0), mask.new_ones(2 * n, len(a) - 1)], 1)
+            logits = torch.cat([logits, model(options[:, :-1], attention_mask=mask, kv_cache=cache)], 1)
+        logps = token_logps(logits, options).sum(-1).double().view(n, 2)  # [n, 2]: S(A), S(B)
         out.append((logps[:, 0] - logps[:, 1]).cpu())
     return torch.cat(out)
 
@@ -141,15 +153,12 @@ def log_loss(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> float:
     return -q[differ].log().mean().item() if differ.any() else float("nan")
 
 
-def calibration(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bins: int = 10) -> list[dict]:
-    """Reliability table: pairs whose gold differs, binned by P -> per bin its range, count, mean P and the share
-    where y1 is the gold-better answer (a calibrated labeller has the two equal)."""
+def label_quality(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> dict:
+    """Labels P = P(y1 ≻ y2) against the gold order: agreement, log-loss and calibration over the pairs whose gold
+    differs (the rate: how often y1 is the gold-better answer)."""
     differ = g1 != g2
-    P, y1_better = P[differ], (g1 > g2)[differ].double()
-    which = (P * bins).long().clamp(max=bins - 1)
-    return [{"bin": [b / bins, (b + 1) / bins], "n": int((which == b).sum()),
-             "mean_p": P[which == b].mean().item(), "gold_rate": y1_better[which == b].mean().item()}
-            for b in range(bins) if (which == b).any()]
+    return {"agreement": agreement(P, g1, g2), "log_loss": log_loss(P, g1, g2),
+            "calibration": calibration(P[differ], (g1 > g2)[differ])}
 
 
 def train_judge(cfg: Config, principles: list[Principle]) -> None:
@@ -164,6 +173,34 @@ def train_judge(cfg: Config, principles: list[Principle]) -> None:
                     f"--block_size={cfg.judge_block_size}", f"--max_steps={cfg.judge_steps}", "--n_eval=0",
                     f"--prompt_loss_weight={cfg.judge_prompt_loss}",
                     f"--seed={cfg.seed}", f"--device={cfg.device}"], check=True)
+
+
+def sample_pairs(policy, tok, prompts: list, cfg: Config, source: str = "the policy") -> tuple[list[tuple], int]:
+    """cfg.k answers per prompt from the policy -> (every pair (prompt, y1, y2) of two different non-empty answers,
+    the number of pairs before leaving out the others: a pair of equal answers or with an empty one says nothing)."""
+    longest = max(len(tok.encode_prompt(p)) for p in prompts)
+    if longest + cfg.max_new_tokens > policy.config.block_size:
+        raise SystemExit(f"a prompt of {longest} tokens + --max_new_tokens={cfg.max_new_tokens} exceeds the policy's "
+                         f"context ({policy.config.block_size} tokens in {source})")
+    answers, _ = sample_answers(policy, tok, [p for p in prompts for _ in range(cfg.k)], cfg.max_new_tokens,
+                                cfg.temperature, seed=cfg.seed)
+    pairs = [(p, answers[i * cfg.k + a], answers[i * cfg.k + b]) for i, p in enumerate(prompts)
+             for a in range(cfg.k) for b in range(a + 1, cfg.k)]
+    return [(p, y1, y2) for p, y1, y2 in pairs if y1 != y2 and y1.strip() and y2.strip()], len(pairs)
+
+
+def preferences(pairs: list[tuple], comparisons: list[tuple], principles: list[Principle], cfg: Config, judge=None,
+                judge_tok=None) -> dict:
+    """Each comparison (pair index, principle index) asked of the feedback model (judge given) or of the synthetic
+    labeller (cfg.kappa, noise, position_bias, seed) -> {"p_ab", "p_ba"} [C] float64."""
+    if judge is not None:
+        return model_preferences(judge, judge_tok, [(pairs[i][0], principles[m].text, *pairs[i][1:])
+                                                    for i, m in comparisons], cfg.batch_size)
+    # the controlled labeller reads the principle's score: an experiment's instrument, not RLAIF proper
+    s = torch.tensor([[principle_score(principles[m].score, pairs[i][0], y) for y in pairs[i][1:]]
+                      for i, m in comparisons], dtype=torch.float64)
+    return synthetic_preferences(s[:, 0], s[:, 1], cfg.kappa, cfg.noise, cfg.position_bias,
+                                 torch.Generator().manual_seed(cfg.seed))
 
 
 # ----- the labelling pass ------------------------------------------------------------------------------------
@@ -181,6 +218,7 @@ def main(cfg: Config) -> dict:
     device = setup(cfg.seed, cfg.device).device
 
     # 1. the feedback model (trained first if missing) and the policy's answers, k per training prompt
+    judge = judge_tok = None
     if cfg.labeller == "model":
         if not (Path(cfg.judge) / "config.json").exists():
             train_judge(cfg, principles)
@@ -190,18 +228,9 @@ def main(cfg: Config) -> dict:
     policy, tok = load_model(cfg.policy)
     prompts = [r["prompt"] for r in read_jsonl(Path(cfg.data_dir) / "prompts.jsonl", "prompts")]
     prompts = random.Random(cfg.seed).sample(prompts, min(cfg.n_prompts, len(prompts)))
-    longest = max(len(tok.encode_prompt(p)) for p in prompts)
-    if longest + cfg.max_new_tokens > policy.config.block_size:
-        raise SystemExit(f"a prompt of {longest} tokens + --max_new_tokens={cfg.max_new_tokens} exceeds the policy's "
-                         f"context ({policy.config.block_size} tokens in {cfg.policy})")
     t0 = time.time()
-    answers, _ = sample_answers(policy.to(device), tok, [p for p in prompts for _ in range(cfg.k)],
-                                cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+    pairs, n_all = sample_pairs(policy.to(device), tok, prompts, cfg, source=cfg.policy)
     t_sample = time.time() - t0
-    pairs = [(p, answers[i * cfg.k + a], answers[i * cfg.k + b]) for i, p in enumerate(prompts)
-             for a in range(cfg.k) for b in range(a + 1, cfg.k)]
-    n_all = len(pairs)  # a pair of equal answers, or with an empty one, says nothing and is no valid record
-    pairs = [(p, y1, y2) for p, y1, y2 in pairs if y1 != y2 and y1.strip() and y2.strip()]
     print(f"{len(pairs)} pairs from {len(prompts)} prompts x {cfg.k} answers ({t_sample:.0f}s; "
           f"{n_all - len(pairs)} left out: equal or empty answers)")
 
@@ -210,22 +239,14 @@ def main(cfg: Config) -> dict:
     comparisons = [(i, m) for i in range(len(pairs)) for m in
                    ([rng.randrange(len(principles))] if cfg.principles == "sample" else range(len(principles)))]
     t0 = time.time()
-    if cfg.labeller == "model":
-        pref = model_preferences(judge, judge_tok, [(pairs[i][0], principles[m].text, *pairs[i][1:])
-                                                    for i, m in comparisons], cfg.batch_size)
-    else:  # the controlled labeller reads the principle's score: an experiment's instrument, not RLAIF proper
-        s = torch.tensor([[principle_score(principles[m].score, pairs[i][0], y) for y in pairs[i][1:]]
-                          for i, m in comparisons], dtype=torch.float64)
-        pref = synthetic_preferences(s[:, 0], s[:, 1], cfg.kappa, cfg.noise, cfg.position_bias,
-                                     torch.Generator().manual_seed(cfg.seed))
+    pref = preferences(pairs, comparisons, principles, cfg, judge, judge_tok)
     t_label = time.time() - t0
     pair_of = torch.tensor([i for i, _ in comparisons])
     P = per_pair(combine(pref["p_ab"], pref["p_ba"], cfg.order_average), pair_of, len(pairs))
     p = label(P, cfg.labels)
 
-    # 3. the pairs file: chosen = the answer the label prefers, "p" = P(chosen is better) >= ½
-    rows = [{"prompt": pr, "chosen": y1 if q >= 0.5 else y2, "rejected": y2 if q >= 0.5 else y1,
-             "p": round(max(q, 1 - q), 6)} for (pr, y1, y2), q in zip(pairs, p.tolist())]
+    # 3. the pairs file
+    rows = pair_rows(pairs, p)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out, rows)
@@ -251,6 +272,13 @@ def main(cfg: Config) -> dict:
     return result
 
 
+def pair_rows(pairs: list[tuple], p: torch.Tensor) -> list[dict]:
+    """Records of the pairs format from labels p = P(y1 ≻ y2): chosen = the answer the label prefers, "p" =
+    P(chosen is better) >= ½."""
+    return [{"prompt": pr, "chosen": y1 if q >= 0.5 else y2, "rejected": y2 if q >= 0.5 else y1,
+             "p": round(max(q, 1 - q), 6)} for (pr, y1, y2), q in zip(pairs, p.tolist())]
+
+
 def per_pair(values: torch.Tensor, pair_of: torch.Tensor, n_pairs: int) -> torch.Tensor:
     """The mean of each pair's comparisons (one, or one per principle for the ensemble) -> [n_pairs]."""
     total = torch.zeros(n_pairs, dtype=values.dtype).index_add_(0, pair_of, values)
@@ -264,11 +292,10 @@ def measure(principles, pairs, comparisons, pref, p) -> dict:
     g = torch.tensor([[helpdesk.judge(pr, y)["gold"] for y in (y1, y2)] for pr, y1, y2 in pairs], dtype=torch.float64)
     pair_of = torch.tensor([i for i, _ in comparisons])
     both, one = combine(pref["p_ab"], pref["p_ba"]), pref["p_ab"]
-    result = {"agreement": agreement(p, g[:, 0], g[:, 1]),
+    result = {**label_quality(p, g[:, 0], g[:, 1]),
               "agreement_both_orders": agreement(per_pair(both, pair_of, len(pairs)), g[:, 0], g[:, 1]),
               "agreement_one_order": agreement(per_pair(one, pair_of, len(pairs)), g[:, 0], g[:, 1]),
               "human_label_agreement": helpdesk.bayes_ceiling(g.tolist()),
-              "log_loss": log_loss(p, g[:, 0], g[:, 1]), "calibration": calibration(p, g[:, 0], g[:, 1]),
               "principles": {}}
     for m, pr in enumerate(principles):
         rows = [c for c, (_, mc) in enumerate(comparisons) if mc == m]

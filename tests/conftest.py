@@ -41,6 +41,17 @@ def tiny_run(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def judge_dir(tiny_run, tmp_path_factory):
+    """A tiny random feedback model with room for comparison queries, on the tiny run's tokenizer."""
+    tok = Tokenizer.load(tiny_run / "init")
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=320, vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16))
+    root = tmp_path_factory.mktemp("judge")
+    write_checkpoint(root, model.state_dict(), {"model": asdict(model.config), "step": 0}, tok)
+    return root
+
+
 REPO = Path(__file__).resolve().parents[1]
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 

@@ -4,7 +4,6 @@ log-probs, order averaging, label modes, the measurements, the judging corpus, a
 import json
 import math
 import random
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ import torch
 import train_dpo
 import train_rm
 from nanoalign import constitution, helpdesk, rlaif
-from nanoalign.checkpoint import load_model, write_checkpoint
+from nanoalign.checkpoint import load_model
 from nanoalign.data import read_jsonl
-from nanoalign.model import GPT, GPTConfig
+from nanoalign.evaluate import calibration
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -22,17 +21,6 @@ def test_the_packaged_constitution():
     principles = constitution.read_constitution()
     assert len(principles) >= 8 and len({p.text for p in principles}) == len(principles)
     assert {p.score for p in principles} == set(constitution.SCORES)  # every gold score is taught by some principle
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tiny_run, tmp_path_factory):
-    """A tiny random feedback model with room for comparison queries, on the tiny run's tokenizer."""
-    tok = Tokenizer.load(tiny_run / "init")
-    torch.manual_seed(1)
-    model = GPT(GPTConfig(block_size=320, vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16))
-    root = tmp_path_factory.mktemp("judge")
-    write_checkpoint(root, model.state_dict(), {"model": asdict(model.config), "step": 0}, tok)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +69,7 @@ def test_option_logits_equal_unbatched_float64_log_probs(judge):
         assert logit == pytest.approx(s[0] - s[1], abs=1e-9)
 
 
-def test_both_orders_share_one_forward(judge):
+def test_both_orders_share_one_forward_and_the_options_one_query_pass(judge):
     model, tok = judge
     calls = []
     handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
@@ -90,7 +78,10 @@ def test_both_orders_share_one_forward(judge):
         pref = rlaif.model_preferences(model, tok, items, batch_size=3)
     finally:
         handle.remove()
-    assert len(calls) == 1 and calls[0][0] == 12  # 3 comparisons x 2 orders x 2 options
+    # one forward reads the 6 queries (3 comparisons x 2 orders) into the KV cache, one more the 12 options
+    # (x 2) after them: every option token but the last, whose logits would score nothing
+    L = len(constitution.option_ids(tok)[0])
+    assert [tuple(c) for c in calls] == [(6, calls[0][1]), (12, L - 1)]
     swapped = rlaif.model_preferences(model, tok, [(p, pr, b, a) for p, pr, a, b in items], batch_size=3)
     assert swapped["p_ab"].tolist() == pytest.approx(pref["p_ba"].tolist(), abs=1e-12)  # the same queries
 
@@ -121,9 +112,15 @@ def test_label_modes_and_measurements_by_hand():
     assert rlaif.agreement(P, g1, g2) == pytest.approx(2.5 / 4)
     assert rlaif.log_loss(P, g1, g2) == pytest.approx(-(math.log(0.9) + math.log(0.3) + math.log(0.5)
                                                         + math.log(0.8)) / 4)
-    table = rlaif.calibration(P, g1, g2, bins=2)
-    assert table == [{"bin": [0.0, 0.5], "n": 2, "mean_p": pytest.approx(0.25), "gold_rate": 0.5},
-                     {"bin": [0.5, 1.0], "n": 2, "mean_p": pytest.approx(0.7), "gold_rate": 0.5}]
+    quality = rlaif.label_quality(P, g1, g2)  # pair 3 (a gold tie) is left out of the calibration
+    assert quality["agreement"] == rlaif.agreement(P, g1, g2) and quality["log_loss"] == rlaif.log_loss(P, g1, g2)
+    assert [(r["n"], r["mean_p"], r["rate"]) for r in quality["calibration"]["table"]] == \
+        [(1, 0.2, 0.0), (1, 0.3, 1.0), (1, 0.5, 0.0), (1, 0.9, 1.0)]  # y1 is the gold-better answer in pairs 0, 1
+    assert quality["calibration"]["error"] == pytest.approx((0.2 + 0.7 + 0.5 + 0.1) / 4)
+    two = calibration(torch.tensor([0.9, 0.3, 0.5, 0.2]), torch.tensor([1, 1, 0, 0]), bins=2)
+    assert two["table"] == [{"bin": [0.0, 0.5], "n": 2, "mean_p": pytest.approx(0.25), "rate": 0.5},
+                            {"bin": [0.5, 1.0], "n": 2, "mean_p": pytest.approx(0.7), "rate": 0.5}]
+    assert two["error"] == pytest.approx((2 * 0.25 + 2 * 0.2) / 4)
     assert rlaif.per_pair(torch.tensor([1.0, 0.0, 0.4]), torch.tensor([0, 0, 1]), 2).tolist() == \
         pytest.approx([0.5, 0.4])
 

@@ -51,7 +51,7 @@ def test_help_prints_each_flag_with_its_default_type_and_comment(capsys):
 
 
 @pytest.mark.parametrize("module", ["train_sft", "train_rm", "train_dpo", "train_ppo", "nanoalign.evaluate",
-                                    "nanoalign.rlaif"])
+                                    "nanoalign.rlaif", "experiments.rlaif_labels"])
 def test_every_entry_point_has_help(module, capsys):
     import dataclasses
     import importlib

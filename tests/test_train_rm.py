@@ -2,6 +2,7 @@
 real token, stores a normalisation that consumers reproduce, resumes exactly, and 2 FSDP processes match 1."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -84,6 +85,25 @@ def test_rm_learns_and_writes_eval(rm_run):
     assert result["n_pairs"] == 8 * K * (K - 1) // 2
     assert result["realised_ceiling"] == 1.0  # the tiny labels are noise-free
     assert result["accuracy"] > 0.8
+
+
+def test_rm_calibration_error_by_hand(rm_run, prefs_dir):
+    """The expected calibration error of σ(r_i - r_j) for "i ranked above j", each test pair once, in ten bins of
+    width 0.1, recomputed with a loop from the saved RM's raw rewards."""
+    model, tok = load_model(rm_run["out"], scalar_head=True)
+    bins = [[] for _ in range(10)]
+    with torch.no_grad():
+        for rec in read_jsonl(prefs_dir / "prefs_test.jsonl", "prefs"):
+            rows = [train_rm.encode_example(tok, rec["prompt"], a, model.config.block_size) for a in rec["responses"]]
+            r = [reward_scores(model, torch.tensor([ids]), torch.ones(1, len(ids))).item() for ids, _ in rows]
+            rank = {answer: place for place, answer in enumerate(rec["ranking"])}
+            for i in range(K):
+                for j in range(i + 1, K):
+                    p = 1 / (1 + math.exp(r[j] - r[i]))
+                    bins[min(int(p * 10), 9)].append((p, float(rank[i] < rank[j])))
+    n = sum(len(b) for b in bins)
+    ece = sum(abs(sum(p for p, _ in b) - sum(y for _, y in b)) for b in bins) / n
+    assert rm_run["result"]["calibration_error"] == pytest.approx(ece, abs=1e-5)
 
 
 def test_rm_sees_exactly_k_rows_per_prompt(rm_run):
