@@ -21,18 +21,19 @@ CPU budget. β 0.1, summed log-probs and the SFT model as reference are the pape
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from nanoalign.checkpoint import cached_tensors, content_hash, load_model
+from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_meta
 from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl, require_soft_labels
-from nanoalign.evaluate import evaluate_policy, write_json
-from nanoalign.losses import dpo_loss
+from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
+from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, Logger, global_sum, lr_at, make_optimizer, optimizer_step, parse_config,
-                                resume, save_resumable, setup, teardown, wrap_model)
+from nanoalign.scaffold import (accumulate, check_config, claim_out_dir, global_sum, Logger, lr_at, make_optimizer,
+                                micro_batch, optimizer_step, parse_config, resume, save_resumable, setup, teardown,
+                                world_size, wrap_model)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Config:
     simpo_gamma: float = 1.0  # SimPO target margin γ (simpo only)
     rpo_alpha: float = 0.0  # weight of the NLL on the chosen answer (RPO); 0 = off
     batch_size: int = 32  # pairs per optimizer step (global, over ranks and micro-batches)
-    micro_batch_size: int = 32  # pairs per forward per process (2x rows: chosen and rejected)
+    micro_batch_size: int = 0  # pairs per forward per process, 2x rows (0 = the process's whole share of the batch)
     max_steps: int = 400  # optimizer steps (0.53 epochs of the helpdesk pairs)
     lr: float = 2e-4  # peak AdamW learning rate
     min_lr: float = 1e-5  # end of the cosine
@@ -114,15 +115,24 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
         sums = {name: sums.get(name, 0.0) + v.sum().item() for name, v in stats.items()}
         tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": sums["loss"]})
     return {**{name: global_sum(v, ctx) / cfg.batch_size for name, v in sums.items()},
             "lr": lr, "grad_norm": grad_norm}, tokens
 
 
 def main(cfg: Config) -> dict:
+    # 0. the config, checked before anything is written
+    check_config(cfg, positive="beta batch_size max_steps lr log_interval ckpt_interval max_len",
+                 nonneg="micro_batch_size min_lr warmup_steps weight_decay grad_clip n_eval max_new_tokens temperature "
+                        "label_smoothing simpo_gamma rpo_alpha", choices={"loss_type": DPO_LOSS_TYPES})
+    if not cfg.label_smoothing < 0.5:
+        raise SystemExit(f"--label_smoothing={cfg.label_smoothing}: the assumed label-flip rate must be below 0.5")
+    cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
+
     # 1. processes, seeds, preference pairs
     ctx = setup(cfg.seed, cfg.device)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
+    claim_out_dir(out_dir, ctx)  # one run per out_dir
     pairs_path = data_dir / cfg.pairs_file
     records = read_jsonl(pairs_path)  # schema detected: pairs, or HH text read as pairs
     if "chosen" not in records[0]:
@@ -142,9 +152,9 @@ def main(cfg: Config) -> dict:
 
     # 3. pairs -> distinct token sequences; each pair points at its chosen and its rejected row
     seqs, chosen, rejected = encode_pairs(tok, records, max_len)
+    check_eval_prompts(tok, data_dir, cfg.n_eval, model.config.block_size)
     # cDPO soft labels: a pair's own "p" (AI feedback) or the global label_smoothing
     smoothing = torch.tensor([1 - r.get("p", 1 - cfg.label_smoothing) for r in records], device=ctx.device)
-    assert cfg.batch_size % (ctx.world * cfg.micro_batch_size) == 0, "batch_size must split into ranks x micro-batches"
     if ctx.master:
         print(f"{len(records)} pairs, {len(seqs)} distinct sequences, "
               f"{cfg.max_steps * cfg.batch_size / len(records):.2f} epochs")
@@ -169,14 +179,16 @@ def main(cfg: Config) -> dict:
 
     # 5. optimizer; on resume its moments and the RNG state come back
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    window = []  # the metrics of the steps since the last log line, averaged into the next one
     if cfg.resume:
         step = resume(out_dir, model, optimizer)
+        window = read_meta(out_dir).get("log_window", [])
     logger = Logger(out_dir, ctx, cfg.max_steps, resume_step=step)
 
     # 6. train
     model.train()
     pairs = (seqs, chosen, rejected, smoothing, tok.pad_id)
-    t_last, tokens_seen, metrics, window = time.time(), 0, {}, []
+    t_last, tokens_seen, metrics = time.time(), 0, {}
     while step < cfg.max_steps:
         rows = batch_indices(len(records), cfg.batch_size, step, cfg.seed)[ctx.rank::ctx.world]
         metrics, tokens = dpo_step(model, reference, ref_logps, optimizer, pairs, rows, step, cfg, ctx)
@@ -187,8 +199,8 @@ def main(cfg: Config) -> dict:
             logger.log(step, {name: sum(m[name] for m in window) / len(window) for name in metrics},
                        tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen, window = time.time(), 0, []
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics)
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:  # with the window of steps not yet logged
+            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics, {"log_window": window})
 
     # 7. evaluate policy and SFT reference on the same held-out prompts and seed: gold, failures, KL, win rate
     result = {"train_loss": metrics.get("loss")}

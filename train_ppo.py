@@ -40,14 +40,15 @@ import torch.nn.functional as F
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, load_reward_model, read_meta, write_checkpoint
-from nanoalign.data import batch_indices, read_jsonl
-from nanoalign.evaluate import evaluate_policy, write_json
+from nanoalign.data import batch_indices, check_prompts, read_jsonl
+from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
                               token_logps, unpack, whiten)
 from nanoalign.sampling import reward_scores, sample
-from nanoalign.scaffold import (Logger, full_state, gathered, global_sum, make_optimizer, optimizer_step, parse_config,
-                                resume, save_resumable, setup, teardown, wrap_model)
+from nanoalign.scaffold import (check_config, claim_out_dir, full_state, gathered, global_sum, Logger, make_optimizer,
+                                optimizer_step, parse_config, resume, save_resumable, setup, teardown, world_size,
+                                wrap_model)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature, also in every log-prob forward (N detail 10)
     max_new_tokens: int = 64  # response length limit
     beta: float = 0.05  # KL coefficient (initial value when adaptive)
-    kl_estimator: str = "k1"  # k1 | k3 per-token KL in the reward
+    kl_estimator: str = "k1"  # k1 | k2 | k3 per-token KL in the reward
     kl_target: float = 0.0  # > 0: adaptive β toward this sequence KL (nats), Ziegler's controller
     kl_horizon: int = 10000  # adaptive controller horizon
     whiten_rewards: bool = False  # per-token rewards scaled to unit variance, mean kept (OAI-19 on, N+ off)
@@ -233,9 +234,11 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
                                             n_tokens)
                 loss = loss + cfg.vf_coef * vf_loss
             (loss * ctx.world).backward()  # x world: FSDP averages gradients over ranks (scaffold docstring)
-            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip)
+            where = f"update {update + 1}, epoch {epoch + 1}"
+            terms = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item()}
+            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms)
             if critic is not None:
-                optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip)
+                optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip, f"{where} (critic)", terms)
             parts = torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, entropy]).detach()  # shares of the means
             for k, v in zip(stats, global_sum(parts, ctx).tolist()):
                 stats[k].append(v)
@@ -271,7 +274,8 @@ def load_models(cfg: Config, ctx) -> tuple:
     rm.to(ctx.device).eval().requires_grad_(False)
     critic = None
     if uses_critic and cfg.critic == "separate" and cfg.resume:  # written beside the policy, in the same swap
-        critic = wrap_model(load_model(f"{cfg.out_dir}/critic", tok, scalar_head=True)[0], ctx, cfg.compile)
+        critic = load_model(f"{cfg.out_dir}/critic", tok, scalar_head=True, kinds=("critic",))[0]
+        critic = wrap_model(critic, ctx, cfg.compile)
     elif uses_critic and cfg.critic == "separate":
         critic = load_reward_model(cfg.reward_model, tok)[0]
         with torch.no_grad():
@@ -281,21 +285,41 @@ def load_models(cfg: Config, ctx) -> tuple:
     return policy, tok, reference, (rm, gain, bias), critic
 
 
+def check_rollout(cfg: Config, world: int) -> None:
+    """The config, checked before anything is written: ranges, choices, and a rollout that splits into whole
+    prompts per rank (a prompt's samples stay together) and each rank's share into the minibatches."""
+    check_config(cfg, positive="samples_per_prompt n_updates rollout_size minibatches ppo_epochs lr critic_lr adam_eps "
+                               "temperature max_new_tokens clip_eps clip_eps_value kl_horizon log_interval "
+                               "ckpt_interval eval_max_new_tokens",
+                 nonneg="grad_clip beta kl_target vf_coef entropy_coef n_eval",
+                 choices={"reward": ("rm", "gold"), "critic": ("head", "separate"),
+                          "advantage": ("gae", "rloo", "grpo"), "kl_estimator": ("k1", "k2", "k3")})
+    for name in ("gamma", "lam"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise SystemExit(f"--{name}={getattr(cfg, name)}: must be in [0, 1]")
+    if cfg.advantage != "gae" and cfg.samples_per_prompt < 2:
+        raise SystemExit(f"--advantage={cfg.advantage} needs --samples_per_prompt >= 2 (its baseline is the other "
+                         f"samples of the prompt)")
+    unit = cfg.samples_per_prompt * world * cfg.minibatches  # a rollout is a whole number of these
+    if cfg.rollout_size % (cfg.samples_per_prompt * world) or cfg.rollout_size // world % cfg.minibatches:
+        raise SystemExit(f"--rollout_size={cfg.rollout_size} must split into whole prompts "
+                         f"(--samples_per_prompt={cfg.samples_per_prompt}) on each of {world} processes and each "
+                         f"process's share into --minibatches={cfg.minibatches}: use a multiple of {unit}, e.g. "
+                         f"--rollout_size={max(1, cfg.rollout_size // unit) * unit}")
+
+
 def main(cfg: Config) -> dict:
-    assert cfg.reward in ("rm", "gold") and cfg.critic in ("head", "separate") and cfg.advantage in ("gae", "rloo", "grpo")
-    assert cfg.advantage == "gae" or cfg.samples_per_prompt >= 2, "rloo and grpo need samples_per_prompt >= 2"
-    # 0. processes and models
+    # 0. the config; processes and models
+    check_rollout(cfg, world_size())
     ctx = setup(cfg.seed, cfg.device)
-    n_prompts = cfg.rollout_size // cfg.samples_per_prompt  # per update, over all ranks
-    assert n_prompts * cfg.samples_per_prompt == cfg.rollout_size and n_prompts % ctx.world == 0, \
-        "each rank takes whole prompts (a prompt's samples stay together): rollout_size / samples_per_prompt " \
-        "must divide by the world size"
-    assert cfg.rollout_size // ctx.world % cfg.minibatches == 0, \
-        "each rank's share of the rollout must split into the minibatches"
+    claim_out_dir(cfg.out_dir, ctx)  # one run per out_dir
     policy, tok, reference, reward, critic = load_models(cfg, ctx)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)
     critic_opt = make_optimizer(critic, cfg.critic_lr, 0.0, eps=cfg.adam_eps) if critic is not None else None
-    prompts = [r["prompt"] for r in read_jsonl(f"{cfg.data_dir}/prompts.jsonl", "prompts")]
+    records = read_jsonl(f"{cfg.data_dir}/prompts.jsonl", "prompts")
+    check_prompts(tok, records, policy.config.block_size)  # every prompt, before any rollout draws it
+    check_eval_prompts(tok, cfg.data_dir, cfg.n_eval, policy.config.block_size)
+    prompts = [r["prompt"] for r in records]
     beta, gold_norm, start = cfg.beta, None, 0
     if cfg.resume:  # optimizer moments, RNG, the update reached, and the adapted β and gold normalisation
         start = resume(cfg.out_dir, policy, optimizer)
@@ -324,11 +348,13 @@ def main(cfg: Config) -> dict:
     # 7. save (the full state gathered on every rank, written by rank 0; a separate critic in out_dir/critic);
     #    rank 0 evaluates on held-out prompts against the SFT reference (a full copy of the policy read back
     #    when sharded) and writes eval.json
-    meta = {"model": asdict(policy.config), "run": asdict(cfg), "step": cfg.n_updates, "metrics": metrics}
+    meta = {"model": asdict(policy.config), "kind": "policy", "run": asdict(cfg), "step": cfg.n_updates,
+            "metrics": metrics}
     state, critic_state = full_state(policy), full_state(critic) if critic is not None else None
     if ctx.master:
-        write_checkpoint(cfg.out_dir, state, meta, tok, children={"critic": (
-            critic_state, {**meta, "model": asdict(critic.config)}, None)} if critic is not None else None)
+        critic_meta = {**meta, "model": asdict(critic.config), "kind": "critic"} if critic is not None else None
+        write_checkpoint(cfg.out_dir, state, meta, tok,
+                         children={"critic": (critic_state, critic_meta, None)} if critic is not None else None)
     result = {}
     if cfg.n_eval > 0 and ctx.master:
         eval_policy = policy if ctx.world == 1 else load_model(cfg.out_dir, tok)[0].to(ctx.device)

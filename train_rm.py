@@ -26,7 +26,7 @@ read at the last kept token instead of the EOS.
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import combinations
 from pathlib import Path
 
@@ -39,8 +39,9 @@ from nanoalign.evaluate import calibration, sample_answers, write_json
 from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, reward_normalisation, soft_bradley_terry_loss
 from nanoalign.model import GPT
 from nanoalign.sampling import reward_scores
-from nanoalign.scaffold import (accumulate, ensure_world, Logger, full_state, global_sum, lr_at, make_optimizer,
-                                optimizer_step, parse_config, resume, save_resumable, setup, teardown, wrap_model)
+from nanoalign.scaffold import (accumulate, check_config, claim_out_dir, ensure_world, full_state, global_sum, Logger,
+                                lr_at, make_optimizer, micro_batch, optimizer_step, parse_config, resume,
+                                save_resumable, setup, teardown, world_size, wrap_model)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Config:
     loss: str = "kwise"  # prefs: kwise (all C(K,2) pairs) | plackett_luce; pairs: always soft Bradley-Terry
     epochs: int = 2  # passes over the training records
     batch_size: int = 32  # prompts (K rows each) or pairs per optimizer step (global)
-    micro_batch_size: int = 32  # prompts or pairs per backward per process
+    micro_batch_size: int = 0  # prompts or pairs per backward per process (0 = the process's whole share)
     rows_per_forward: int = 32  # answers per forward, length-sorted within a micro-batch (speed only)
     lr: float = 5e-4  # peak AdamW learning rate
     min_lr: float = 5e-5  # end of the cosine
@@ -147,18 +148,24 @@ def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_st
         hits, margins, n_pairs = hits + h, margins + m, n_pairs + n
         tokens += sum(len(ids) for g in micro for ids, _ in g["rows"])
     lr = lr_at(step - 1, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step}", {"loss": loss_sum})
     n_pairs = global_sum(n_pairs, ctx)
     return {"loss": global_sum(loss_sum, ctx), "rewards/accuracies": global_sum(hits, ctx) / n_pairs,
             "rewards/margins": global_sum(margins, ctx) / n_pairs, "lr": lr, "grad_norm": grad_norm}, tokens
 
 
 def main(cfg: Config) -> dict:
+    # 0. the config, checked before anything is written
+    check_config(cfg, positive="epochs batch_size rows_per_forward lr adam_eps log_interval ckpt_interval n_norm "
+                               "max_new_tokens temperature",
+                 nonneg="micro_batch_size min_lr warmup_steps weight_decay grad_clip",
+                 choices={"data": ("prefs", "pairs"), "loss": ("kwise", "plackett_luce")})
+    cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
+
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
-    if cfg.data not in ("prefs", "pairs") or cfg.loss not in ("kwise", "plackett_luce"):
-        raise ValueError(f"--data must be prefs or pairs, --loss kwise or plackett_luce; got {cfg.data}, {cfg.loss}")
     ctx = setup(cfg.seed, cfg.device)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
+    claim_out_dir(out_dir, ctx)  # one run per out_dir
     ensure_world(data_dir, "prefs.jsonl", cfg.seed, ctx)
     train = read_jsonl(data_dir / (cfg.pairs_file if cfg.data == "pairs" else "prefs.jsonl"), cfg.data)
     if cfg.data == "pairs" and cfg.soft_labels:
@@ -167,7 +174,8 @@ def main(cfg: Config) -> dict:
 
     # 2. the SFT trunk plus a new scalar head ~ N(0, 1/sqrt(D+1)) (N detail 8); without SFT init an RM
     # sits near chance (trlx #338). On resume, the trunk and head of out_dir's checkpoint
-    model, tok = load_model(out_dir if cfg.resume else cfg.init_from, scalar_head=True)
+    model, tok = load_model(out_dir if cfg.resume else cfg.init_from, scalar_head=True,
+                            kinds=("policy", "reward_model"))
     if ctx.master:
         print(f"reward model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}")
     model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
@@ -177,7 +185,6 @@ def main(cfg: Config) -> dict:
     test_groups = [encode_group(tok, r, model.config.block_size) for r in test]
     K = check_same_k(examples)
     check_same_k(test_groups)
-    assert cfg.batch_size % (ctx.world * cfg.micro_batch_size) == 0, "batch_size must split into ranks x micro-batches"
     max_steps = cfg.epochs * (len(examples) // cfg.batch_size)  # derived, printed, never stored in cfg
     if ctx.master:
         print(f"{len(examples)} {cfg.data} records of K = {K} answers (K rows each), {max_steps} steps")
@@ -201,7 +208,7 @@ def main(cfg: Config) -> dict:
             logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0
         if step % cfg.ckpt_interval == 0 and step < max_steps:  # the last one is written normalised, below
-            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics)
+            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics, kind="reward_model")
 
     # 6. rank 0, on a plain copy of the trained weights: normalise, evaluate, save
     model_state = full_state(model)
@@ -250,8 +257,8 @@ def main(cfg: Config) -> dict:
         print("\neval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
 
         # 6c. the checkpoint carries the normalisation; consumers load it with load_reward_model
-        meta = {"model": asdict(model.config), "run": asdict(cfg), "step": max_steps, "metrics": result,
-                "reward_norm": {"gain": gain, "bias": bias}}
+        meta = {"model": asdict(model.config), "kind": "reward_model", "run": asdict(cfg), "step": max_steps,
+                "metrics": result, "reward_norm": {"gain": gain, "bias": bias}}
         write_checkpoint(out_dir, model_state, meta, tok)
         write_json(out_dir / "eval.json", result)
     teardown()

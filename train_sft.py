@@ -10,18 +10,19 @@ out/sft/eval.json. SFT imitates: the demonstrations' failures come back at about
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
 from nanoalign.checkpoint import load_model
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
-from nanoalign.evaluate import evaluate_policy, write_json
+from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, ensure_world, Logger, global_sum, lr_at, make_optimizer, optimizer_step,
-                                parse_config, resume, save_resumable, setup, teardown, wrap_model)
+from nanoalign.scaffold import (accumulate, check_config, claim_out_dir, ensure_world, global_sum, Logger, lr_at,
+                                make_optimizer, micro_batch, optimizer_step, parse_config, resume, save_resumable,
+                                setup, teardown, world_size, wrap_model)
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -37,7 +38,7 @@ class Config:
     n_embd: int = 128  # new model only
     block_size: int = 160  # context length in tokens, new model only
     batch_size: int = 32  # sequences per optimizer step (global, over ranks and micro-batches)
-    micro_batch_size: int = 32  # sequences per forward per process
+    micro_batch_size: int = 0  # sequences per forward per process (0 = the process's whole share of the batch)
     max_steps: int = 1200  # optimizer steps (about 2.5 min on 2 CPU cores)
     lr: float = 2e-3  # peak AdamW learning rate
     min_lr: float = 1e-4  # end of the cosine
@@ -74,14 +75,23 @@ def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Conf
         loss_sum += loss.item() / ctx.world
         tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": loss_sum})
     return {"loss": global_sum(loss_sum, ctx), "lr": lr, "grad_norm": grad_norm}, tokens
 
 
 def main(cfg: Config) -> dict:
+    # 0. the config, checked before anything is written
+    check_config(cfg, positive="vocab_size n_layer n_head n_embd block_size batch_size max_steps lr log_interval "
+                               "ckpt_interval", nonneg="micro_batch_size min_lr warmup_steps weight_decay "
+                                                     "prompt_loss_weight grad_clip n_eval max_new_tokens temperature")
+    if cfg.n_embd % cfg.n_head:
+        raise SystemExit(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+    cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
+
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
     ctx = setup(cfg.seed, cfg.device)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
+    claim_out_dir(out_dir, ctx)  # one run per out_dir
     ensure_world(data_dir, "sft.jsonl", cfg.seed, ctx)
     train = read_jsonl(data_dir / "sft.jsonl", "sft")
 
@@ -101,7 +111,7 @@ def main(cfg: Config) -> dict:
 
     # 3. demonstrations -> token ids; loss on the response tokens (+ EOS) only
     examples = [encode_example(tok, r["prompt"], r["completion"], model.config.block_size, r["where"]) for r in train]
-    assert cfg.batch_size % (ctx.world * cfg.micro_batch_size) == 0, "batch_size must split into ranks x micro-batches"
+    check_eval_prompts(tok, data_dir, cfg.n_eval, model.config.block_size)
 
     # 4. optimizer; on resume its moments and the RNG state come back
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)

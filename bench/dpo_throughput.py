@@ -24,7 +24,7 @@ from common import (dpo_step, forward_flops, machine, matmul_gflops, peak_rss_mb
                     timed, write_json)
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import make_optimizer, parse_config, setup, wrap_model
+from nanoalign.scaffold import check_config, make_optimizer, parse_config, setup, wrap_model
 
 
 @dataclass
@@ -75,6 +75,8 @@ def run_mode(cfg: Config) -> dict:
 
 
 def main(cfg: Config) -> None:
+    check_config(cfg, positive="pairs prompt response steps", nonneg="warmup",
+                 choices={"mode": ("live", "cached", "both")})
     if cfg.mode != "both":
         result = run_mode(cfg)
         print(json.dumps(result))

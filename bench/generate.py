@@ -16,7 +16,7 @@ import torch
 from common import machine, matmul_gflops, rollout_flops, timed, write_json
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
-from nanoalign.scaffold import parse_config, setup
+from nanoalign.scaffold import check_config, parse_config, setup
 
 
 @dataclass
@@ -44,6 +44,7 @@ def tokens_per_s(fn, n_tokens: int, repeats: int, device) -> float:
 
 
 def main(cfg: Config) -> dict:
+    check_config(cfg, positive="batch prompt new_tokens repeats", choices={"device": ("cpu", "cuda")})
     setup(0, cfg.device)  # seeds; on the CPU keeps freed memory in the process, as the scripts do
     model = GPT(GPTConfig(block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=256)).eval().to(cfg.device)
     prompts = torch.randint(0, 4096, (cfg.batch, cfg.prompt)).to(cfg.device)

@@ -16,7 +16,7 @@ from common import dpo_step, forward_flops, machine, matmul_gflops, random_pairs
 from nanoalign.losses import sft_loss, token_logps
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
-from nanoalign.scaffold import make_optimizer, optimizer_step, parse_config, setup, wrap_model
+from nanoalign.scaffold import check_config, make_optimizer, optimizer_step, parse_config, setup, wrap_model
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}  # dense, SXM data sheets
 
@@ -37,6 +37,11 @@ class Config:
 
 
 def main(cfg: Config) -> dict:
+    check_config(cfg, positive="batch_size dpo_pairs gen_batch gen_prompt gen_new steps", nonneg="warmup peak_tflops")
+    unknown = set(cfg.sections.split(",")) - {"train", "train_whole", "dpo", "generate"}
+    if unknown:
+        raise SystemExit(f"--sections={cfg.sections}: unknown {', '.join(sorted(unknown))}; expected a "
+                         f"comma-separated subset of train, train_whole, dpo, generate")
     if not torch.cuda.is_available() and not cfg.small:
         print("gpu_mfu: no CUDA device, skipped")
         return {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import machine, write_json
-from nanoalign.scaffold import parse_config
+from nanoalign.scaffold import check_config, parse_config
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Config:
 
 
 def main(cfg: Config) -> dict:
+    check_config(cfg, positive="updates")
     with tempfile.TemporaryDirectory() as d:
         script = Path(__file__).resolve().parents[1] / "train_ppo.py"
         subprocess.run([sys.executable, str(script), f"--n_updates={cfg.updates}", "--n_eval=0", f"--out_dir={d}"],

@@ -43,7 +43,7 @@ from nanoalign.checkpoint import load_model  # noqa: E402
 from nanoalign.constitution import option_ids, read_constitution  # noqa: E402
 from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
 from nanoalign.evaluate import standard_error, write_json  # noqa: E402
-from nanoalign.scaffold import parse_config, setup  # noqa: E402
+from nanoalign.scaffold import check_config, parse_config, setup  # noqa: E402
 
 
 @dataclass
@@ -126,7 +126,7 @@ def run_seed(cfg: Config, seed: int, principles, policy, tok, judge, judge_tok, 
     rng = random.Random(f"{seed}/principles")
     drawn = torch.tensor([rng.randrange(len(principles)) for _ in pairs])
     gold = torch.tensor([[helpdesk.judge(p, y)["gold"] for y in (y1, y2)] for p, y1, y2 in pairs], dtype=torch.float64)
-    results = {}
+    results, rows = {"position": {}}, torch.arange(len(pairs))
     for labeller in cfg.labellers.split(","):
         t0 = time.time()
         ask = (lambda c: rlaif.preferences(pairs, every, principles, c, judge, judge_tok)) if labeller == "model" \
@@ -136,6 +136,13 @@ def run_seed(cfg: Config, seed: int, principles, policy, tok, judge, judge_tok, 
             {k: v.view(len(pairs), -1) for k, v in ask(replace(lcfg, position_bias=0.0)).items()}
         log(f"seed {seed}: {len(pairs)} pairs x {len(principles)} principles labelled by the {labeller} labeller "
             f"({time.time() - t0:.0f}s)")
+        # position bias: y1 is a random one of the two answers, so an unbiased labeller's mean P(y1) is ½
+        results["position"][labeller] = {
+            "slot_a_one_order": pref["p_ab"][rows, drawn].mean().item(),
+            "slot_a_both_orders": rlaif.combine(pref["p_ab"], pref["p_ba"])[rows, drawn].mean().item()}
+        if labeller == "model":  # and P(slot A) when both slots hold the same answer
+            results["position"][labeller]["identical_answers"] = rlaif.position_bias(judge, judge_tok, pairs,
+                                                                                     principles, lcfg)
         results[labeller] = {}
         for arm, p in arm_labels(pref, drawn, cfg, labeller, unbiased).items():
             t0 = time.time()
@@ -193,7 +200,8 @@ def claims(runs: list[dict], cfg: Config) -> list[dict]:
         tag = f"[{labeller}]"
         if {"soft", "hard"} <= arms.keys():
             d, s = paired(runs, labeller, "soft", "hard", "rm", "accuracy_vs_gold")
-            claim(f"{tag} soft >= hard labels: RM accuracy against gold (CAI §4.3)", d >= 0, f"soft - hard {d:+.3f} ± {s:.3f}")
+            claim(f"{tag} soft >= hard labels: RM accuracy against gold (CAI §4.3)", d >= 0,
+                  f"soft - hard {d:+.3f} ± {s:.3f}")
             d, s = paired(runs, labeller, "soft", "hard", "rm", "loss")
             claim(f"{tag} soft >= hard labels: RM held-out log-loss", d <= 0, f"soft - hard {d:+.3f} ± {s:.3f}")
         if {"hard", "clamped"} <= arms.keys():
@@ -217,14 +225,25 @@ def claims(runs: list[dict], cfg: Config) -> list[dict]:
                 single_se = sum(acc[a][1] for a in singles) / len(singles)
                 claim(f"{tag} ... with lower seed variance", acc["ensemble"][1] < single_se,
                       f"s.e. over seeds: ensemble {acc['ensemble'][1]:.3f}, single principles (mean) {single_se:.3f}")
+        if "one" in cfg.orders:
+            one, both = (mean_se([abs(r["position"][labeller][f"slot_a_{k}"] - 0.5) for r in runs])[0]
+                         for k in ("one_order", "both_orders"))
+            slot_a = {k: mean_se([r["position"][labeller][f"slot_a_{k}"] for r in runs]) for k in ("one_order",
+                                                                                                  "both_orders")}
+            claim(f"{tag} order averaging removes the measured position bias: mean P(slot A) nearer ½ (RLAIF)",
+                  both < one, f"one order {slot_a['one_order'][0]:.3f} ± {slot_a['one_order'][1]:.3f}, both orders "
+                              f"{slot_a['both_orders'][0]:.3f} ± {slot_a['both_orders'][1]:.3f}")
         if {"soft", "one order"} <= arms.keys():
+            d, s = paired(runs, labeller, "soft", "one order", "labels", "log_loss")
+            claim(f"{tag} ... the labels' log-loss against gold falls", d < 0, f"both orders - one order {d:+.3f} ± "
+                                                                               f"{s:.3f}")
             d, s = paired(runs, labeller, "soft", "one order", "rm", "accuracy_vs_gold")
-            claim(f"{tag} order averaging beats one order: RM accuracy against gold (RLAIF)", d > 0,
+            claim(f"{tag} ... and the RM's accuracy against gold rises", d > 0,
                   f"both orders - one order {d:+.3f} ± {s:.3f}")
         if {"soft", "unbiased"} <= arms.keys():
             d, s = paired(runs, labeller, "soft", "unbiased", "rm", "accuracy_vs_gold")
-            claim(f"{tag} order averaging removes the position-bias penalty: biased = unbiased labeller within "
-                  f"1 s.e.", abs(d) <= s, f"biased - unbiased, both orders {d:+.3f} ± {s:.3f}")
+            claim(f"{tag} with order averaging the biased labeller's RM is no worse than the unbiased one's (within "
+                  f"1 s.e.)", d >= -s, f"biased - unbiased {d:+.3f} ± {s:.3f}")
         for arm in (a for a in arms if "ppo" in arms[a]):
             g, s = mean_se([r[labeller][arm]["ppo"]["gold"] - r[labeller][arm]["ppo"]["sft_gold"] for r in runs])
             claim(f"{tag} RLAIF PPO ({arm} labels) beats SFT on gold", g > 0, f"gain {g:+.3f} ± {s:.3f}")
@@ -264,6 +283,10 @@ def main(cfg: Config) -> dict:
                                  ("orders", cfg.orders, ("both", "one"))):
         if not set(value.split(",")) <= set(allowed):
             raise SystemExit(f"--{name}={value}: expected a comma-separated subset of {', '.join(allowed)}")
+    check_config(cfg, positive="seeds n_prompts max_new_tokens batch_size rm_epochs rm_batch_size ppo_updates "
+                               "ppo_rollout", nonneg="kappa noise position_bias n_eval")
+    if cfg.k < 2:
+        raise SystemExit(f"--k={cfg.k}: need at least 2 answers per prompt to compare")
     if "soft" not in cfg.label_modes.split(","):
         raise SystemExit(f"--label_modes={cfg.label_modes}: soft is every other arm's mode and must be included")
     for path, what in ((cfg.policy, "the SFT policy: python train_sft.py"),
@@ -287,6 +310,7 @@ def main(cfg: Config) -> dict:
         def log(line):
             print(line, flush=True)
             logfile.write(line + "\n")
+            logfile.flush()
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             runs.append(run_seed(cfg, seed, principles, policy, tok, judge, judge_tok, log))
     found = claims(runs, cfg)

@@ -34,10 +34,14 @@ def read_jsonl(path, schema: str | None = None) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
@@ -65,7 +69,11 @@ def _validate(rec: dict, schema: str, where: str) -> dict:
         if key in SCHEMAS[schema]:
             _check_text(rec[key], where, key)
     if schema == "hh":
-        return _parse_hh(rec, where)
+        rec = _parse_hh(rec, where)
+        if rec["chosen"] == rec["rejected"]:
+            raise ValueError(f"{where}: the 'rejected' answer equals the 'chosen' one; a pair must compare two "
+                             f"different answers")
+        return rec
     _check_prompt(rec["prompt"], where)
     if schema == "prefs":
         responses, ranking = rec["responses"], rec["ranking"]
@@ -80,6 +88,12 @@ def _validate(rec: dict, schema: str, where: str) -> dict:
         if gold is not None and not (isinstance(gold, list) and len(gold) == len(responses)
                                      and all(_is_number(g) for g in gold)):
             raise ValueError(f"{where}: field 'gold' must be a list of {len(responses)} numbers, got {gold!r}")
+    if schema == "pairs" and rec["chosen"] == rec["rejected"]:
+        raise ValueError(f"{where}: field 'rejected' equals 'chosen'; a pair must compare two different answers")
+    if schema == "prefs" and len(set(rec["responses"])) < len(rec["responses"]):
+        i = next(i for i, r in enumerate(rec["responses"]) if rec["responses"].index(r) < i)
+        raise ValueError(f"{where}: field 'responses[{i}]' repeats an earlier answer; a ranking must order "
+                         f"different answers")
     if schema == "pairs" and not (_is_number(rec.get("p", 1.0)) and 0 <= rec.get("p", 1.0) <= 1):
         raise ValueError(f"{where}: field 'p' (probability that 'chosen' is better) must be a number in [0, 1], "
                          f"got {rec['p']!r}")
@@ -158,6 +172,16 @@ def encode_example(tok: Tokenizer, prompt, response: str, max_len: int, where: s
                          f"({max_len} tokens, leaving no room for a response)")
     ids = prompt_ids + tok.encode_response(response)
     return ids[:max_len], len(prompt_ids)
+
+
+def check_prompts(tok: Tokenizer, records: list[dict], block_size: int) -> None:
+    """Each record's prompt must leave room in the context for an answer (read and checked at start, so that a
+    long prompt is not found only when a rollout or the final evaluation draws it)."""
+    for rec in records:
+        n = len(tok.encode_prompt(rec["prompt"]))
+        if n >= block_size:
+            raise ValueError(f"{rec['where']}: field 'prompt' is {n} tokens, longer than the context "
+                             f"({block_size} tokens, leaving no room for a response)")
 
 
 def encode_pairs(tok: Tokenizer, records: list[dict], max_len: int) -> tuple[list, list[int], list[int]]:

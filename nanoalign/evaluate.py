@@ -1,6 +1,7 @@
 """Evaluate a policy on held-out helpdesk prompts with the gold judge and write `eval.json`.
 
     python -m nanoalign.evaluate --checkpoint=out/sft                            # writes out/sft/eval.json
+    python -m nanoalign.evaluate --checkpoint=path/to/gpt2 --out=out/gpt2        # eval.json elsewhere
     python -m nanoalign.evaluate --checkpoint=out/dpo --reference=out/sft        # + KL and win rate vs SFT
     python -m nanoalign.evaluate --checkpoint=out/sft --reward_model=out/rm --best_of_n=64   # best-of-N curve
 
@@ -20,10 +21,10 @@ import torch
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, load_reward_model
-from nanoalign.data import read_jsonl
+from nanoalign.data import check_prompts, read_jsonl
 from nanoalign.losses import best_of_n_kl, best_of_n_pool, token_kl, token_logps
 from nanoalign.sampling import reward_scores, sample
-from nanoalign.scaffold import parse_config
+from nanoalign.scaffold import check_config, parse_config
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Config:
     best_of_n: int = 0  # > 0: best-of-N curve up to this N (a power of 2) on n_bon prompts -> best_of_n.json
     n_bon: int = 100  # held-out prompts for the best-of-N curve
     select: int = 8  # the realised best-of-N policy in best_of_n.json["selected"]: gold, failures, win rate
+    out: str = ""  # directory for eval.json and best_of_n.json ("" = the evaluated checkpoint's)
 
 
 def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: float = 1.0,
@@ -101,6 +103,12 @@ def calibration(p: torch.Tensor, outcome: torch.Tensor, bins: int = 10) -> dict:
 def win_rate(gold: list[float], baseline_gold: list[float]) -> float:
     """Share of prompts where the answer's gold beats the baseline's; ties count half."""
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold, baseline_gold)) / len(gold)
+
+
+def check_eval_prompts(tok, data_dir, n: int, block_size: int) -> None:
+    """At a run's start: the held-out prompts evaluate_policy will answer exist and fit the context."""
+    if n > 0:
+        check_prompts(tok, read_jsonl(Path(data_dir) / "sft_test.jsonl", "sft")[:n], block_size)
 
 
 def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96, temperature: float = 1.0,
@@ -174,13 +182,19 @@ def write_json(path, obj) -> None:
 
 
 def main(cfg: Config) -> dict:
-    model, tok = load_model(cfg.checkpoint)
+    check_config(cfg, positive="n max_new_tokens batch_size n_bon", nonneg="temperature best_of_n select")
+    if cfg.best_of_n and (cfg.best_of_n & (cfg.best_of_n - 1) or not cfg.reward_model or cfg.select >= cfg.best_of_n):
+        raise SystemExit(f"--best_of_n={cfg.best_of_n} needs a power of 2, --reward_model, and --select below it "
+                         f"(got --select={cfg.select}, --reward_model={cfg.reward_model!r})")
+    model, tok = load_model(cfg.checkpoint)  # a policy: a reward model or critic is refused here
     reference = load_model(cfg.reference, tok)[0].eval() if cfg.reference else None
+    out = Path(cfg.out or cfg.checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
     metrics, prompts, answers = evaluate_policy(model, tok, cfg.data_dir, cfg.n, cfg.max_new_tokens,
                                                 cfg.temperature, cfg.batch_size, cfg.seed, reference)
     for p, a in list(zip(prompts, answers))[:3]:
         print(f"> {p}\n{a}\n")
-    write_json(Path(cfg.checkpoint) / "eval.json", metrics)
+    write_json(out / "eval.json", metrics)
     print(json.dumps(metrics, indent=2))
     if cfg.best_of_n > 0:
         rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
@@ -190,7 +204,7 @@ def main(cfg: Config) -> dict:
         for r in rows:
             print(f"{r['n']:>4} {r['kl']:>6.3f} {r['proxy']:>7.3f} {r['gold']:>7.4f}")
         print(f"best-of-{cfg.select}, realised:", selected)
-        write_json(Path(cfg.checkpoint) / "best_of_n.json", {"curve": rows, "selected": selected})
+        write_json(out / "best_of_n.json", {"curve": rows, "selected": selected})
         metrics["best_of_n"] = {"curve": rows, "selected": selected}
     return metrics
 

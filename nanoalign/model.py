@@ -244,13 +244,11 @@ class GPT(nn.Module):
         scalar_head=True adds a freshly initialised head if the checkpoint has none (an SFT model becoming a
         reward model); False drops a stored one; None keeps what the checkpoint has."""
         path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no config.json; expected a nanoalign checkpoint or a HF GPT-2 directory")
-        meta = json.loads((path / "config.json").read_text())
+        meta = read_meta(path)
         if "model_type" in meta:
             config, state = cls._hf_config_and_state(path, meta)
         elif "model" in meta:
-            config, state = GPTConfig(**meta["model"]), load_file(path / "model.safetensors")
+            config, state = GPTConfig(**meta["model"]), read_tensors(path / "model.safetensors")
         else:
             raise ValueError(f"{path / 'config.json'}: missing field 'model' (nanoalign) or 'model_type' (HF)")
         if scalar_head is not None:
@@ -276,7 +274,7 @@ class GPT(nn.Module):
                            n_head=hf["n_head"], n_embd=hf["n_embd"],
                            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
         state = {}
-        for name, t in load_file(path / "model.safetensors").items():
+        for name, t in read_tensors(path / "model.safetensors").items():
             if not name.startswith(("transformer.", "lm_head.")):
                 name = "transformer." + name  # the original GPT-2 upload has no prefix
             if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
@@ -286,6 +284,27 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once
+
+
+def read_meta(path) -> dict:
+    """config.json of a checkpoint (or a local HF GPT-2 directory); missing or damaged, an error naming it."""
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: not found; expected a nanoalign checkpoint or a local HF GPT-2 directory")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: damaged ({e}); the file was not written completely") from None
+
+
+def read_tensors(file) -> dict[str, torch.Tensor]:
+    """A safetensors file; missing or damaged (a truncated write), an error naming it."""
+    if not Path(file).exists():
+        raise FileNotFoundError(f"{file}: not found")
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own error types for a bad header or a short file
+        raise ValueError(f"{file}: damaged ({e}); the file was not written completely") from None
 
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -38,7 +38,7 @@ from nanoalign.data import left_pad, read_jsonl, write_jsonl
 from nanoalign.evaluate import calibration, sample_answers, write_json
 from nanoalign.losses import token_logps
 from nanoalign.model import KVCache
-from nanoalign.scaffold import parse_config, setup
+from nanoalign.scaffold import check_config, parse_config, setup
 
 
 @dataclass
@@ -207,11 +207,10 @@ def preferences(pairs: list[tuple], comparisons: list[tuple], principles: list[P
 
 
 def main(cfg: Config) -> dict:
-    for name, value, allowed in (("principles", cfg.principles, ("sample", "ensemble")),
-                                 ("labels", cfg.labels, ("soft", "hard", "clamped")),
-                                 ("labeller", cfg.labeller, ("model", "synthetic"))):
-        if value not in allowed:
-            raise SystemExit(f"--{name}={value}: expected one of {', '.join(allowed)}")
+    check_config(cfg, positive="n_prompts k max_new_tokens temperature batch_size judge_train judge_steps "
+                               "judge_block_size", nonneg="kappa noise judge_prompt_loss",
+                 choices={"principles": ("sample", "ensemble"), "labels": ("soft", "hard", "clamped"),
+                          "labeller": ("model", "synthetic")})
     if cfg.k < 2:
         raise SystemExit(f"--k={cfg.k}: need at least 2 answers per prompt to compare")
     principles = read_constitution(cfg.constitution or None)

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from nanoalign import helpdesk
-from nanoalign.checkpoint import read_meta, read_resume_state, write_checkpoint
+from nanoalign.checkpoint import hold_lock, read_meta, read_resume_state, recover, write_checkpoint
 
 # ----- config ------------------------------------------------------------------------------------------
 
@@ -85,6 +85,45 @@ def _convert(value: str, hint, key: str):
         raise SystemExit(f"--{key}={value}: cannot convert to {getattr(hint, '__name__', hint)} ({e})")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_config(cfg, positive: str = "", nonneg: str = "", choices: dict | None = None) -> None:
+    """Refuse a bad config before anything is created or opened for writing: the fields named in `positive`
+    (space-separated) must be > 0, those in `nonneg` >= 0 (None passes: "not set"), each field of `choices`
+    one of its values, `device` (if any) one of DEVICES. The error names the flag and what it allows."""
+    for names, test, rule in ((positive, lambda v: v > 0, "> 0"), (nonneg, lambda v: v >= 0, ">= 0")):
+        for name in names.split():
+            value = getattr(cfg, name)
+            if value is not None and not test(value):  # NaN fails both tests
+                raise SystemExit(f"--{name}={value}: must be {rule}")
+    for name, allowed in {**({"device": DEVICES} if hasattr(cfg, "device") else {}), **(choices or {})}.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name}={getattr(cfg, name)}: expected one of {', '.join(map(str, allowed))}")
+
+
+def micro_batch(batch_size: int, micro_batch_size: int, world: int) -> int:
+    """Each process's micro-batch: micro_batch_size, or with 0 (the default) its whole share of the global batch,
+    batch_size / world. A batch that does not split over the processes, or a micro-batch that does not divide a
+    process's share, is an error naming the flags and a value that works."""
+    if batch_size % world:
+        raise SystemExit(f"--batch_size={batch_size} does not split over {world} processes: use a multiple of "
+                         f"{world}, e.g. --batch_size={(batch_size // world + 1) * world}")
+    share = batch_size // world
+    if micro_batch_size == 0:
+        return share
+    if share % micro_batch_size:
+        raise SystemExit(f"--micro_batch_size={micro_batch_size} does not divide a process's share of the batch "
+                         f"(--batch_size={batch_size} over {world} processes: {share}); use a divisor of {share}, "
+                         f"or 0 for the whole share")
+    return micro_batch_size
+
+
+def world_size() -> int:
+    """The number of processes torchrun started (1 for a plain script)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 # ----- processes and devices ---------------------------------------------------------------------------
 
 
@@ -103,8 +142,7 @@ def setup(seed: int, device: str = "auto") -> Dist:
     """Start the process group under torchrun, pick the device, seed. Every rank seeds identically here so
     that models are built with the same initial weights; per-rank seeds (seed + 100003·rank, N detail 6)
     are for sampling and are derived by the caller."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    world, rank = world_size(), int(os.environ.get("RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -131,6 +169,17 @@ def keep_cpu_heap() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
     mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum: blocks below 32 MB come from the heap
     mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+
+
+def claim_out_dir(out_dir, ctx: Dist) -> None:
+    """One run per out_dir: rank 0 takes its lock for the run's life (`checkpoint.hold_lock`) and finishes or undoes
+    a checkpoint write that a killed run left (`checkpoint.recover`); the other ranks wait, so none reads out_dir
+    before that."""
+    if ctx.master:
+        hold_lock(out_dir)
+        recover(out_dir)
+    if ctx.world > 1:
+        dist.barrier()
 
 
 def ensure_world(data_dir, needed: str, seed: int, ctx: Dist) -> None:
@@ -231,16 +280,27 @@ def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr: float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def optimizer_step(model, optimizer, lr: float, grad_clip: float) -> float:
-    """Set the learning rate, clip the global gradient norm, step, zero the gradients; returns the norm."""
+def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "", losses: dict | None = None) -> float:
+    """Set the learning rate, clip the global gradient norm, step, zero the gradients; returns the norm.
+    A non-finite gradient norm (over all ranks) or loss term stops the run here, before the step: the weights
+    stay as they were and nothing is written, so the last checkpoint in out_dir is the last good one.
+    where: the step, for the error ("step 17"); losses: {name: float} this step's loss terms."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
+    norm = norm.item()
+    terms = {**(losses or {}), "grad_norm": norm}
+    if not all(math.isfinite(v) for v in terms.values()):
+        optimizer.zero_grad(set_to_none=True)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
+        raise FloatingPointError(f"{where or 'a step'}: non-finite training values ({shown}); stopped before "
+                                 f"the update, nothing written: the last checkpoint is the last good one (a lower "
+                                 f"--lr, or --grad_clip, may help)")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm
 
 
 # ----- state for checkpoints ---------------------------------------------------------------------------
@@ -261,23 +321,27 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 
 
 def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, metrics: dict,
-                   extra: dict | None = None, children: dict | None = None) -> None:
-    """Gather the full model and optimizer state and write a resumable checkpoint from rank 0; `extra`
-    (JSON: a script's own state, e.g. PPO's β) goes into config.json; children {name: (model, optimizer)} are
-    written as resumable checkpoints in out_dir/name in the same swap (`resume(out_dir/name, ...)` reads one)."""
+                   extra: dict | None = None, children: dict | None = None, kind: str = "policy") -> None:
+    """Gather the full model and optimizer state and write a resumable checkpoint of `kind` from rank 0; `extra`
+    (JSON: a script's own state, e.g. PPO's β) goes into config.json; children {name: (model, optimizer)},
+    critics, are written as resumable checkpoints in out_dir/name in the same swap (`resume(out_dir/name, ...)`
+    reads one)."""
     rng, run = {"torch": torch.get_rng_state()}, {"run": dataclasses.asdict(cfg), "step": step}
     kids = {}
     for name, (child, child_optimizer) in (children or {}).items():  # every rank gathers, rank 0 writes
         child_state, child_optim_state = full_state(child, child_optimizer)
-        kids[name] = (child_state, {"model": dataclasses.asdict(child.config), **run}, (child_optim_state, rng))
+        kids[name] = (child_state, {"model": dataclasses.asdict(child.config), "kind": "critic", **run},
+                      (child_optim_state, rng))
     model_state, optim_state = full_state(model, optimizer)
     if ctx.master:
-        meta = {"model": dataclasses.asdict(model.config), **run, "metrics": metrics, **(extra or {})}
+        meta = {"model": dataclasses.asdict(model.config), "kind": kind, **run, "metrics": metrics, **(extra or {})}
         write_checkpoint(out_dir, model_state, meta, tok, (optim_state, rng), kids)
 
 
 def resume(out_dir, model, optimizer) -> int:
-    """Restore the optimizer moments and the RNG state written by `save_resumable`; returns the step."""
+    """Restore the optimizer moments and the RNG state written by `save_resumable`; returns the step. A checkpoint
+    write that a kill interrupted is first finished or undone (`recover`)."""
+    recover(out_dir)
     if not (Path(out_dir) / "resume.safetensors").exists():
         raise FileNotFoundError(f"{out_dir}/resume.safetensors: missing; --resume=True continues from a checkpoint "
                                 "written during training (a finished reward model or PPO policy has none)")
@@ -301,8 +365,20 @@ class Logger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if resume_step and self.path.exists():  # drop lines logged after the checkpoint we resume from
-                kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+                lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                for n, line in enumerate(lines, 1):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        if n < len(lines):
+                            raise ValueError(f"{self.path}:{n}: damaged log line (not JSON) before the last one")
+                        print(f"{self.path}:{n}: dropped a torn last line (the run was killed while writing it)")
+                        continue
+                    if record["step"] <= resume_step:
+                        kept.append(line)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(l + "\n" for l in kept))
+            tmp.replace(self.path)
 
     def log(self, step: int, metrics: dict, tokens_per_s: float | None = None) -> None:
         if not self.master:

@@ -52,7 +52,10 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: tokenizer.json not found")
-        return cls(HFTokenizer.from_file(str(path)))
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{path}: damaged ({e}); the file was not written completely") from None
 
     def save(self, path) -> None:
         self.tok.save(str(path))

@@ -45,10 +45,12 @@ def fake_runs(values: dict) -> list[dict]:
     RM calibration error, PPO gold or None) per seed."""
     runs = []
     for seed in range(len(next(iter(values.values())))):
-        run = {"model": {}}
+        run = {"model": {}, "position": {"model": {"slot_a_one_order": 0.6 + 0.01 * seed,
+                                                   "slot_a_both_orders": 0.5 - 0.01 * seed}}}
         for arm, per_seed in values.items():
             acc, loss, cal, ppo_gold = per_seed[seed]
-            run["model"][arm] = {"rm": {"accuracy_vs_gold": acc, "loss": loss, "calibration_error": cal}}
+            run["model"][arm] = {"rm": {"accuracy_vs_gold": acc, "loss": loss, "calibration_error": cal},
+                                 "labels": {"log_loss": loss}}
             if ppo_gold is not None:
                 run["model"][arm]["ppo"] = {"gold": ppo_gold, "sft_gold": 0.7, "kl": 2.0 if arm == "hard" else 1.0,
                                             "failures": dict.fromkeys(helpdesk.FAILURES, 0.1),
@@ -77,7 +79,10 @@ def test_claims_verdicts_on_known_numbers():
     best = found["the principles' ensemble beats every single principle: RM accuracy against gold"]
     assert best["pass"] and "best single (principle 1 alone) 0.680" in best["measured"]
     assert found["... with lower seed variance"]["pass"]  # s.e. 0.006 against (0.042 + 0.012) / 2 = 0.027
-    assert not found["order averaging beats one order: RM accuracy against gold (RLAIF)"]["pass"]
+    position = found["order averaging removes the measured position bias: mean P(slot A) nearer ½ (RLAIF)"]
+    assert position["pass"] and position["measured"] == "one order 0.610 ± 0.006, both orders 0.490 ± 0.006"
+    assert not found["... and the RM's accuracy against gold rises"]["pass"]  # one order is better here
+    assert found["... the labels' log-loss against gold falls"]["pass"] is False  # 0.60 against 0.60: no fall
     assert [c["pass"] for c in rlaif_labels.claims(runs, rlaif_labels.Config(labellers="model"))
             if "beats SFT" in c["claim"] or "failure rate" in c["claim"]] == [True] * 4  # hard and clamped PPO
 
@@ -132,9 +137,12 @@ def test_two_seeds_end_to_end(tiny_world, judge_dir, tmp_path, capsys):
             assert ("ppo" in metrics) == (arm == "hard" and metrics in run["model"].values())
         assert run["model"]["hard"]["ppo"]["sft_gold"] >= 0
     claims = [c["claim"] for c in saved["claims"]]
-    assert len(claims) == 13 and all(isinstance(c["pass"], bool) for c in saved["claims"])
+    assert len(claims) == 17 and all(isinstance(c["pass"], bool) for c in saved["claims"])
     out = capsys.readouterr().out
-    assert "| model | principle 9 alone |" in out and out.count("PASS") + out.count("FAIL") == 13
+    assert "| model | principle 9 alone |" in out and out.count("PASS") + out.count("FAIL") == 17
+    for run in saved["runs"]:
+        assert run["position"]["model"]["identical_answers"]["both_orders"] == pytest.approx(0.5)
+        assert set(run["position"]["synthetic"]) == {"slot_a_one_order", "slot_a_both_orders"}
     log = (tmp_path / "t4" / "log.txt").read_text()
     assert log.count("labelled by the model labeller") == 2
 

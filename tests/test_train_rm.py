@@ -90,7 +90,7 @@ def test_rm_learns_and_writes_eval(rm_run):
 def test_rm_calibration_error_by_hand(rm_run, prefs_dir):
     """The expected calibration error of σ(r_i - r_j) for "i ranked above j", each test pair once, in ten bins of
     width 0.1, recomputed with a loop from the saved RM's raw rewards."""
-    model, tok = load_model(rm_run["out"], scalar_head=True)
+    model, tok = load_model(rm_run["out"], scalar_head=True, kinds=("reward_model",))
     bins = [[] for _ in range(10)]
     with torch.no_grad():
         for rec in read_jsonl(prefs_dir / "prefs_test.jsonl", "prefs"):
