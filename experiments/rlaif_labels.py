@@ -136,13 +136,18 @@ def run_seed(cfg: Config, seed: int, principles, policy, tok, judge, judge_tok, 
             {k: v.view(len(pairs), -1) for k, v in ask(replace(lcfg, position_bias=0.0)).items()}
         log(f"seed {seed}: {len(pairs)} pairs x {len(principles)} principles labelled by the {labeller} labeller "
             f"({time.time() - t0:.0f}s)")
-        # position bias: y1 is a random one of the two answers, so an unbiased labeller's mean P(y1) is ½
+        # position bias: P(slot A) when both slots hold the same answer (½ without bias); and on the labelled
+        # pairs, whose y1 is a random one of the two answers, so that an unbiased labeller's mean P(y1) is ½
+        if labeller == "model":
+            same = rlaif.position_bias(judge, judge_tok, pairs, principles, lcfg)
+        else:
+            zero = torch.zeros(200, dtype=torch.float64)
+            s = rlaif.synthetic_preferences(zero, zero, cfg.kappa, cfg.noise, cfg.position_bias,
+                                            torch.Generator().manual_seed(seed))
+            same = {"one_order": s["p_ab"].mean().item(), "both_orders": rlaif.combine(**s).mean().item()}
         results["position"][labeller] = {
-            "slot_a_one_order": pref["p_ab"][rows, drawn].mean().item(),
-            "slot_a_both_orders": rlaif.combine(pref["p_ab"], pref["p_ba"])[rows, drawn].mean().item()}
-        if labeller == "model":  # and P(slot A) when both slots hold the same answer
-            results["position"][labeller]["identical_answers"] = rlaif.position_bias(judge, judge_tok, pairs,
-                                                                                     principles, lcfg)
+            "identical_answers": same, "pairs_one_order": pref["p_ab"][rows, drawn].mean().item(),
+            "pairs_both_orders": rlaif.combine(pref["p_ab"], pref["p_ba"])[rows, drawn].mean().item()}
         results[labeller] = {}
         for arm, p in arm_labels(pref, drawn, cfg, labeller, unbiased).items():
             t0 = time.time()
@@ -226,13 +231,15 @@ def claims(runs: list[dict], cfg: Config) -> list[dict]:
                 claim(f"{tag} ... with lower seed variance", acc["ensemble"][1] < single_se,
                       f"s.e. over seeds: ensemble {acc['ensemble'][1]:.3f}, single principles (mean) {single_se:.3f}")
         if "one" in cfg.orders:
-            one, both = (mean_se([abs(r["position"][labeller][f"slot_a_{k}"] - 0.5) for r in runs])[0]
-                         for k in ("one_order", "both_orders"))
-            slot_a = {k: mean_se([r["position"][labeller][f"slot_a_{k}"] for r in runs]) for k in ("one_order",
-                                                                                                  "both_orders")}
-            claim(f"{tag} order averaging removes the measured position bias: mean P(slot A) nearer ½ (RLAIF)",
-                  both < one, f"one order {slot_a['one_order'][0]:.3f} ± {slot_a['one_order'][1]:.3f}, both orders "
-                              f"{slot_a['both_orders'][0]:.3f} ± {slot_a['both_orders'][1]:.3f}")
+            pos = {k: mean_se([r["position"][labeller]["identical_answers"][k] for r in runs])
+                   for k in ("one_order", "both_orders")}
+            pairs = {k: mean_se([r["position"][labeller][f"pairs_{k}"] for r in runs]) for k in ("one_order",
+                                                                                                "both_orders")}
+            claim(f"{tag} order averaging removes the measured position bias: P(slot A) for the same answer in both "
+                  f"slots nearer ½ (RLAIF)", abs(pos["both_orders"][0] - 0.5) < abs(pos["one_order"][0] - 0.5),
+                  f"one order {pos['one_order'][0]:.3f} ± {pos['one_order'][1]:.3f}, both orders "
+                  f"{pos['both_orders'][0]:.3f} ± {pos['both_orders'][1]:.3f}; mean P(y1) on the labelled pairs "
+                  f"{pairs['one_order'][0]:.3f} and {pairs['both_orders'][0]:.3f}")
         if {"soft", "one order"} <= arms.keys():
             d, s = paired(runs, labeller, "soft", "one order", "labels", "log_loss")
             claim(f"{tag} ... the labels' log-loss against gold falls", d < 0, f"both orders - one order {d:+.3f} ± "

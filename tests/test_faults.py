@@ -24,9 +24,10 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
-from conftest import REPO, run_killed_at
+from conftest import REPO, run_killed_at, torchrun
 from nanoalign import evaluate
-from nanoalign.checkpoint import hold_lock, load_model, load_reward_model, read_meta, recover, write_checkpoint
+from nanoalign.checkpoint import (hold_lock, load_model, load_reward_model, read_meta, read_resume_state, recover,
+                                  write_checkpoint)
 from nanoalign.data import read_jsonl
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.scaffold import Dist, Logger, micro_batch
@@ -94,6 +95,12 @@ def test_evaluate_and_the_benchmarks_check_their_flags(tmp_path):
         dpo_throughput.main(dpo_throughput.Config(mode="fast"))
 
 
+def test_torchrun_with_the_default_micro_batch(tiny_run, tmp_path):
+    """The README's torchrun command with the defaults: each of 2 processes takes half of the batch of 8."""
+    torchrun("train_sft.py", sft(tiny_run, tmp_path / "two", max_steps=2))
+    assert read_meta(tmp_path / "two")["run"]["micro_batch_size"] == 4
+
+
 def test_the_micro_batch_is_derived_for_any_world_that_divides_the_batch():
     assert [micro_batch(32, 0, w) for w in (1, 2, 4, 8)] == [32, 16, 8, 4]
     assert micro_batch(32, 8, 2) == 8
@@ -148,7 +155,8 @@ def test_data_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"sft.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
         read_jsonl(bad, "sft")
     same = tmp_path / "pairs.jsonl"
-    same.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
+    same.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                    '{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: field 'rejected' equals 'chosen'"):
         read_jsonl(same)
     ranked = tmp_path / "prefs.jsonl"
@@ -156,7 +164,8 @@ def test_data_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"prefs.jsonl:1: field 'responses\[2\]' repeats an earlier answer"):
         read_jsonl(ranked)
     hh = tmp_path / "hh.jsonl"
-    hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}))
+    dialogue = "\n\nHuman: hi\n\nAssistant: yo"
+    hh.write_text(json.dumps({"chosen": dialogue, "rejected": dialogue}))
     with pytest.raises(ValueError, match=r"hh.jsonl:1: the 'rejected' answer equals the 'chosen' one"):
         read_jsonl(hh)
 
@@ -178,13 +187,15 @@ def test_an_over_long_prompt_stops_ppo_at_start(tiny_run, world, tmp_path):
 # ----- checkpoints ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "resume.safetensors"])
 def test_a_truncated_checkpoint_file_is_named(tiny_run, tmp_path, name):
-    write_checkpoint(tmp_path / "c", *tiny_state(tiny_run), Tokenizer_of(tiny_run))
+    resume_state = ({"state": {}, "param_groups": []}, {"torch": torch.get_rng_state()})
+    write_checkpoint(tmp_path / "c", *tiny_state(tiny_run), Tokenizer_of(tiny_run), resume_state)
     path = tmp_path / "c" / name
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(ValueError, match=re.escape(f"{path}: damaged")):
         load_model(tmp_path / "c")
+        read_resume_state(tmp_path / "c")
 
 
 def test_the_wrong_kind_of_checkpoint_is_refused(tiny_run, world, tmp_path):

@@ -45,8 +45,9 @@ def fake_runs(values: dict) -> list[dict]:
     RM calibration error, PPO gold or None) per seed."""
     runs = []
     for seed in range(len(next(iter(values.values())))):
-        run = {"model": {}, "position": {"model": {"slot_a_one_order": 0.6 + 0.01 * seed,
-                                                   "slot_a_both_orders": 0.5 - 0.01 * seed}}}
+        run = {"model": {}, "position": {"model": {
+            "identical_answers": {"one_order": 0.6 + 0.01 * seed, "both_orders": 0.5 - 0.01 * seed},
+            "pairs_one_order": 0.55, "pairs_both_orders": 0.5}}}
         for arm, per_seed in values.items():
             acc, loss, cal, ppo_gold = per_seed[seed]
             run["model"][arm] = {"rm": {"accuracy_vs_gold": acc, "loss": loss, "calibration_error": cal},
@@ -79,8 +80,10 @@ def test_claims_verdicts_on_known_numbers():
     best = found["the principles' ensemble beats every single principle: RM accuracy against gold"]
     assert best["pass"] and "best single (principle 1 alone) 0.680" in best["measured"]
     assert found["... with lower seed variance"]["pass"]  # s.e. 0.006 against (0.042 + 0.012) / 2 = 0.027
-    position = found["order averaging removes the measured position bias: mean P(slot A) nearer ½ (RLAIF)"]
-    assert position["pass"] and position["measured"] == "one order 0.610 ± 0.006, both orders 0.490 ± 0.006"
+    position = found["order averaging removes the measured position bias: P(slot A) for the same answer in both "
+                     "slots nearer ½ (RLAIF)"]
+    assert position["pass"] and position["measured"] == ("one order 0.610 ± 0.006, both orders 0.490 ± 0.006; mean "
+                                                         "P(y1) on the labelled pairs 0.550 and 0.500")
     assert not found["... and the RM's accuracy against gold rises"]["pass"]  # one order is better here
     assert found["... the labels' log-loss against gold falls"]["pass"] is False  # 0.60 against 0.60: no fall
     assert [c["pass"] for c in rlaif_labels.claims(runs, rlaif_labels.Config(labellers="model"))
@@ -142,7 +145,7 @@ def test_two_seeds_end_to_end(tiny_world, judge_dir, tmp_path, capsys):
     assert "| model | principle 9 alone |" in out and out.count("PASS") + out.count("FAIL") == 17
     for run in saved["runs"]:
         assert run["position"]["model"]["identical_answers"]["both_orders"] == pytest.approx(0.5)
-        assert set(run["position"]["synthetic"]) == {"slot_a_one_order", "slot_a_both_orders"}
+        assert set(run["position"]["synthetic"]) == {"identical_answers", "pairs_one_order", "pairs_both_orders"}
     log = (tmp_path / "t4" / "log.txt").read_text()
     assert log.count("labelled by the model labeller") == 2
 
