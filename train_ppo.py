@@ -273,7 +273,7 @@ def load_models(cfg: Config, ctx) -> tuple:
     rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
     rm.to(ctx.device).eval().requires_grad_(False)
     critic = None
-    if uses_critic and cfg.critic == "separate" and cfg.resume:  # written beside the policy, in the same swap
+    if uses_critic and cfg.critic == "separate" and cfg.resume:  # written beside the policy, in the same commit
         critic = load_model(f"{cfg.out_dir}/critic", tok, scalar_head=True, kinds=("critic",))[0]
         critic = wrap_model(critic, ctx, cfg.compile)
     elif uses_critic and cfg.critic == "separate":

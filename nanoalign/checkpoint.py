@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors + JSON, never pickles, swapped in atomically.
+"""Checkpoints: safetensors + JSON, never pickles, committed atomically.
 
     out_dir/model.safetensors   weights (the tied lm_head dropped: safetensors refuses shared memory)
     out_dir/config.json         {"model": GPTConfig, "kind", "run": run config, "tokenizer_hash", "step",

@@ -324,7 +324,7 @@ def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, me
                    extra: dict | None = None, children: dict | None = None, kind: str = "policy") -> None:
     """Gather the full model and optimizer state and write a resumable checkpoint of `kind` from rank 0; `extra`
     (JSON: a script's own state, e.g. PPO's β) goes into config.json; children {name: (model, optimizer)},
-    critics, are written as resumable checkpoints in out_dir/name in the same swap (`resume(out_dir/name, ...)`
+    critics, are written as resumable checkpoints in out_dir/name in the same commit (`resume(out_dir/name, ...)`
     reads one)."""
     rng, run = {"torch": torch.get_rng_state()}, {"run": dataclasses.asdict(cfg), "step": step}
     kids = {}
