@@ -46,9 +46,9 @@ from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimat
                               ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
                               token_logps, unpack, whiten)
 from nanoalign.sampling import reward_scores, sample
-from nanoalign.scaffold import (check_config, claim_out_dir, full_state, gathered, global_sum, Logger, make_optimizer,
-                                optimizer_step, parse_config, resume, save_resumable, setup, teardown, world_size,
-                                wrap_model)
+from nanoalign.config import check_config, parse_config
+from nanoalign.scaffold import (claim_out_dir, full_state, gathered, global_sum, Logger, make_optimizer, optimizer_step,
+                                resume, save_resumable, setup, teardown, world_size, wrap_model)
 
 
 @dataclass

@@ -20,9 +20,10 @@ from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, check_config, claim_out_dir, ensure_world, global_sum, Logger, lr_at,
-                                make_optimizer, micro_batch, optimizer_step, parse_config, resume, save_resumable,
-                                setup, teardown, world_size, wrap_model)
+from nanoalign.config import check_config, parse_config
+from nanoalign.scaffold import (accumulate, claim_out_dir, ensure_world, global_sum, Logger, lr_at, make_optimizer,
+                                micro_batch, optimizer_step, resume, save_resumable, setup, teardown, world_size,
+                                wrap_model)
 from nanoalign.tokenizer import Tokenizer
 
 

@@ -24,7 +24,8 @@ from common import (dpo_step, forward_flops, machine, matmul_gflops, peak_rss_mb
                     timed, write_json)
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import check_config, make_optimizer, parse_config, setup, wrap_model
+from nanoalign.config import check_config, parse_config
+from nanoalign.scaffold import make_optimizer, setup, wrap_model
 
 
 @dataclass

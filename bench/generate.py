@@ -16,7 +16,8 @@ import torch
 from common import machine, matmul_gflops, rollout_flops, timed, write_json
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
-from nanoalign.scaffold import check_config, parse_config, setup
+from nanoalign.config import check_config, parse_config
+from nanoalign.scaffold import setup
 
 
 @dataclass

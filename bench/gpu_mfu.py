@@ -16,7 +16,8 @@ from common import dpo_step, forward_flops, machine, matmul_gflops, random_pairs
 from nanoalign.losses import sft_loss, token_logps
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
-from nanoalign.scaffold import check_config, make_optimizer, optimizer_step, parse_config, setup, wrap_model
+from nanoalign.config import check_config, parse_config
+from nanoalign.scaffold import make_optimizer, optimizer_step, setup, wrap_model
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}  # dense, SXM data sheets
 

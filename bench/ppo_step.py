@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import machine, write_json
-from nanoalign.scaffold import check_config, parse_config
+from nanoalign.config import check_config, parse_config
 
 
 @dataclass

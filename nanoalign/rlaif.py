@@ -38,7 +38,8 @@ from nanoalign.data import left_pad, read_jsonl, write_jsonl
 from nanoalign.evaluate import calibration, sample_answers, write_json
 from nanoalign.losses import token_logps
 from nanoalign.model import KVCache
-from nanoalign.scaffold import check_config, parse_config, setup
+from nanoalign.config import check_config, parse_config
+from nanoalign.scaffold import setup
 
 
 @dataclass

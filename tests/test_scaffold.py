@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nanoalign.scaffold import lr_at, parse_config
+from nanoalign.config import parse_config
+from nanoalign.scaffold import lr_at
 
 
 @dataclass
