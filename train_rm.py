@@ -13,7 +13,7 @@ Each prompt's K ranked answers are one batch element: K forward rows, a loss ove
 rollouts (same length limit and temperature; only answers that end in EOS, since PPO replaces the others'
 score by a penalty), fix a gain and bias so that their rewards have mean 0 and std 1 (Ziegler et al. 2019 §2,
 `losses.reward_normalisation`, the same function PPO uses for --reward=gold); they are stored in
-out/rm/config.json and applied by every consumer through `nanoalign.checkpoint.reward_scores`.
+out/rm/config.json and applied by every consumer through `nanoalign.sampling.reward_scores`.
 out/rm/eval.json: held-out accuracy against the noisy labels beside its Bayes ceiling, and against the gold order;
 the held-out log-loss and calibration error of P(i above j) = σ(r_i - r_j) against the noisy labels.
 
