@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from common import dpo_step, forward_flops, machine, matmul_gflops, random_pairs, timed, write_json
-from nanoalign.losses import sft_loss, token_logps
+from nanoalign.logprobs import token_logps
+from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
 from nanoalign.config import check_config, parse_config

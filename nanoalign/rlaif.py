@@ -36,7 +36,7 @@ from nanoalign.constitution import OPTIONS, Principle, option_ids, principle_sco
     write_judge_corpus
 from nanoalign.data import left_pad, read_jsonl, write_jsonl
 from nanoalign.evaluate import calibration, sample_answers, write_json
-from nanoalign.losses import token_logps
+from nanoalign.logprobs import token_logps
 from nanoalign.model import KVCache
 from nanoalign.config import check_config, parse_config
 from nanoalign.scaffold import setup

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign.data import left_pad
-from nanoalign.losses import last_token_values, token_logps, unpack, widen
+from nanoalign.logprobs import token_logps, widen
+from nanoalign.losses import last_token_values, unpack
 from nanoalign.model import GPT, KVCache
 
 

@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from nanoalign.losses import token_logps
+from nanoalign.logprobs import token_logps
 from nanoalign.model import GPT, GPTConfig, KVCache
 from nanoalign.sampling import decode_step, sample
 from nanoalign.scaffold import Dist, wrap_model

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nanoalign.losses import sequence_logps, sft_loss, token_logps
+from nanoalign.logprobs import reference_token_logps, token_logps
+from nanoalign.losses import sequence_logps, sft_loss
 
 
 def test_token_logps_match_float64_loop():
@@ -14,24 +15,28 @@ def test_token_logps_match_float64_loop():
     labels = torch.randint(0, 11, (3, 7), generator=g)
     for temperature in (1.0, 0.7, 2.0):
         fast = token_logps(logits, labels, temperature, chunk_rows=4)  # chunks that split rows unevenly
+        plain = reference_token_logps(logits, labels, temperature)
         for b in range(3):
             for t in range(7):
                 z = logits[b, t].double() / temperature
                 slow = z[labels[b, t]] - torch.log(torch.exp(z).sum())
-                assert abs(fast[b, t].item() - slow.item()) < 1e-6
+                assert abs(fast[b, t].item() - slow.item()) < 1e-6 and abs(plain[b, t].item() - slow.item()) < 1e-6
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-5)])
 @pytest.mark.parametrize("chunk_rows", [5, 4096])  # several chunks (split), one chunk (no split)
-def test_token_logps_chunked_equals_naive_and_keeps_gradients(chunk_rows):
-    logits = torch.randn(4, 9, 13, requires_grad=True)
+def test_fast_token_logps_agree_with_the_plain_reference(chunk_rows, dtype, tol):
+    """The fast path (fused NLL or, for bf16 logits, the hand-written backward; row chunks) against the readable
+    definition, values and gradients, at a temperature other than 1."""
+    logits = torch.randn(4, 9, 13).to(dtype).requires_grad_(True)
     labels = torch.randint(0, 13, (4, 9))
     weights = torch.randn(4, 9)  # an upstream gradient that differs per token
-    naive = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
-    chunked = token_logps(logits, labels, chunk_rows=chunk_rows)
-    assert torch.allclose(chunked, naive, atol=1e-6)
-    (g1,) = torch.autograd.grad((chunked * weights).sum(), logits)
-    (g2,) = torch.autograd.grad((naive * weights).sum(), logits)
-    assert torch.allclose(g1, g2, atol=1e-6)
+    plain = reference_token_logps(logits, labels, 0.7)
+    fast = token_logps(logits, labels, 0.7, chunk_rows=chunk_rows)
+    assert fast.dtype == plain.dtype == torch.float32 and torch.allclose(fast, plain, atol=tol)
+    (g1,) = torch.autograd.grad((fast * weights).sum(), logits)
+    (g2,) = torch.autograd.grad((plain * weights).sum(), logits)
+    assert g1.dtype == dtype and torch.allclose(g1.float(), g2.float(), atol=tol)
 
 
 def test_token_logps_upcast_half_precision():
@@ -83,7 +88,8 @@ def test_last_token_values_under_left_right_and_no_padding():
 
 
 def test_token_entropy_by_enumeration_and_shape_errors():
-    from nanoalign.losses import token_entropy, token_logps
+    from nanoalign.logprobs import token_logps
+    from nanoalign.losses import token_entropy
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(5, 7, generator=g, dtype=torch.float64)
     for t in (1.0, 0.6):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanoalign.losses import token_logps
+from nanoalign.logprobs import token_logps
 from nanoalign.model import GPT, GPTConfig, KVCache
 
 CFG = GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=64)
