@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_meta
+from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl, require_soft_labels
 from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
 from nanoalign.sampling import model_logps
-from nanoalign.config import check_config, parse_config
 from nanoalign.scaffold import (accumulate, claim_out_dir, global_sum, Logger, lr_at, make_optimizer, micro_batch,
                                 optimizer_step, resume, save_resumable, setup, teardown, world_size, wrap_model)
 

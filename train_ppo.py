@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, load_reward_model, read_meta, write_checkpoint
+from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, check_prompts, read_jsonl
 from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
 from nanoalign.logprobs import token_logps
@@ -47,7 +48,6 @@ from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimat
                               ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
                               unpack, whiten)
 from nanoalign.sampling import reward_scores, sample
-from nanoalign.config import check_config, parse_config
 from nanoalign.scaffold import (claim_out_dir, full_state, gathered, global_sum, Logger, make_optimizer, optimizer_step,
                                 resume, save_resumable, setup, teardown, world_size, wrap_model)
 

@@ -22,9 +22,9 @@ import torch
 
 from common import (dpo_step, forward_flops, machine, matmul_gflops, peak_rss_mb, random_pairs, reset_peak_rss,
                     timed, write_json)
+from nanoalign.config import check_config, parse_config
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.config import check_config, parse_config
 from nanoalign.scaffold import make_optimizer, setup, wrap_model
 
 

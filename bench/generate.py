@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from common import machine, matmul_gflops, rollout_flops, timed, write_json
+from nanoalign.config import check_config, parse_config
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
-from nanoalign.config import check_config, parse_config
 from nanoalign.scaffold import setup
 
 

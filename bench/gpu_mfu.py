@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from common import dpo_step, forward_flops, machine, matmul_gflops, random_pairs, timed, write_json
+from nanoalign.config import check_config, parse_config
 from nanoalign.logprobs import token_logps
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
-from nanoalign.config import check_config, parse_config
 from nanoalign.scaffold import make_optimizer, optimizer_step, setup, wrap_model
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}  # dense, SXM data sheets

@@ -40,10 +40,10 @@ import train_ppo  # noqa: E402
 import train_rm  # noqa: E402
 from nanoalign import helpdesk, rlaif  # noqa: E402
 from nanoalign.checkpoint import load_model  # noqa: E402
+from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.constitution import option_ids, read_constitution  # noqa: E402
 from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
 from nanoalign.evaluate import standard_error, write_json  # noqa: E402
-from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
 
 

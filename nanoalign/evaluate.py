@@ -21,11 +21,11 @@ import torch
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, load_reward_model
+from nanoalign.config import check_config, parse_config
 from nanoalign.data import check_prompts, read_jsonl
 from nanoalign.logprobs import token_logps
 from nanoalign.losses import best_of_n_kl, best_of_n_pool, token_kl
 from nanoalign.sampling import reward_scores, sample
-from nanoalign.config import check_config, parse_config
 
 
 @dataclass

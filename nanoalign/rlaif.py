@@ -34,11 +34,11 @@ from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model
 from nanoalign.constitution import OPTIONS, Principle, option_ids, principle_score, query, read_constitution, \
     write_judge_corpus
+from nanoalign.config import check_config, parse_config
 from nanoalign.data import left_pad, read_jsonl, write_jsonl
 from nanoalign.evaluate import calibration, sample_answers, write_json
 from nanoalign.logprobs import token_logps
 from nanoalign.model import KVCache
-from nanoalign.config import check_config, parse_config
 from nanoalign.scaffold import setup
 
 
