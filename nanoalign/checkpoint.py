@@ -180,6 +180,7 @@ KINDS = ("policy", "reward_model", "critic")  # a language model (SFT, DPO, PPO,
 def check_kind(path, meta: dict, kinds: tuple) -> None:
     """A checkpoint of another kind than `kinds` is an error (one without a recorded kind passes: HF GPT-2, or
     written before kinds were recorded; a stored reward normalisation marks a reward model)."""
+    assert set(kinds) <= set(KINDS), f"unknown checkpoint kinds {kinds}; expected some of {KINDS}"
     kind = meta.get("kind") or ("reward_model" if "reward_norm" in meta else None)
     if kind is not None and kind not in kinds:
         raise ValueError(f"{path}: a {kind} checkpoint (config.json field 'kind'), where a {' or '.join(kinds)} "
