@@ -20,7 +20,7 @@ DOTTED = re.compile(r"(?:nanoalign|train_\w+|experiments)(?:\.[A-Za-z_]\w*)+")
 TEST = re.compile(r"(tests/[\w/]+\.py)::([A-Za-z_]\w*)")
 FILE = re.compile(r"[\w./-]+\.(?:py|md|txt|cfg)")
 LINK = re.compile(r"\]\(([^)\s#]+\.md)\)")
-STALE = ("ALGORITHMS.md", "shared/reference")  # documents that no longer exist in this repository
+MD_PATH = re.compile(r"[\w./-]*\.md\b")  # a Markdown document a comment may cite
 TOP_SKIP = {"tests", "mutants", "out", "data", "build", "dist"}  # tests/, and what runs and tools write
 
 
@@ -117,7 +117,9 @@ def test_the_index_lists_every_page_and_only_pages_that_exist():
         assert not broken, f"docs/{page.name}: links to missing pages {broken}"
 
 
-def test_no_code_points_at_documents_that_are_gone():
+def test_code_cites_only_documents_in_the_repository():
+    """Every Markdown document a Python file outside tests/ names is a file of this repository (from the root or
+    beside the citing file); papers are cited by author, year and section instead."""
     hits = []
     for folder, dirs, files in os.walk(ROOT):
         top = Path(folder) == ROOT
@@ -126,6 +128,9 @@ def test_no_code_points_at_documents_that_are_gone():
         for name in files:
             if name.endswith(".py"):
                 path = Path(folder) / name
-                text = path.read_text(encoding="utf-8", errors="replace")
-                hits += [f"{path.relative_to(ROOT)}: {s}" for s in STALE if s in text]
-    assert not hits, "Python files outside tests/ mention documents that do not exist:\n  " + "\n  ".join(hits)
+                for cited in MD_PATH.findall(path.read_text(encoding="utf-8", errors="replace")):
+                    inside = ".." not in Path(cited).parts
+                    if not (inside and ((ROOT / cited).is_file() or (Path(folder) / cited).is_file())):
+                        hits.append(f"{path.relative_to(ROOT)}: {cited}")
+    assert not hits, "Python files outside tests/ cite documents that are not in the repository:\n  " + \
+        "\n  ".join(hits)
