@@ -126,15 +126,17 @@ def run_seed(cfg: Config, seed: int, principles, policy, tok, judge, judge_tok, 
     every = [(i, m) for i in range(len(pairs)) for m in range(len(principles))]  # each pair under each principle
     rng = random.Random(f"{seed}/principles")
     drawn = torch.tensor([rng.randrange(len(principles)) for _ in pairs])
-    gold = torch.tensor([[helpdesk.judge(p, y)["gold"] for y in (y1, y2)] for p, y1, y2 in pairs], dtype=torch.float64)
+    gold = rlaif.gold_scores(pairs)
     results, rows = {"position": {}}, torch.arange(len(pairs))
     for labeller in cfg.labellers.split(","):
         t0 = time.time()
-        ask = (lambda c: rlaif.preferences(pairs, every, principles, c, judge, judge_tok)) if labeller == "model" \
-            else (lambda c: rlaif.preferences(pairs, every, principles, c))
-        pref = {k: v.view(len(pairs), -1) for k, v in ask(lcfg).items()}
-        unbiased = None if labeller == "model" else \
-            {k: v.view(len(pairs), -1) for k, v in ask(replace(lcfg, position_bias=0.0)).items()}
+        feedback_model = (judge, judge_tok) if labeller == "model" else (None, None)
+
+        def ask(c):  # [n pairs, M principles] each
+            return {k: v.view(len(pairs), -1)
+                    for k, v in rlaif.preferences(pairs, every, principles, c, *feedback_model).items()}
+        pref = ask(lcfg)
+        unbiased = None if labeller == "model" else ask(replace(lcfg, position_bias=0.0))
         log(f"seed {seed}: {len(pairs)} pairs x {len(principles)} principles labelled by the {labeller} labeller "
             f"({time.time() - t0:.0f}s)")
         # position bias: P(slot A) when both slots hold the same answer (½ without bias); and on the labelled
@@ -160,10 +162,10 @@ def run_seed(cfg: Config, seed: int, principles, policy, tok, judge, judge_tok, 
                 if labeller == "model" and arm in cfg.ppo_arms.split(","):
                     metrics["ppo"] = train_policy(cfg, Path(work), seed)
             results[labeller][arm] = metrics
+            ppo = metrics.get("ppo")
             log(f"seed {seed} {labeller:9s} {arm:20s} labels agree {quality['agreement']:.3f}, RM accuracy vs gold "
-                f"{metrics['rm']['accuracy_vs_gold']:.3f}" + (f", PPO gold {metrics['ppo']['gold']:.3f} "
-                                                             f"(SFT {metrics['ppo']['sft_gold']:.3f}), KL "
-                                                             f"{metrics['ppo']['kl']:.2f}" if "ppo" in metrics else "")
+                f"{metrics['rm']['accuracy_vs_gold']:.3f}"
+                + (f", PPO gold {ppo['gold']:.3f} (SFT {ppo['sft_gold']:.3f}), KL {ppo['kl']:.2f}" if ppo else "")
                 + f" ({time.time() - t0:.0f}s)")
     results["human_label_agreement"] = helpdesk.bayes_ceiling(gold.tolist())
     results["pairs"] = len(pairs)

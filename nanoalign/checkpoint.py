@@ -216,12 +216,10 @@ def load_reward_model(path, tokenizer: Tokenizer | None = None) -> tuple[GPT, To
     """A reward model written by train_rm.py -> (model, tokenizer, gain, bias). Consumers score with
     `nanoalign.sampling.reward_scores(model, ..., gain, bias)` so that SFT samples score mean 0, std 1
     (Ziegler et al. 2019 §2)."""
-    recover(path)
+    model, tokenizer = load_model(path, tokenizer, scalar_head=True, kinds=("reward_model",))  # recovers, checks
     meta = read_meta(path)
-    check_kind(path, meta, ("reward_model",))
     if "reward_norm" not in meta:
         raise ValueError(f"{path}/config.json: missing field 'reward_norm'; expected a reward model from train_rm.py")
-    model, tokenizer = load_model(path, tokenizer, scalar_head=True, kinds=("reward_model",))
     return model, tokenizer, meta["reward_norm"]["gain"], meta["reward_norm"]["bias"]
 
 

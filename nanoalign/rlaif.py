@@ -285,11 +285,16 @@ def per_pair(values: torch.Tensor, pair_of: torch.Tensor, n_pairs: int) -> torch
     return total / torch.bincount(pair_of, minlength=n_pairs)
 
 
+def gold_scores(pairs: list[tuple]) -> torch.Tensor:
+    """The gold judge's score of both answers of each (prompt, y1, y2) -> [N, 2] float64 (measurement only)."""
+    return torch.tensor([[helpdesk.judge(p, y)["gold"] for y in (y1, y2)] for p, y1, y2 in pairs], dtype=torch.float64)
+
+
 def measure(principles, pairs, comparisons, pref, p) -> dict:
     """The written labels p against the gold judge (agreement, log-loss, calibration); agreement of both orders
     averaged and of one order alone; per principle, agreement with its own score and with gold; and what
     labels drawn like the world's human ones (σ(κ Δgold)) would agree on the same pairs."""
-    g = torch.tensor([[helpdesk.judge(pr, y)["gold"] for y in (y1, y2)] for pr, y1, y2 in pairs], dtype=torch.float64)
+    g = gold_scores(pairs)
     pair_of = torch.tensor([i for i, _ in comparisons])
     both, one = combine(pref["p_ab"], pref["p_ba"]), pref["p_ab"]
     result = {**label_quality(p, g[:, 0], g[:, 1]),
