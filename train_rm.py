@@ -15,7 +15,8 @@ score by a penalty), fix a gain and bias so that their rewards have mean 0 and s
 `losses.reward_normalisation`, the same function PPO uses for --reward=gold); they are stored in
 out/rm/config.json and applied by every consumer through `nanoalign.sampling.reward_scores`.
 out/rm/eval.json: held-out accuracy against the noisy labels beside its Bayes ceiling, and against the gold order;
-the held-out log-loss and calibration error of P(i above j) = σ(r_i - r_j) against the noisy labels.
+the held-out log-loss, calibration error and reliability table of P(i above j) = σ(r_i - r_j) against the noisy
+labels.
 
 Departures from the papers: the tiny trunk trains at lr 5e-4 for 2 epochs (InstructGPT and Ziegler: 1 epoch
 at 9e-6 to 5e-5 on pretrained models); Plackett-Luce is divided by K-1 so that K = 2 is Bradley-Terry; rewards
@@ -187,6 +188,8 @@ def main(cfg: Config) -> dict:
     K = check_same_k(examples)
     check_same_k(test_groups)
     max_steps = cfg.epochs * (len(examples) // cfg.batch_size)  # derived, printed, never stored in cfg
+    if max_steps == 0:
+        raise SystemExit(f"{len(examples)} training records hold no full batch of --batch_size={cfg.batch_size}")
     if ctx.master:
         print(f"{len(examples)} {cfg.data} records of K = {K} answers (K rows each), {max_steps} steps")
 
@@ -243,8 +246,9 @@ def main(cfg: Config) -> dict:
             above = ranked_above(ranking)  # [N, K, K]
             hits, _, n_pairs = pairwise_hits(rewards, above)
             i, j = torch.triu_indices(*above.shape[1:], 1)  # each pair once: P(answer i above answer j), i < j
-            result = {"accuracy": hits / n_pairs, "calibration_error": calibration(
-                torch.sigmoid(rewards[:, i] - rewards[:, j]).flatten(), above[:, i, j].flatten())["error"]}
+            reliability = calibration(torch.sigmoid(rewards[:, i] - rewards[:, j]).flatten(), above[:, i, j].flatten())
+            result = {"accuracy": hits / n_pairs, "calibration_error": reliability["error"],
+                      "calibration": reliability["table"]}
             if all(g["gold"] is not None for g in test_groups):
                 gold = torch.tensor([g["gold"] for g in test_groups], dtype=torch.float64)  # [N, K]
                 result["bayes_ceiling"] = helpdesk.bayes_ceiling(pair for g in gold.tolist()
@@ -255,7 +259,7 @@ def main(cfg: Config) -> dict:
                 result["accuracy_vs_gold"] = hits / n_gold
             result.update({"n_pairs": int(n_pairs), "loss": kwise_ranking_loss(rewards, ranking).item(),  # held-out
                            "train_loss": metrics["loss"], "reward_norm": {"gain": gain, "bias": bias}})
-        print("\neval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+        print("\neval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "calibration"})
 
         # 6c. the checkpoint carries the normalisation; consumers load it with load_reward_model
         meta = {"model": asdict(model.config), "kind": "reward_model", "run": asdict(cfg), "step": max_steps,

@@ -7,9 +7,10 @@
 
 eval.json is the contract every stage writes:
     {"gold", "principles": {name: mean}, "failures": {"disparage", "canned", "leak"}, "n", "demo_gold"}
-plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included)
-and, against a reference policy, "kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures" and
-"gain_vs_sft_se" (the standard error of the paired gold difference gold - sft_gold).
+plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included),
+"samples" (the first 3 prompts, each with its answer and the judge's verdict) and, against a reference policy,
+"kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures" and "gain_vs_sft_se" (the standard error of the
+paired gold difference gold - sft_gold).
 """
 
 import json
@@ -106,6 +107,12 @@ def win_rate(gold: list[float], baseline_gold: list[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold, baseline_gold)) / len(gold)
 
 
+def shown_samples(prompts: list[str], answers: list[str], k: int = 3) -> list[dict]:
+    """The first k answers as a reader sees them: {"prompt", "answer", and the judge's "gold", "principles",
+    "failures"}."""
+    return [{"prompt": p, "answer": a, **helpdesk.judge(p, a)} for p, a in zip(prompts[:k], answers)]
+
+
 def check_eval_prompts(tok, data_dir, n: int, block_size: int) -> None:
     """At a run's start: the held-out prompts evaluate_policy will answer exist and fit the context."""
     if n > 0:
@@ -125,6 +132,7 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
     metrics["gold_se"] = standard_error(gold)
     metrics["demo_gold"] = helpdesk.judge_many(prompts, [d["completion"] for d in demos])["gold"]
     metrics["length"] = torch.cat([b["response_mask"].sum(-1) for b in batches]).float().mean().item()  # tokens
+    metrics["samples"] = shown_samples(prompts, answers)
     if reference is not None:
         metrics.update(reference_kl(model, reference, batches, temperature))
         sft_answers, _ = sample_answers(reference, tok, prompts, max_new_tokens, temperature, batch_size, seed)
@@ -143,7 +151,7 @@ def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: in
     proxy and gold score of the answer the RM ranks best among n, by the unbiased pool estimator, beside
     the analytic KL log n - (n-1)/n (an upper bound when answers repeat: Beirami et al. 2024).
     Also one realised best-of-`select` policy (select < n_max): per prompt the RM's pick among `select` of the
-    answers, with its gold, failure rates and win rate against another of the answers (an SFT sample)."""
+    answers, with its gold, failure rates, win rate against another of the answers (an SFT sample) and samples."""
     assert select < n_max, f"select ({select}) must be below n_max ({n_max}): the SFT baseline is a sample outside"
     model.eval()
     device = next(model.parameters()).device
@@ -169,9 +177,27 @@ def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: in
     pick = proxy[:, :select].argmax(-1).tolist()  # the RM's choice among the first `select` answers
     chosen = [a[i] for a, i in zip(answers, pick)]
     judged = helpdesk.judge_many(prompts, chosen)
-    selected = {"n": select, "kl": best_of_n_kl(select), "gold": judged["gold"], "failures": judged["failures"],
-                "win_rate_vs_sft": win_rate(gold[range(len(pick)), pick].tolist(), gold[:, -1].tolist())}
+    selected = {"n": select, "kl": best_of_n_kl(select), "gold": judged["gold"], "principles": judged["principles"],
+                "failures": judged["failures"],
+                "win_rate_vs_sft": win_rate(gold[range(len(pick)), pick].tolist(), gold[:, -1].tolist()),
+                "samples": shown_samples(prompts, chosen)}
     return rows, selected
+
+
+def gao_fit(kl: list[float], score: list[float], form: str = "bon") -> dict:
+    """Fit a score-vs-KL curve with the functional forms of Gao et al. (2022, §3): with d = √KL and R(d) the
+    score minus its value at KL = 0 (one point must be there),
+        best-of-N ("bon")  R(d) = d·(α − β·d)          RL ("rl")  R(d) = d·(α − β·log d).
+    Both are linear in (α, β): least squares -> {"alpha", "beta", "r2", "form"}, r2 = 1 − SS_res / SS_tot of R."""
+    if form not in ("bon", "rl") or 0.0 not in kl:
+        raise ValueError(f"gao_fit needs form 'bon' or 'rl' (got {form!r}) and the point at KL = 0 (the start)")
+    d = torch.tensor(kl, dtype=torch.float64).sqrt()
+    r = torch.tensor(score, dtype=torch.float64) - score[kl.index(0.0)]
+    x = torch.stack([d, -(d * d if form == "bon" else torch.special.xlogy(d, d))], 1)  # [P, 2]; 0·log 0 = 0
+    alpha, beta = torch.linalg.lstsq(x, r[:, None]).solution.squeeze(1).tolist()
+    residual = r - x @ torch.tensor([alpha, beta], dtype=torch.float64)
+    r2 = 1.0 - (residual.square().sum() / (r - r.mean()).square().sum()).item()
+    return {"alpha": alpha, "beta": beta, "r2": r2, "form": form}
 
 
 def write_json(path, obj) -> None:

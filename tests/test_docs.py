@@ -129,6 +129,8 @@ def test_code_cites_only_documents_in_the_repository():
             if name.endswith(".py"):
                 path = Path(folder) / name
                 for cited in MD_PATH.findall(path.read_text(encoding="utf-8", errors="replace")):
+                    if cited.startswith("out/") or cited == "index.md":  # the report's page, written under out/
+                        continue
                     inside = ".." not in Path(cited).parts
                     if not (inside and ((ROOT / cited).is_file() or (Path(folder) / cited).is_file())):
                         hits.append(f"{path.relative_to(ROOT)}: {cited}")

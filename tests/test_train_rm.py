@@ -104,6 +104,15 @@ def test_rm_calibration_error_by_hand(rm_run, prefs_dir):
     n = sum(len(b) for b in bins)
     ece = sum(abs(sum(p for p, _ in b) - sum(y for _, y in b)) for b in bins) / n
     assert rm_run["result"]["calibration_error"] == pytest.approx(ece, abs=1e-5)
+    table = [v for b, x in enumerate(bins) if x  # the reliability table the report draws
+             for v in (b / 10, len(x), sum(p for p, _ in x) / len(x), sum(y for _, y in x) / len(x))]
+    assert [v for r in rm_run["result"]["calibration"] for v in (r["bin"][0], r["n"], r["mean_p"], r["rate"])] == \
+        pytest.approx(table, abs=1e-5)
+
+
+def test_rm_with_no_full_batch_is_an_error(tiny_run, prefs_dir, tmp_path):
+    with pytest.raises(SystemExit, match="64 training records hold no full batch of --batch_size=65"):
+        train_rm.main(tiny(tiny_run, prefs_dir, tmp_path / "rm", batch_size=65, micro_batch_size=0))
 
 
 def test_rm_sees_exactly_k_rows_per_prompt(rm_run):

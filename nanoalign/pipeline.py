@@ -1,0 +1,232 @@
+"""The pipeline behind `python -m nanoalign.report`: its stages, and which of them must run again.
+
+Each stage is one command of the repository's scripts with their defaults, the commands of the README's tables,
+run as a child process (the package imports no script). A stage is reused when out/report/stages.json says
+that the report ran it with the same command, code and inputs, and its files have not changed since; otherwise
+it runs again, and the line that says so says why: no run there, a partial run, a run the report did not make,
+changed files, changed code, or an input that was rerun.
+"""
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanoalign.evaluate import write_json
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: its scripts and the package's code
+WORLD = tuple(f"{{data}}/{kind}{split}.jsonl" for kind in ("sft", "prefs", "pairs", "prompts") for split in ("", "_test"))
+
+
+@dataclass(frozen=True)
+class Stage:
+    title: str  # the stage's name in the report
+    legend: str  # its command in a figure's legend: the script and the flags that set it apart
+    argv: tuple  # after `python`: a script (or -m module) and its flags; {out} and {data} are filled in
+    needs: tuple  # the stages whose outputs it reads
+    result: str  # the file it writes last, in its directory: the report reads it
+    seconds: float  # wall time of the default run on 2 CPU cores (the ETA until this machine has timed it)
+    quick: tuple = ()  # flags added by --quick: tiny models and few steps
+    also_writes: tuple = ()  # outputs outside its directory
+
+
+_EVAL = ("--n_eval=8", "--max_new_tokens=16")  # --quick: a few short held-out answers
+_PPO = ("--n_updates=2", "--rollout_size=8", "--n_eval=8", "--max_new_tokens=16", "--eval_max_new_tokens=16")
+_RM = ("--epochs=1", "--batch_size=16", "--n_norm=8", "--max_new_tokens=16")
+STAGES = {
+    "sft": Stage(
+        title="SFT", legend="train_sft.py", needs=(), result="eval.json", seconds=165,
+        argv=("train_sft.py", "--data_dir={data}", "--out_dir={out}/sft"), also_writes=WORLD,
+        quick=("--max_steps=4", "--batch_size=8", "--n_layer=1", "--n_embd=32", "--n_head=2", "--vocab_size=320",
+               "--log_interval=2", *_EVAL)),
+    "rm": Stage(
+        title="reward model", legend="train_rm.py", needs=("sft",), result="eval.json", seconds=150,
+        argv=("train_rm.py", "--data_dir={data}", "--init_from={out}/sft", "--out_dir={out}/rm"), quick=_RM),
+    "bon": Stage(  # the first 100 held-out prompts: the best-of-N curve and the realised best-of-8 policy
+        title="best-of-8 (SFT + RM)", legend="evaluate --best_of_n=64", needs=("sft", "rm"),
+        result="best_of_n.json", seconds=25,
+        argv=("-m", "nanoalign.evaluate", "--checkpoint={out}/sft", "--reward_model={out}/rm", "--best_of_n=64",
+              "--n=100", "--seed=1234", "--data_dir={data}", "--out={out}/bon"),
+        quick=("--n=8", "--n_bon=3", "--best_of_n=4", "--select=2", "--max_new_tokens=16")),
+    "dpo": Stage(
+        title="DPO", legend="train_dpo.py", needs=("sft",), result="eval.json", seconds=250,
+        argv=("train_dpo.py", "--data_dir={data}", "--init_from={out}/sft", "--cache_dir={out}/cache",
+              "--out_dir={out}/dpo"), quick=("--max_steps=3", "--batch_size=8", *_EVAL)),
+    "ppo": Stage(
+        title="PPO", legend="train_ppo.py", needs=("sft", "rm"), result="eval.json", seconds=116,
+        argv=("train_ppo.py", "--data_dir={data}", "--init_from={out}/sft", "--reward_model={out}/rm",
+              "--out_dir={out}/ppo"), quick=_PPO),
+    "rlaif": Stage(
+        title="AI feedback labels", legend="python -m nanoalign.rlaif", needs=("sft",), result="eval.json",
+        seconds=610, argv=("-m", "nanoalign.rlaif", "--data_dir={data}", "--policy={out}/sft", "--judge={out}/judge",
+                           "--out={data}/ai_pairs.jsonl", "--eval_dir={out}/rlaif"),
+        also_writes=("{out}/judge", "{data}/ai_pairs.jsonl"),
+        quick=("--n_prompts=8", "--judge_train=64", "--judge_steps=2", "--max_new_tokens=16")),
+    "rm_rlaif": Stage(
+        title="reward model (AI labels)", legend="train_rm.py --pairs_file=ai_pairs.jsonl", needs=("sft", "rlaif"),
+        result="eval.json", seconds=90,
+        argv=("train_rm.py", "--data_dir={data}", "--init_from={out}/sft", "--data=pairs",
+              "--pairs_file=ai_pairs.jsonl", "--soft_labels=True", "--out_dir={out}/rm_rlaif"), quick=_RM),
+    "ppo_rlaif": Stage(
+        title="RLAIF → RM → PPO", legend="train_ppo.py --reward_model=out/rm_rlaif", needs=("sft", "rm_rlaif"),
+        result="eval.json", seconds=116,
+        argv=("train_ppo.py", "--data_dir={data}", "--init_from={out}/sft", "--reward_model={out}/rm_rlaif",
+              "--out_dir={out}/ppo_rlaif"), quick=_PPO),
+    "ppo_hack": Stage(
+        title="PPO without a KL penalty", legend="train_ppo.py --beta=0 --n_updates=200 --lr=1e-4",
+        needs=("sft", "rm"), result="eval.json", seconds=410,
+        argv=("train_ppo.py", "--data_dir={data}", "--init_from={out}/sft", "--reward_model={out}/rm", "--beta=0",
+              "--n_updates=200", "--lr=1e-4", "--out_dir={out}/ppo_hack"), quick=(*_PPO, "--n_updates=3")),
+}
+DEFAULT = ("sft", "rm", "bon", "dpo", "ppo")
+
+
+@dataclass
+class Config:
+    stages: str = "default"  # comma-separated (with the stages they need): default = sft,rm,bon,dpo,ppo; all
+    out_root: str = "out"  # each stage's directory, and report/ with index.md, its figures and stages.json
+    data_dir: str = "data"  # the helpdesk world (the sft stage writes it when missing)
+    force: str = ""  # comma-separated stages to rerun even when current ("all": every one)
+    quick: bool = False  # tiny models and a few steps per stage: checks the wiring in seconds, the numbers mean nothing
+
+
+def selected(stages: str) -> list[str]:
+    """The stages asked for and every stage they need, in pipeline order."""
+    names = {"default": list(DEFAULT), "all": list(STAGES)}.get(stages, stages.split(","))
+    wanted = set()
+
+    def add(name):
+        if name not in STAGES:
+            raise SystemExit(f"--stages: unknown stage {name!r}; expected default, all or some of {', '.join(STAGES)}")
+        wanted.add(name)
+        for need in STAGES[name].needs:
+            add(need)
+
+    for name in names:
+        add(name.strip())
+    return [name for name in STAGES if name in wanted]
+
+
+def command(name: str, cfg: Config) -> list[str]:
+    """The stage's argv after `python`, its paths filled in."""
+    stage = STAGES[name]
+    return [a.format(out=cfg.out_root, data=cfg.data_dir) for a in stage.argv + (stage.quick if cfg.quick else ())]
+
+
+def file_digests(paths) -> dict[str, str]:
+    """sha256 of every file at or under each path, keyed by its path; a missing path is left out."""
+    digests = {}
+    for path in map(Path, paths):
+        for f in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
+            if f.is_file():
+                digests[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return digests
+
+
+def output_digests(name: str, cfg: Config) -> dict[str, str]:
+    """sha256 of every file the stage wrote, keyed by its path written with {out} and {data}: a tree moved or
+    copied elsewhere with the same files stays current."""
+    digests = {}
+    for template in (f"{{out}}/{name}", *STAGES[name].also_writes):
+        real = template.format(out=cfg.out_root, data=cfg.data_dir)
+        digests.update({template + path[len(real):]: d for path, d in file_digests([real]).items()})
+    return digests
+
+
+def code_digests(name: str) -> dict[str, str]:
+    """The code a stage runs: its script (if any) and the whole package."""
+    script = [ROOT / STAGES[name].argv[0]] if STAGES[name].argv[0].endswith(".py") else []
+    files = script + sorted((ROOT / "nanoalign").glob("*.py")) + [ROOT / "nanoalign" / "constitution.txt"]
+    return {str(Path(p).relative_to(ROOT)): d for p, d in file_digests(files).items()}
+
+
+def why_rerun(name: str, key: dict, record: dict | None, cfg: Config) -> str | None:
+    """Why the stage must run (a reason a reader can act on), or None when its run is current."""
+    where = Path(cfg.out_root) / name
+    if cfg.force in ("all", name) or name in cfg.force.split(","):
+        return "asked for (--force)"
+    if not where.exists():
+        return f"no run in {where}"
+    if record is None or record.get("running"):
+        if record is not None:
+            return f"{where} holds a partial run (the report's last run of it was interrupted)"
+        if not (where / STAGES[name].result).exists() or (where / ".next").exists():
+            return f"{where} holds a partial run (no {STAGES[name].result}, or a checkpoint half-written)"
+        return f"{where} holds a run the report did not make (its command, code and data are unknown)"
+    now = output_digests(name, cfg)
+    changed = sorted(p.format(out=cfg.out_root, data=cfg.data_dir) for p in now.keys() | record["outputs"].keys()
+                     if now.get(p) != record["outputs"].get(p))
+    if changed:
+        return f"changed since the report wrote it: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}"
+    if record["argv"] != key["argv"]:
+        return "its command changed"
+    code = sorted(f for f in key["code"].keys() | record["code"].keys() if key["code"].get(f) != record["code"].get(f))
+    if code:
+        return f"the code changed: {', '.join(code[:3])}{' ...' if len(code) > 3 else ''}"
+    rerun = [need for need in key["inputs"] if key["inputs"][need] != record["inputs"].get(need)]
+    if rerun:
+        return f"its input changed: {', '.join(f'{cfg.out_root}/{n}' for n in rerun)}"
+    return None
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
+def outputs_digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record["outputs"], sort_keys=True).encode()).hexdigest()
+
+
+def plan(names: list[str], manifest: dict, cfg: Config) -> dict:
+    """{stage: (key, why it runs or None when reused)}: a stage also runs when a stage it reads runs first."""
+    steps = {}
+    for name in names:
+        key = {"argv": list(STAGES[name].argv + (STAGES[name].quick if cfg.quick else ())), "code": code_digests(name),
+               "inputs": {need: outputs_digest(manifest[need]) if steps[need][1] is None else "rerun"
+                          for need in STAGES[name].needs}}
+        first = [need for need in STAGES[name].needs if steps[need][1] is not None]
+        steps[name] = (key, f"it reads {cfg.out_root}/{first[0]}, which runs first" if first
+                       else why_rerun(name, key, manifest.get(name), cfg))
+    return steps
+
+
+def run_pipeline(cfg: Config) -> dict:
+    """Run (or reuse) every selected stage in order -> the manifest {stage: record} of the current runs."""
+    manifest_path = Path(cfg.out_root) / "report" / "stages.json"
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    names = selected(cfg.stages)
+    steps = plan(names, manifest, cfg)
+    eta = {name: manifest.get(name, {}).get("seconds", STAGES[name].seconds) if not cfg.quick else 10
+           for name, (_, reason) in steps.items() if reason is not None}
+    for name, (_, reason) in steps.items():
+        print(f"[report] {name}: {'reused (current)' if reason is None else f'runs: {reason}'}")
+    print(f"[report] {len(eta)} of {len(names)} stages to run, about {minutes(sum(eta.values()))}", flush=True)
+
+    done = {}
+    for i, name in enumerate(names, 1):
+        key, reason = steps[name]
+        if reason is None:
+            done[name] = manifest[name]
+            continue
+        key["inputs"] = {need: outputs_digest(done[need]) for need in STAGES[name].needs}
+        left = sum(eta[n] for n in names[i - 1:] if n in eta)
+        argv = command(name, cfg)
+        print(f"[report {i}/{len(names)}] {name}: about {minutes(eta[name])} ({minutes(left)} left in all)\n"
+              f"  python {' '.join(argv)}", flush=True)
+        for stale in (STAGES[name].result, "eval.json", "best_of_n.json", "log.jsonl"):
+            (Path(cfg.out_root) / name / stale).unlink(missing_ok=True)
+        manifest[name] = {"running": True}  # a kill from here on leaves a run the next call calls partial
+        write_json(manifest_path, manifest)
+        t0 = time.time()
+        script = [] if argv[0] == "-m" else [str(ROOT / argv[0])]  # found wherever the call runs
+        rc = subprocess.run([sys.executable, *script, *argv[len(script):]]).returncode
+        if rc != 0 or not (Path(cfg.out_root) / name / STAGES[name].result).exists():
+            raise SystemExit(f"[report] stage {name} failed (exit code {rc}): python {' '.join(argv)}")
+        manifest[name] = done[name] = {**key, "outputs": output_digests(name, cfg), "seconds": time.time() - t0}
+        write_json(manifest_path, manifest)
+        print(f"[report] {name}: done in {minutes(done[name]['seconds'])}", flush=True)
+    return done
