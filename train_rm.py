@@ -2,6 +2,7 @@
 
     python train_rm.py                                     # helpdesk rankings from out/sft, ~2 min on 2 CPU cores
     python train_rm.py --loss=plackett_luce                # likelihood of the full ranking instead of its pairs
+    python train_rm.py --loss=best_of_k                    # likelihood of the top answer only (Ziegler §2)
     python train_rm.py --data=pairs                        # pairs.jsonl, an optional soft label "p" per pair
     python train_rm.py --data=pairs --pairs_file=ai_pairs.jsonl --soft_labels=True --out_dir=out/rm_rlaif
     python train_rm.py --resume=True                       # continue a killed run from out/rm's last checkpoint
@@ -15,8 +16,8 @@ score by a penalty), fix a gain and bias so that their rewards have mean 0 and s
 `losses.reward_normalisation`, the same function PPO uses for --reward=gold); they are stored in
 out/rm/config.json and applied by every consumer through `nanoalign.sampling.reward_scores`.
 out/rm/eval.json: held-out accuracy against the noisy labels beside its Bayes ceiling, and against the gold order;
-the held-out log-loss, calibration error and reliability table of P(i above j) = σ(r_i - r_j) against the noisy
-labels.
+the held-out log-loss and calibration error (with its reliability table) of P(i above j) = σ(r_i - r_j) against
+the noisy labels. --eval_interval also logs the held-out loss and accuracy during training.
 
 Departures from the papers: the tiny trunk trains at lr 5e-4 for 2 epochs (InstructGPT and Ziegler: 1 epoch
 at 9e-6 to 5e-5 on pretrained models); Plackett-Luce is divided by K-1 so that K = 2 is Bradley-Terry; rewards
@@ -38,7 +39,8 @@ from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl, require_soft_labels
 from nanoalign.evaluate import calibration, sample_answers, write_json
-from nanoalign.losses import kwise_ranking_loss, plackett_luce_loss, reward_normalisation, soft_bradley_terry_loss
+from nanoalign.losses import (best_of_k_loss, kwise_ranking_loss, plackett_luce_loss, reward_normalisation,
+                              soft_bradley_terry_loss)
 from nanoalign.model import GPT
 from nanoalign.sampling import reward_scores
 from nanoalign.scaffold import (accumulate, claim_out_dir, ensure_world, full_state, global_sum, Logger, lr_at,
@@ -55,7 +57,7 @@ class Config:
     data: str = "prefs"  # prefs: K ranked answers per prompt | pairs: pairs_file with optional soft label "p"
     pairs_file: str = "pairs.jsonl"  # --data=pairs: the pairs in data_dir (ai_pairs.jsonl: nanoalign.rlaif's)
     soft_labels: bool = False  # --data=pairs: every pair must carry "p" (AI feedback labels)
-    loss: str = "kwise"  # prefs: kwise (all C(K,2) pairs) | plackett_luce; pairs: always soft Bradley-Terry
+    loss: str = "kwise"  # prefs: kwise (all C(K,2) pairs) | plackett_luce | best_of_k; pairs: soft Bradley-Terry
     epochs: int = 2  # passes over the training records
     batch_size: int = 32  # prompts (K rows each) or pairs per optimizer step (global)
     micro_batch_size: int = 0  # prompts or pairs per backward per process (0 = the process's whole share)
@@ -67,6 +69,7 @@ class Config:
     adam_eps: float = 1e-5  # as for PPO (N+); see step 4
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
     log_interval: int = 25  # steps between progress lines
+    eval_interval: int = 0  # steps between held-out evaluations, logged as eval/loss, eval/accuracy (0 = end only)
     ckpt_interval: int = 100  # steps between resumable checkpoints (the final one carries the normalisation)
     n_norm: int = 256  # SFT samples on training prompts that fix the reward's gain and bias (OAI-19: 256)
     max_new_tokens: int = 64  # answer length limit for those samples (PPO's rollout limit)
@@ -125,10 +128,33 @@ def pairwise_hits(scores: torch.Tensor, above: torch.Tensor) -> tuple[float, flo
     return (hits * above).sum().item(), (diff * above).sum().item(), above.sum().item()
 
 
+def held_out(model, groups: list[dict], pad_id: int, device, rows_per_forward: int) -> dict:
+    """The measures over all C(K,2) pairs of each held-out ranking: accuracy, log-loss (the K-wise loss), calibration
+    error and reliability table of P(i above j) = σ(r_i - r_j), all against the noisy labels; with gold scores
+    recorded, the Bayes and realised ceilings and the accuracy against the gold order."""
+    rewards = group_rewards(model, groups, pad_id, device, rows_per_forward).cpu()  # [N, K]
+    ranking = torch.tensor([g["ranking"] for g in groups])
+    above = ranked_above(ranking)  # [N, K, K]
+    hits, _, n_pairs = pairwise_hits(rewards, above)
+    i, j = torch.triu_indices(*above.shape[1:], 1)  # each pair once: P(answer i above answer j), i < j
+    reliability = calibration(torch.sigmoid(rewards[:, i] - rewards[:, j]).flatten(), above[:, i, j].flatten())
+    result = {"accuracy": hits / n_pairs, "calibration_error": reliability["error"]}
+    if all(g["gold"] is not None for g in groups):
+        gold = torch.tensor([g["gold"] for g in groups], dtype=torch.float64)  # [N, K]
+        result["bayes_ceiling"] = helpdesk.bayes_ceiling(pair for g in gold.tolist() for pair in combinations(g, 2))
+        hits, _, _ = pairwise_hits(gold, above)  # labels that agree with the gold order
+        result["realised_ceiling"] = hits / n_pairs
+        hits, _, n_gold = pairwise_hits(rewards, gold[:, :, None] > gold[:, None, :])  # gold ties skipped
+        result["accuracy_vs_gold"] = hits / n_gold
+    result.update({"n_pairs": int(n_pairs), "loss": kwise_ranking_loss(rewards, ranking).item(),
+                   "reliability": reliability["table"]})
+    return result
+
+
 def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_steps: int, cfg: Config,
             ctx) -> tuple[dict, int]:
     """One optimizer step (step counts from 1) on this rank's groups: per micro-batch the soft Bradley-Terry
-    (--data=pairs), K-wise or Plackett-Luce loss, re-weighted to a mean over the global batch's prompts, then
+    (--data=pairs), K-wise, Plackett-Luce or best-of-K loss, re-weighted to a mean over the global batch's prompts, then
     AdamW -> (metrics, with the pairwise accuracy and margin over every C(K,2) pair; tokens read here)."""
     loss_sum, hits, margins, n_pairs, tokens = 0.0, 0.0, 0.0, 0.0, 0
     for micro in accumulate(model, groups, cfg.micro_batch_size):
@@ -139,6 +165,8 @@ def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_st
             loss = soft_bradley_terry_loss(rewards[:, 0], rewards[:, 1], p)
         elif cfg.loss == "kwise":
             loss = kwise_ranking_loss(rewards, ranking)
+        elif cfg.loss == "best_of_k":
+            loss = best_of_k_loss(rewards, ranking)
         else:
             loss = plackett_luce_loss(rewards, ranking)
         # the losses are means over this micro-batch's prompts: re-weight to a mean over the global batch,
@@ -160,8 +188,8 @@ def main(cfg: Config) -> dict:
     # 0. the config, checked before anything is written
     check_config(cfg, positive="epochs batch_size rows_per_forward lr adam_eps log_interval ckpt_interval n_norm "
                                "max_new_tokens temperature",
-                 nonneg="micro_batch_size min_lr warmup_steps weight_decay grad_clip",
-                 choices={"data": ("prefs", "pairs"), "loss": ("kwise", "plackett_luce")})
+                 nonneg="micro_batch_size min_lr warmup_steps weight_decay grad_clip eval_interval",
+                 choices={"data": ("prefs", "pairs"), "loss": ("kwise", "plackett_luce", "best_of_k")})
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
@@ -208,7 +236,14 @@ def main(cfg: Config) -> dict:
         metrics, tokens = rm_step(model, optimizer, [examples[i] for i in rows], tok.pad_id, step, max_steps, cfg,
                                   ctx)
         tokens_seen += tokens
-        if step % cfg.log_interval == 0 or step == max_steps:
+        evaluate = cfg.eval_interval and step % cfg.eval_interval == 0
+        if evaluate:  # every rank takes part in the sharded forwards; the logger writes rank 0's copy
+            model.eval()
+            with torch.no_grad():
+                held = held_out(model, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward)
+            model.train()
+            metrics.update({"eval/loss": held["loss"], "eval/accuracy": held["accuracy"]})
+        if step % cfg.log_interval == 0 or step == max_steps or evaluate:
             logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0
         if step % cfg.ckpt_interval == 0 and step < max_steps:  # the last one is written normalised, below
@@ -239,27 +274,11 @@ def main(cfg: Config) -> dict:
             for p, a, r in list(zip(prompts, answers, (gain * scores + bias).tolist()))[:3]:
                 print(f"\n> {p}\n{a}\n[normalised reward {r:+.2f}]")
 
-            # 6b. held-out accuracy over all C(K,2) pairs of each ranking, against the noisy labels; the
-            # ceilings need the gold scores
-            rewards = group_rewards(rm, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward).cpu()  # [N, K]
-            ranking = torch.tensor([g["ranking"] for g in test_groups])
-            above = ranked_above(ranking)  # [N, K, K]
-            hits, _, n_pairs = pairwise_hits(rewards, above)
-            i, j = torch.triu_indices(*above.shape[1:], 1)  # each pair once: P(answer i above answer j), i < j
-            reliability = calibration(torch.sigmoid(rewards[:, i] - rewards[:, j]).flatten(), above[:, i, j].flatten())
-            result = {"accuracy": hits / n_pairs, "calibration_error": reliability["error"],
-                      "calibration": reliability["table"]}
-            if all(g["gold"] is not None for g in test_groups):
-                gold = torch.tensor([g["gold"] for g in test_groups], dtype=torch.float64)  # [N, K]
-                result["bayes_ceiling"] = helpdesk.bayes_ceiling(pair for g in gold.tolist()
-                                                                 for pair in combinations(g, 2))
-                hits, _, _ = pairwise_hits(gold, above)  # labels that agree with the gold order
-                result["realised_ceiling"] = hits / n_pairs
-                hits, _, n_gold = pairwise_hits(rewards, gold[:, :, None] > gold[:, None, :])  # gold ties skipped
-                result["accuracy_vs_gold"] = hits / n_gold
-            result.update({"n_pairs": int(n_pairs), "loss": kwise_ranking_loss(rewards, ranking).item(),  # held-out
-                           "train_loss": metrics["loss"], "reward_norm": {"gain": gain, "bias": bias}})
-        print("\neval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "calibration"})
+            # 6b. held-out accuracy over all C(K,2) pairs of each ranking, against the noisy labels and gold
+            result = held_out(rm, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward)
+            result.update({"train_loss": metrics["loss"], "reward_norm": {"gain": gain, "bias": bias}})
+        print("\neval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
+                          if k != "reliability"})
 
         # 6c. the checkpoint carries the normalisation; consumers load it with load_reward_model
         meta = {"model": asdict(model.config), "kind": "reward_model", "run": asdict(cfg), "step": max_steps,

@@ -47,7 +47,7 @@ def reward_model(rm: dict, path) -> None:
     left.set_ylim(0.5, 1.0)
     left.set_ylabel("pairwise accuracy (fraction of held-out pairs)")
     left.set_title(f"train_rm.py: {rm['n_pairs']} held-out pairs")
-    table = rm["calibration"]
+    table = rm["reliability"]
     right.plot([0, 1], [0, 1], color="k", ls="--", lw=1, label="calibrated")
     right.plot([r["mean_p"] for r in table], [r["rate"] for r in table], "o-", label="reward model")
     for r in table:

@@ -83,6 +83,14 @@ def plackett_luce_loss(rewards: Tensor, ranking: Tensor) -> Tensor:
     return -(r - tail_lse)[:, :-1].sum(-1).mean() / (r.shape[-1] - 1)
 
 
+def best_of_k_loss(rewards: Tensor, ranking: Tensor) -> Tensor:
+    """Best-of-K softmax: -log softmax(r)[best], the labeller's pick among K answers (Ziegler et al. 2019 §2;
+    OAI-19's PickBest), mean over prompts. It is Plackett-Luce's first factor; K = 2 is Bradley-Terry.
+    rewards [N, K]; ranking [N, K] candidate indices best first (only the first is read)."""
+    best = rewards.gather(-1, ranking[:, :1])[:, 0]  # [N]
+    return (rewards.logsumexp(-1) - best).mean()
+
+
 def soft_bradley_terry_loss(r_first: Tensor, r_second: Tensor, p: Tensor) -> Tensor:
     """Bradley-Terry with soft labels p = P(first > second) (CAI §4.1; RLAIF): binary cross-entropy on the
     reward gap, -[p log sigma(Δ) + (1-p) log sigma(-Δ)], mean. p = 1 is the hard loss; the minimiser is

@@ -112,7 +112,7 @@ def write_report(cfg: Config, runs: dict) -> Path:
                   f"calibration error {rm['calibration_error']:.3f}, on {rm['n_pairs']} pairs.", ""]
         lines += ["| P(i above j) | pairs | mean P | observed rate |", "| --- | --- | --- | --- |"]
         lines += [f"| {b['bin'][0]:.1f}–{b['bin'][1]:.1f} | {b['n']} | {b['mean_p']:.3f} | {b['rate']:.3f} |"
-                  for b in rm["calibration"]]
+                  for b in rm["reliability"]]
         if draw:
             figures.reward_model(rm, page / "reward_model.png")
             lines += ["", "![reward model](reward_model.png)"]

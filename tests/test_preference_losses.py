@@ -1,4 +1,4 @@
-"""Bradley-Terry, K-wise, Plackett-Luce, soft labels and the DPO family, each computed a second way."""
+"""Bradley-Terry, K-wise, Plackett-Luce, best-of-K, soft labels and the DPO family, each computed a second way."""
 
 import itertools
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoalign.losses import (bradley_terry_loss, dpo_loss, kwise_ranking_loss, plackett_luce_loss,
+from nanoalign.losses import (best_of_k_loss, bradley_terry_loss, dpo_loss, kwise_ranking_loss, plackett_luce_loss,
                               soft_bradley_terry_loss)
 
 
@@ -43,6 +43,25 @@ def test_plackett_luce_k2_is_bt_and_k3_is_sequential_softmax():
     p = r3[0].exp()
     prob = p[2] / p.sum() * p[0] / (p[0] + p[1])  # choose 2 first from all, then 0 from {0, 1}
     assert plackett_luce_loss(r3, torch.tensor([order])).item() == pytest.approx(-math.log(prob) / 2, abs=1e-12)
+
+
+def test_best_of_k_is_a_softmax_pick_and_k2_is_bt():
+    """-log of P(best) = e^{r_best} / sum_j e^{r_j}, written out in a float64 loop; at K = 2 it is Bradley-Terry
+    (only the best answer's index is read, so any order of the rest gives the same loss)."""
+    g = torch.Generator().manual_seed(1)
+    rewards = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ranking = torch.stack([torch.randperm(4, generator=g) for _ in range(3)])
+    by_hand = []
+    for n in range(3):
+        r = rewards[n].tolist()
+        best = r[ranking[n, 0].item()]
+        by_hand.append(-math.log(math.exp(best) / sum(math.exp(x) for x in r)))
+    assert best_of_k_loss(rewards, ranking).item() == pytest.approx(sum(by_hand) / 3, abs=1e-12)
+    rest_reversed = torch.cat([ranking[:, :1], ranking[:, 1:].flip(-1)], -1)
+    assert best_of_k_loss(rewards, rest_reversed).item() == pytest.approx(sum(by_hand) / 3, abs=1e-12)
+    r2, ranking2 = rewards[:, :2], torch.tensor([[0, 1], [1, 0], [1, 0]])
+    best, worst = r2.gather(1, ranking2[:, :1])[:, 0], r2.gather(1, ranking2[:, 1:])[:, 0]
+    assert torch.allclose(best_of_k_loss(r2, ranking2), bradley_terry_loss(best, worst))
 
 
 def test_soft_labels_reduce_to_bt_and_have_bounded_minimiser():

@@ -106,7 +106,7 @@ def test_rm_calibration_error_by_hand(rm_run, prefs_dir):
     assert rm_run["result"]["calibration_error"] == pytest.approx(ece, abs=1e-5)
     table = [v for b, x in enumerate(bins) if x  # the reliability table the report draws
              for v in (b / 10, len(x), sum(p for p, _ in x) / len(x), sum(y for _, y in x) / len(x))]
-    assert [v for r in rm_run["result"]["calibration"] for v in (r["bin"][0], r["n"], r["mean_p"], r["rate"])] == \
+    assert [v for r in rm_run["result"]["reliability"] for v in (r["bin"][0], r["n"], r["mean_p"], r["rate"])] == \
         pytest.approx(table, abs=1e-5)
 
 
@@ -184,6 +184,21 @@ def test_plackett_luce_option_learns(tiny_run, prefs_dir, tmp_path):
     result = train_rm.main(tiny(tiny_run, prefs_dir, tmp_path / "pl", loss="plackett_luce", epochs=2, n_norm=4))
     curve = log(tmp_path / "pl")
     assert sum(curve[-4:]) < 0.5 * sum(curve[:4]) and result["accuracy"] > 0.8
+
+
+def test_best_of_k_option_learns_and_held_out_evaluations_are_logged(tiny_run, prefs_dir, tmp_path):
+    """--loss=best_of_k learns; --eval_interval logs the held-out loss and accuracy, and the last one (after the
+    last step) equals eval.json's, measured on the final weights; the reliability table counts each pair once."""
+    out = tmp_path / "bok"
+    result = train_rm.main(tiny(tiny_run, prefs_dir, out, loss="best_of_k", epochs=2, n_norm=4, eval_interval=8))
+    curve = log(out)
+    assert sum(curve[-4:]) < 0.5 * sum(curve[:4]) and result["accuracy"] > 0.6
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [8, 16]  # 64 prompts / 8 per step: one evaluation per epoch
+    assert evals[-1]["eval/loss"] == pytest.approx(result["loss"], abs=1e-6)
+    assert evals[-1]["eval/accuracy"] == pytest.approx(result["accuracy"])
+    assert evals[0]["eval/loss"] != evals[-1]["eval/loss"]
+    assert sum(row["n"] for row in result["reliability"]) == result["n_pairs"] == 8 * 3
 
 
 def test_soft_labelled_pairs_and_their_errors(tiny_run, prefs_dir, tmp_path):
