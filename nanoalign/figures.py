@@ -85,14 +85,18 @@ def best_of_n(curve: list[dict], fits: list[dict], path) -> None:
 
 
 def training_curves(logs: dict, path) -> None:
-    """PPO's rollouts by update: RM score, gold, KL to SFT and entropy; one line per run (its command)."""
+    """PPO's rollouts by update: RM score, gold, KL to SFT and entropy; one colour per run (its command), each
+    update faint and the mean of the last 5 bold."""
     plt, fig, axes = _axes(2, nrows=2)
     panels = (("objective/rm_score", "RM score (normalised)"), ("objective/gold", "gold score (0–1)"),
               ("objective/kl", "KL to SFT (nats / answer)"), ("ppo/entropy", "entropy (nats / token)"))
     for ax, (key, label) in zip(axes, panels):
         for name, rows in logs.items():
-            line, = ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
-            ax.axhline(rows[0][key], color=line.get_color(), ls=":", lw=0.8)
+            steps, ys = [r["step"] for r in rows], [r[key] for r in rows]
+            line, = ax.plot(steps, ys, lw=0.6, alpha=0.4)
+            smooth = [sum(ys[max(0, i - 4):i + 1]) / len(ys[max(0, i - 4):i + 1]) for i in range(len(ys))]
+            ax.plot(steps, smooth, color=line.get_color(), label=f"{name} (mean of the last 5 updates)")
+            ax.axhline(ys[0], color=line.get_color(), ls=":", lw=0.8)
         ax.set_xlabel("PPO update")
         ax.set_ylabel(label)
     axes[0].legend(loc="best", fontsize=7, title="dotted: update 1 (SFT)", title_fontsize=7)

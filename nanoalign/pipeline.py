@@ -7,6 +7,7 @@ it runs again, and the line that says so says why: no run there, a partial run, 
 changed files, changed code, or an input that was rerun.
 """
 
+import ast
 import hashlib
 import json
 import subprocess
@@ -31,6 +32,7 @@ class Stage:
     seconds: float  # wall time of the default run on 2 CPU cores (the ETA until this machine has timed it)
     quick: tuple = ()  # flags added by --quick: tiny models and few steps
     also_writes: tuple = ()  # outputs outside its directory
+    also_runs: tuple = ()  # code it runs or reads besides its entry point's imports (a script in a child process)
 
 
 _EVAL = ("--n_eval=8", "--max_new_tokens=16")  # --quick: a few short held-out answers
@@ -63,7 +65,7 @@ STAGES = {
         title="AI feedback labels", legend="python -m nanoalign.rlaif", needs=("sft",), result="eval.json",
         seconds=610, argv=("-m", "nanoalign.rlaif", "--data_dir={data}", "--policy={out}/sft", "--judge={out}/judge",
                            "--out={data}/ai_pairs.jsonl", "--eval_dir={out}/rlaif"),
-        also_writes=("{out}/judge", "{data}/ai_pairs.jsonl"),
+        also_writes=("{out}/judge", "{data}/ai_pairs.jsonl"), also_runs=("train_sft.py", "nanoalign/constitution.txt"),
         quick=("--n_prompts=8", "--judge_train=64", "--judge_steps=2", "--max_new_tokens=16")),
     "rm_rlaif": Stage(
         title="reward model (AI labels)", legend="train_rm.py --pairs_file=ai_pairs.jsonl", needs=("sft", "rlaif"),
@@ -136,11 +138,34 @@ def output_digests(name: str, cfg: Config) -> dict[str, str]:
     return digests
 
 
+def imported_code(entry: Path) -> set[Path]:
+    """entry and every package module it imports, directly or through others (read from the source with ast)."""
+    seen, todo = set(), [entry]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.exists():
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nanoalign"):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            todo += [ROOT / f"{n.replace('.', '/')}.py" for n in names if n.startswith("nanoalign.")]
+    return seen
+
+
 def code_digests(name: str) -> dict[str, str]:
-    """The code a stage runs: its script (if any) and the whole package."""
-    script = [ROOT / STAGES[name].argv[0]] if STAGES[name].argv[0].endswith(".py") else []
-    files = script + sorted((ROOT / "nanoalign").glob("*.py")) + [ROOT / "nanoalign" / "constitution.txt"]
-    return {str(Path(p).relative_to(ROOT)): d for p, d in file_digests(files).items()}
+    """The code a stage runs: its script or module, the package modules it imports, and its `also_runs` (an edit
+    to the report's own code reruns nothing)."""
+    argv = STAGES[name].argv
+    entry = ROOT / (f"{argv[1].replace('.', '/')}.py" if argv[0] == "-m" else argv[0])
+    files = imported_code(entry)
+    for extra in STAGES[name].also_runs:
+        files |= imported_code(ROOT / extra) if extra.endswith(".py") else {ROOT / extra}
+    return {str(Path(p).relative_to(ROOT)): d for p, d in file_digests(sorted(files)).items()}
 
 
 def why_rerun(name: str, key: dict, record: dict | None, cfg: Config) -> str | None:

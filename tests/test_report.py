@@ -109,6 +109,16 @@ def test_page_without_matplotlib_says_how_to_get_figures(quick, tmp_path, monkey
     assert not list((out / "report").glob("*.png")) and "| DPO | " in page
 
 
+def test_a_stage_depends_on_the_code_it_runs():
+    for name in STAGES:
+        code = pipeline.code_digests(name)
+        assert "nanoalign/losses.py" in code and "nanoalign/model.py" in code
+        assert not {"nanoalign/report.py", "nanoalign/figures.py", "nanoalign/pipeline.py"} & set(code)
+        assert not {"train_dpo.py", "train_ppo.py"} & set(code) or name in ("dpo", "ppo", "ppo_rlaif", "ppo_hack")
+    assert "nanoalign/rlaif.py" not in pipeline.code_digests("dpo")
+    assert {"nanoalign/rlaif.py", "nanoalign/constitution.txt", "train_sft.py"} <= set(pipeline.code_digests("rlaif"))
+
+
 def test_unknown_stages_are_refused():
     with pytest.raises(SystemExit, match="unknown stage 'ppoo'"):
         pipeline.selected("sft,ppoo")
