@@ -10,6 +10,7 @@ changed files, changed code, or an input that was rerun.
 import ast
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ class Stage:
     quick: tuple = ()  # flags added by --quick: tiny models and few steps
     also_writes: tuple = ()  # outputs outside its directory
     also_runs: tuple = ()  # code it runs or reads besides its entry point's imports (a script in a child process)
+    rebuilds: tuple = ()  # outputs it would reuse if present, removed before it runs so that they are made anew
 
 
 _EVAL = ("--n_eval=8", "--max_new_tokens=16")  # --quick: a few short held-out answers
@@ -66,6 +68,7 @@ STAGES = {
         seconds=610, argv=("-m", "nanoalign.rlaif", "--data_dir={data}", "--policy={out}/sft", "--judge={out}/judge",
                            "--out={data}/ai_pairs.jsonl", "--eval_dir={out}/rlaif"),
         also_writes=("{out}/judge", "{data}/ai_pairs.jsonl"), also_runs=("train_sft.py", "nanoalign/constitution.txt"),
+        rebuilds=("{out}/judge", "{data}/judge"),  # the feedback model and its corpus: the world or code may differ
         quick=("--n_prompts=8", "--judge_train=64", "--judge_steps=2", "--max_new_tokens=16")),
     "rm_rlaif": Stage(
         title="reward model (AI labels)", legend="train_rm.py --pairs_file=ai_pairs.jsonl", needs=("sft", "rlaif"),
@@ -171,7 +174,7 @@ def code_digests(name: str) -> dict[str, str]:
 def why_rerun(name: str, key: dict, record: dict | None, cfg: Config) -> str | None:
     """Why the stage must run (a reason a reader can act on), or None when its run is current."""
     where = Path(cfg.out_root) / name
-    if cfg.force in ("all", name) or name in cfg.force.split(","):
+    if cfg.force == "all" or name in cfg.force.split(","):
         return "asked for (--force)"
     if not where.exists():
         return f"no run in {where}"
@@ -244,6 +247,8 @@ def run_pipeline(cfg: Config) -> dict:
               f"  python {' '.join(argv)}", flush=True)
         for stale in (STAGES[name].result, "eval.json", "best_of_n.json", "log.jsonl"):
             (Path(cfg.out_root) / name / stale).unlink(missing_ok=True)
+        for old in STAGES[name].rebuilds:
+            shutil.rmtree(old.format(out=cfg.out_root, data=cfg.data_dir), ignore_errors=True)
         manifest[name] = {"running": True}  # a kill from here on leaves a run the next call calls partial
         write_json(manifest_path, manifest)
         t0 = time.time()

@@ -160,7 +160,10 @@ def test_all_stages_add_rlaif_and_reward_hacking(quick, tmp_path, capsys):
     shutil.copytree(quick.out_root, out)
     cfg = Config(quick=True, out_root=str(out), data_dir=str(tmp_path / "data"), stages="all")
     shutil.copytree(quick.data_dir, cfg.data_dir)
+    (out / "judge").mkdir()
+    (out / "judge" / "config.json").write_text("{}")  # an old feedback model: the rlaif stage trains a new one
     page = report.main(cfg).read_text()
+    assert json.loads((out / "judge" / "config.json").read_text())["kind"] == "policy"
     said = capsys.readouterr().out
     assert said.count("reused (current)") == len(pipeline.DEFAULT) and "4 of 9 stages to run" in said
     for section in ("## RLAIF", "## Reward hacking", "| RLAIF → RM → PPO | ", "| PPO without a KL penalty | "):
