@@ -1,5 +1,5 @@
 """Reproduction T3: reward-model accuracy against data, model size and batching (Ouyang et al. 2022, InstructGPT
-§3.5; Gao et al. 2022 §3; Ziegler et al. 2019 §2; Huang et al. 2024, detail 18).
+§3.5; Gao et al. 2022 §3; Ziegler et al. 2019 §2; N+ D18).
 
     python train_sft.py                                    # once: out/sft and the helpdesk world in data/
     python experiments/rm_scaling.py                       # 3 seeds, about 12 min on 2 CPU cores
@@ -24,7 +24,7 @@ own code, in this process, and measured on all of prefs_test.jsonl's pairs again
 The published claims are printed with PASS or FAIL as measured (means over seeds ± one standard error):
 accuracy linear in log N and below the ceiling; within 3 points of A* at the largest N; larger RMs at least as
 accurate as smaller ones at the largest N; shuffled pairs bottom out earlier and overfit more than grouped
-rankings (InstructGPT §3.5); a monotone reliability table (detail 18: under-calibrated but monotone). results.json
+rankings (InstructGPT §3.5); a monotone reliability table (N+ D18: under-calibrated but monotone). results.json
 holds every run's eval.json; with matplotlib, accuracy_vs_pairs.png and batching_loss.png.
 
 Decisions, and why:
@@ -262,7 +262,7 @@ def claims(runs: list[dict], summ: dict, cfg: Config, ceiling: float) -> list[di
     table = pooled_reliability([r["scaling"][big]["reliability"] for r in runs])
     rates = [row["rate"] for row in table if row["n"] >= MIN_BIN]
     claim(f"monotone reliability: the observed rate rises with σ(r_i - r_j), {sizes[-1]}-block RM at the largest N "
-          f"(Huang et al. 2024, detail 18)", len(rates) >= 3 and all(a <= b for a, b in zip(rates, rates[1:])),
+          f"(N+ D18)", len(rates) >= 3 and all(a <= b for a, b in zip(rates, rates[1:])),
           f"{len(rates)} bins of >= {MIN_BIN} pairs: rates " + " ".join(f"{x:.2f}" for x in rates))
     return out
 
