@@ -200,6 +200,16 @@ def gao_fit(kl: list[float], score: list[float], form: str = "bon") -> dict:
     return {"alpha": alpha, "beta": beta, "r2": r2, "form": form}
 
 
+def linear_fit(x: list[float], y: list[float]) -> tuple[float, float, float]:
+    """Least squares y ≈ a + b·x -> (a, b, R² = 1 - residual / total sum of squares; 1 when y is constant)."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    b = sum((u - mx) * (v - my) for u, v in zip(x, y)) / sum((u - mx) ** 2 for u in x)
+    a = my - b * mx
+    total = sum((v - my) ** 2 for v in y)
+    residual = sum((v - a - b * u) ** 2 for u, v in zip(x, y))
+    return a, b, 1 - residual / total if total > 0 else 1.0
+
+
 def write_json(path, obj) -> None:
     """Write JSON atomically: a temp file beside it, then rename."""
     path = Path(path)

@@ -1,8 +1,9 @@
-"""Evaluation statistics: sequence KL against exhaustive enumeration, win rate by hand."""
+"""Evaluation statistics: sequence KL against exhaustive enumeration, win rate and the linear fit by hand."""
 
+import pytest
 import torch
 
-from nanoalign.evaluate import reference_kl, win_rate
+from nanoalign.evaluate import linear_fit, reference_kl, win_rate
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
 
@@ -71,6 +72,15 @@ def test_best_of_n_curve_properties():
     assert rows[0]["kl"] == 0.0
     proxies = [r["proxy"] for r in rows]
     assert all(b >= a - 1e-9 for a, b in zip(proxies, proxies[1:])) and proxies[-1] > proxies[0]
+
+
+def test_linear_fit_by_hand():
+    a, b, r2 = linear_fit([1, 2, 3], [2.5, 4.0, 5.5])  # exactly 1 + 1.5 x
+    assert (a, b, r2) == pytest.approx((1.0, 1.5, 1.0))
+    # y = 0, 1, 0, 1 at x = 0..3: slope Sxy / Sxx = 1 / 5, intercept 0.5 - 0.2 * 1.5 = 0.2; residuals -0.2 0.6
+    # -0.6 0.2 leave 0.8 of the total sum of squares 1
+    assert linear_fit([0, 1, 2, 3], [0, 1, 0, 1]) == pytest.approx((0.2, 0.2, 1 - 0.8 / 1.0))
+    assert linear_fit([0, 1, 2], [3, 3, 3]) == pytest.approx((3.0, 0.0, 1.0))  # constant y: R² 1 by convention
 
 
 def test_standard_error_by_hand():
