@@ -1,9 +1,11 @@
-"""Evaluation statistics: sequence KL against exhaustive enumeration, win rate and the linear fit by hand."""
+"""Evaluation statistics: sequence KL against exhaustive enumeration, win rate, best-of-N curve and fits by hand."""
+
+import math
 
 import pytest
 import torch
 
-from nanoalign.evaluate import linear_fit, reference_kl, win_rate
+from nanoalign.evaluate import best_of_n_curve, linear_fit, reference_kl, win_rate
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
 
@@ -72,6 +74,20 @@ def test_best_of_n_curve_properties():
     assert rows[0]["kl"] == 0.0
     proxies = [r["proxy"] for r in rows]
     assert all(b >= a - 1e-9 for a, b in zip(proxies, proxies[1:])) and proxies[-1] > proxies[0]
+
+
+def test_best_of_n_curve_by_hand():
+    """The first prompt's proxy orders its answers 0 < 2 < 3 < 1: best of 2 over the C(4,2) = 6 pairs is answer 1
+    in the 3 pairs holding it, answer 3 in 2, answer 2 in 1; the second prompt's answers all have gold 0.5."""
+    proxy = torch.tensor([[0.1, 0.9, 0.3, 0.5], [2.0, 1.0, 4.0, 3.0]], dtype=torch.float64)  # [P = 2, N = 4]
+    gold = torch.tensor([[1.0, 0.0, 2.0, 4.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    rows = best_of_n_curve(proxy, gold)
+    assert [r["n"] for r in rows] == [1, 2, 4]
+    assert [r["kl"] for r in rows] == pytest.approx([0.0, math.log(2) - 1 / 2, math.log(4) - 3 / 4])
+    first = [7 / 4, (3 * 0.0 + 2 * 4.0 + 1 * 2.0) / 6, 0.0]  # prompt 1: the mean, best of 2, the argmax's gold
+    assert [r["gold"] for r in rows] == pytest.approx([(g + 0.5) / 2 for g in first])
+    best2 = [(3 * 0.9 + 2 * 0.5 + 0.3) / 6, (3 * 4.0 + 2 * 3.0 + 2.0) / 6]
+    assert [r["proxy"] for r in rows] == pytest.approx([(1.8 / 4 + 10 / 4) / 2, sum(best2) / 2, (0.9 + 4.0) / 2])
 
 
 def test_linear_fit_by_hand():
