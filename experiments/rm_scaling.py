@@ -57,10 +57,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the training scripts
 import train_rm  # noqa: E402
-from nanoalign.checkpoint import load_model, write_checkpoint  # noqa: E402
+from nanoalign.checkpoint import cut_trunk  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
-from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
-from nanoalign.evaluate import standard_error, write_json  # noqa: E402
+from nanoalign.data import n_rankings, read_rankings, write_jsonl  # noqa: E402
+from nanoalign.evaluate import linear_fit, standard_error, write_json  # noqa: E402
 from nanoalign.model import read_meta  # noqa: E402
 
 ARMS = {  # --batching name -> train_rm.py's (--data, --loss)
@@ -102,34 +102,11 @@ def ints(cfg: Config, name: str) -> list[int]:
     return out
 
 
-def rankings_in(path: Path) -> list[dict]:
-    """A prefs file's rankings, validated, without the "where" that read_jsonl adds (they are written out again)."""
-    return [{key: v for key, v in r.items() if key != "where"} for r in read_jsonl(path, "prefs")]
-
-
-def n_rankings(n_pairs: int, k: int) -> int:
-    """Whole rankings closest to n_pairs pairs (C(k,2) pairs each), at least one."""
-    return max(1, round(n_pairs / math.comb(k, 2)))
-
-
 def ranking_pairs(rankings: list[dict]) -> list[dict]:
     """Every ranking's C(K,2) pairs (better answer first), as the world writes pairs.jsonl: the shuffled arm's
     examples, the same comparisons as the grouped arm's."""
     return [{"prompt": r["prompt"], "chosen": r["responses"][a], "rejected": r["responses"][b]}
             for r in rankings for a, b in combinations(r["ranking"], 2)]
-
-
-def cut_trunk(init_from: str, n_layer: int, out: Path) -> tuple[str, int]:
-    """The SFT checkpoint cut to its first n_layer blocks, its embeddings and final LayerNorm kept
-    -> (checkpoint directory, trunk parameters). The full depth is init_from itself."""
-    model, tok = load_model(init_from)
-    if n_layer == model.config.n_layer:
-        return init_from, model.num_params()
-    kept = {k: v for k, v in model.state_dict().items()
-            if not k.startswith("transformer.h.") or int(k.split(".")[2]) < n_layer}
-    config = replace(model.config, n_layer=n_layer)
-    write_checkpoint(out, kept, {"model": asdict(config), "kind": "policy", "step": 0, "cut_from": init_from}, tok)
-    return str(out), load_model(out)[0].num_params()
 
 
 def train_reward_model(cfg: Config, rankings: list[dict], trunk: str, arm: str, epochs: int, seed: int,
@@ -184,16 +161,6 @@ def run_seed(cfg: Config, seed: int, rankings: list[dict], trunks: dict, data: P
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
     return sum(xs) / len(xs), standard_error(xs)
-
-
-def linear_fit(x: list[float], y: list[float]) -> tuple[float, float, float]:
-    """Least squares y ≈ a + b·x -> (a, b, R² = 1 - residual / total sum of squares)."""
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    b = sum((u - mx) * (v - my) for u, v in zip(x, y)) / sum((u - mx) ** 2 for u in x)
-    a = my - b * mx
-    total = sum((v - my) ** 2 for v in y)
-    residual = sum((v - a - b * u) ** 2 for u, v in zip(x, y))
-    return a, b, 1 - residual / total if total > 0 else 1.0
 
 
 def pooled_reliability(tables: list[list[dict]]) -> list[dict]:
@@ -351,7 +318,7 @@ def main(cfg: Config) -> dict:
         raise SystemExit(f"no checkpoint at {cfg.init_from}: first train the SFT policy: python train_sft.py")
     if not (prefs.exists() and test.exists()):
         raise SystemExit(f"no {prefs} or {test}: python train_sft.py writes the helpdesk world into --data_dir")
-    rankings, held_out = rankings_in(prefs), rankings_in(test)
+    rankings, held_out = read_rankings(prefs), read_rankings(test)
     k = len(rankings[0]["responses"])
     if any(r.get("gold") is None for r in held_out):
         raise SystemExit(f"{test}: every held-out ranking needs its 'gold' scores, for the Bayes ceiling")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -221,6 +222,20 @@ def load_reward_model(path, tokenizer: Tokenizer | None = None) -> tuple[GPT, To
     if "reward_norm" not in meta:
         raise ValueError(f"{path}/config.json: missing field 'reward_norm'; expected a reward model from train_rm.py")
     return model, tokenizer, meta["reward_norm"]["gain"], meta["reward_norm"]["bias"]
+
+
+def cut_trunk(init_from, n_layer: int, out) -> tuple[str, int]:
+    """The checkpoint at init_from cut to its first n_layer blocks, its embeddings and final LayerNorm kept, written
+    to out -> (checkpoint directory, parameters): a smaller reward model's trunk with the same tokenizer and
+    pretraining (Gao et al. 2022 §3 vary the proxy's size). The full depth is init_from itself."""
+    model, tok = load_model(init_from)
+    if n_layer == model.config.n_layer:
+        return str(init_from), model.num_params()
+    kept = {k: v for k, v in model.state_dict().items()
+            if not k.startswith("transformer.h.") or int(k.split(".")[2]) < n_layer}
+    config = replace(model.config, n_layer=n_layer)
+    write_checkpoint(out, kept, {"model": asdict(config), "kind": "policy", "step": 0, "cut_from": str(init_from)}, tok)
+    return str(out), load_model(out)[0].num_params()
 
 
 def content_hash(*parts) -> str:

@@ -11,6 +11,7 @@ ValueError naming file, line and field, before anything is written.
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -98,6 +99,17 @@ def _validate(rec: dict, schema: str, where: str) -> dict:
         raise ValueError(f"{where}: field 'p' (probability that 'chosen' is better) must be a number in [0, 1], "
                          f"got {rec['p']!r}")
     return {**rec, "where": where}
+
+
+def read_rankings(path) -> list[dict]:
+    """A prefs file's rankings, validated, without the "where" that read_jsonl adds: subsets of them are written
+    out again for train_rm.py."""
+    return [{key: v for key, v in r.items() if key != "where"} for r in read_jsonl(path, "prefs")]
+
+
+def n_rankings(n_pairs: int, k: int) -> int:
+    """Whole rankings of K = k answers closest to n_pairs pairs (C(k,2) pairs each), at least one."""
+    return max(1, round(n_pairs / math.comb(k, 2)))
 
 
 def write_jsonl(path, rows: list[dict]) -> None:

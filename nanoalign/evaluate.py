@@ -145,6 +145,38 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
 
 
 @torch.no_grad()
+def sample_pool(model, tok, prompts: list, n: int, max_new_tokens: int = 96, temperature: float = 1.0,
+                seed: int = 0) -> tuple[list[tuple], list[list[str]], torch.Tensor]:
+    """n answers to each prompt, drawn prompt after prompt from one generator: a best-of-N pool, sampled once and
+    scored by any number of reward models -> (per prompt its token rows (ids, attention_mask) [n, T] as
+    `reward_scores` reads them, the decoded answers, their gold [P, n])."""
+    model.eval()
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    rows, answers, gold = [], [], []
+    for p in prompts:
+        out = sample(model, [tok.encode_prompt(p)] * n, max_new_tokens, tok.eos_id, tok.pad_id,
+                     temperature=temperature, generator=g)
+        rows.append((torch.cat([out["prompt_ids"], out["response_ids"]], 1),
+                     torch.cat([out["prompt_mask"], out["response_mask"]], 1)))
+        answers.append([tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])])
+        gold.append(torch.tensor([helpdesk.judge(p, a)["gold"] for a in answers[-1]]))
+    return rows, answers, torch.stack(gold)
+
+
+def best_of_n_curve(proxy: torch.Tensor, gold: torch.Tensor) -> list[dict]:
+    """proxy, gold [P, N]: N answers per prompt -> for n = 1, 2, 4, ..., N the analytic KL log n - (n-1)/n and the
+    expected proxy and gold score of the answer the proxy ranks best among n, by the unbiased pool estimator,
+    averaged over the prompts."""
+    rows, n = [], 1
+    while n <= proxy.shape[-1]:
+        rows.append({"n": n, "kl": best_of_n_kl(n), "proxy": best_of_n_pool(proxy, proxy, n).mean().item(),
+                     "gold": best_of_n_pool(proxy, gold, n).mean().item()})
+        n *= 2
+    return rows
+
+
+@torch.no_grad()
 def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: int = 64, max_new_tokens: int = 96,
               temperature: float = 1.0, seed: int = 0, select: int = 8) -> tuple[list[dict], dict]:
     """Best-of-N with the reward model: n_max answers per prompt, then for n = 1, 2, 4, ..., n_max the expected
@@ -153,27 +185,11 @@ def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: in
     Also one realised best-of-`select` policy (select < n_max): per prompt the RM's pick among `select` of the
     answers, with its gold, failure rates, win rate against another of the answers (an SFT sample) and samples."""
     assert select < n_max, f"select ({select}) must be below n_max ({n_max}): the SFT baseline is a sample outside"
-    model.eval()
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    proxy, gold, answers = [], [], []
-    for p in prompts:
-        out = sample(model, [tok.encode_prompt(p)] * n_max, max_new_tokens, tok.eos_id, tok.pad_id,
-                     temperature=temperature, generator=g)
-        ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
-        attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
-        proxy.append(reward_scores(rm, ids, attn, gain, bias).cpu())
-        answers.append([tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])])
-        gold.append(torch.tensor([helpdesk.judge(p, a)["gold"] for a in answers[-1]]))
-    proxy, gold = torch.stack(proxy), torch.stack(gold)  # [P, n_max]
+    rows, answers, gold = sample_pool(model, tok, prompts, n_max, max_new_tokens, temperature, seed)
+    proxy = torch.stack([reward_scores(rm, ids, attn, gain, bias).cpu() for ids, attn in rows])  # [P, n_max]
     shuffle = torch.randperm(n_max, generator=torch.Generator().manual_seed(seed))  # random tie-breaking
     proxy, gold = proxy[:, shuffle], gold[:, shuffle]
     answers = [[a[i] for i in shuffle.tolist()] for a in answers]
-    rows, n = [], 1
-    while n <= n_max:
-        rows.append({"n": n, "kl": best_of_n_kl(n), "proxy": best_of_n_pool(proxy, proxy, n).mean().item(),
-                     "gold": best_of_n_pool(proxy, gold, n).mean().item()})
-        n *= 2
     pick = proxy[:, :select].argmax(-1).tolist()  # the RM's choice among the first `select` answers
     chosen = [a[i] for a, i in zip(answers, pick)]
     judged = helpdesk.judge_many(prompts, chosen)
@@ -181,7 +197,7 @@ def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: in
                 "failures": judged["failures"],
                 "win_rate_vs_sft": win_rate(gold[range(len(pick)), pick].tolist(), gold[:, -1].tolist()),
                 "samples": shown_samples(prompts, chosen)}
-    return rows, selected
+    return best_of_n_curve(proxy, gold), selected
 
 
 def gao_fit(kl: list[float], score: list[float], form: str = "bon") -> dict:
@@ -198,6 +214,16 @@ def gao_fit(kl: list[float], score: list[float], form: str = "bon") -> dict:
     residual = r - x @ torch.tensor([alpha, beta], dtype=torch.float64)
     r2 = 1.0 - (residual.square().sum() / (r - r.mean()).square().sum()).item()
     return {"alpha": alpha, "beta": beta, "r2": r2, "form": form}
+
+
+def linear_fit(x: list[float], y: list[float]) -> tuple[float, float, float]:
+    """Least squares y ≈ a + b·x -> (a, b, R² = 1 - residual / total sum of squares; 1 when y is constant)."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    b = sum((u - mx) * (v - my) for u, v in zip(x, y)) / sum((u - mx) ** 2 for u in x)
+    a = my - b * mx
+    total = sum((v - my) ** 2 for v in y)
+    residual = sum((v - a - b * u) ** 2 for u, v in zip(x, y))
+    return a, b, 1 - residual / total if total > 0 else 1.0
 
 
 def write_json(path, obj) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nanoalign.checkpoint as ckpt
-from nanoalign.checkpoint import load_model, read_meta, read_resume_state, write_checkpoint
+from nanoalign.checkpoint import cut_trunk, load_model, read_meta, read_resume_state, write_checkpoint
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.scaffold import full_state, load_optimizer_state, make_optimizer
 from nanoalign.tokenizer import Tokenizer
@@ -69,3 +69,17 @@ def test_kill_mid_save_leaves_previous_checkpoint(tmp_path, tok, monkeypatch):
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
     assert read_meta(tmp_path / "c")["step"] == 1
     load_model(tmp_path / "c", tok)  # still complete and loadable
+
+
+def test_cut_trunk_keeps_the_first_blocks(tmp_path, tok):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=len(tok), n_layer=2, n_head=2, n_embd=32))
+    write_checkpoint(tmp_path / "init", model.state_dict(), {"model": asdict(model.config), "step": 0}, tok)
+    path, params = cut_trunk(tmp_path / "init", 1, tmp_path / "cut")
+    cut, _ = load_model(path)
+    assert cut.config.n_layer == 1 and params == cut.num_params() < model.num_params()
+    kept = model.state_dict()
+    assert all(torch.equal(v, kept[k]) for k, v in cut.state_dict().items())  # the same weights, block 2 gone
+    assert not any(k.startswith("transformer.h.1.") for k in cut.state_dict())
+    assert cut_trunk(tmp_path / "init", 2, tmp_path / "same") == (str(tmp_path / "init"), model.num_params())
+    assert not (tmp_path / "same").exists()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from nanoalign.data import batch_indices, collate, encode_example, left_pad, read_jsonl
+from nanoalign.data import batch_indices, collate, encode_example, left_pad, n_rankings, read_jsonl, read_rankings
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -85,3 +85,11 @@ def test_batch_indices_cover_each_epoch_once_and_are_pure():
     assert batch_indices(20, 5, 6, seed=3) == batch_indices(20, 5, 6, seed=3)
     assert sorted(sum((batch_indices(20, 5, s, seed=3) for s in range(4, 8)), [])) == list(range(20))
     assert torch.tensor(batch_indices(20, 5, 4, 3)).tolist() != batch_indices(20, 5, 0, 3)
+
+
+def test_rankings_read_back_without_where_and_counted_in_pairs(tmp_path):
+    ranking = {"prompt": "p", "responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1], "gold": [0.1, 0, 0.9, 0.2]}
+    path = write(tmp_path, [ranking, ranking])
+    assert "where" in read_jsonl(path, "prefs")[0] and read_rankings(path) == [ranking, ranking]
+    assert [n_rankings(n, 4) for n in (250, 1000, 16000, 2)] == [42, 167, 2667, 1]  # C(4,2) = 6 pairs each
+    assert n_rankings(9, 3) == 3 and n_rankings(10, 2) == 10

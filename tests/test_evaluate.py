@@ -1,8 +1,11 @@
-"""Evaluation statistics: sequence KL against exhaustive enumeration, win rate by hand."""
+"""Evaluation statistics: sequence KL against exhaustive enumeration, win rate, best-of-N curve and fits by hand."""
 
+import math
+
+import pytest
 import torch
 
-from nanoalign.evaluate import reference_kl, win_rate
+from nanoalign.evaluate import best_of_n_curve, linear_fit, reference_kl, win_rate
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import sample
 
@@ -71,6 +74,29 @@ def test_best_of_n_curve_properties():
     assert rows[0]["kl"] == 0.0
     proxies = [r["proxy"] for r in rows]
     assert all(b >= a - 1e-9 for a, b in zip(proxies, proxies[1:])) and proxies[-1] > proxies[0]
+
+
+def test_best_of_n_curve_by_hand():
+    """The first prompt's proxy orders its answers 0 < 2 < 3 < 1: best of 2 over the C(4,2) = 6 pairs is answer 1
+    in the 3 pairs holding it, answer 3 in 2, answer 2 in 1; the second prompt's answers all have gold 0.5."""
+    proxy = torch.tensor([[0.1, 0.9, 0.3, 0.5], [2.0, 1.0, 4.0, 3.0]], dtype=torch.float64)  # [P = 2, N = 4]
+    gold = torch.tensor([[1.0, 0.0, 2.0, 4.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    rows = best_of_n_curve(proxy, gold)
+    assert [r["n"] for r in rows] == [1, 2, 4]
+    assert [r["kl"] for r in rows] == pytest.approx([0.0, math.log(2) - 1 / 2, math.log(4) - 3 / 4])
+    first = [7 / 4, (3 * 0.0 + 2 * 4.0 + 1 * 2.0) / 6, 0.0]  # prompt 1: the mean, best of 2, the argmax's gold
+    assert [r["gold"] for r in rows] == pytest.approx([(g + 0.5) / 2 for g in first])
+    best2 = [(3 * 0.9 + 2 * 0.5 + 0.3) / 6, (3 * 4.0 + 2 * 3.0 + 2.0) / 6]
+    assert [r["proxy"] for r in rows] == pytest.approx([(1.8 / 4 + 10 / 4) / 2, sum(best2) / 2, (0.9 + 4.0) / 2])
+
+
+def test_linear_fit_by_hand():
+    a, b, r2 = linear_fit([1, 2, 3], [2.5, 4.0, 5.5])  # exactly 1 + 1.5 x
+    assert (a, b, r2) == pytest.approx((1.0, 1.5, 1.0))
+    # y = 0, 1, 0, 1 at x = 0..3: slope Sxy / Sxx = 1 / 5, intercept 0.5 - 0.2 * 1.5 = 0.2; residuals -0.2 0.6
+    # -0.6 0.2 leave 0.8 of the total sum of squares 1
+    assert linear_fit([0, 1, 2, 3], [0, 1, 0, 1]) == pytest.approx((0.2, 0.2, 1 - 0.8 / 1.0))
+    assert linear_fit([0, 1, 2], [3, 3, 3]) == pytest.approx((3.0, 0.0, 1.0))  # constant y: R² 1 by convention
 
 
 def test_standard_error_by_hand():
