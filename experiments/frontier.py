@@ -34,13 +34,13 @@ Decisions, and why:
 - The budget, 15 min for 3 seeds on 2 cores, sets the size: 192 prompts (about 1150 pairs), 60 DPO steps (1.7
   epochs), 20 PPO updates of 64 episodes, 36 Preferred-FT steps (one epoch), 4 evaluations of 100 held-out
   prompts per run; two β's, two PPO targets and one PPO-GT target by default, the paper's four each by flag.
-  Timed stage by stage on one seed at one thread (a PPO run 76 s, a DPO run 40 s, the RM 29 s, Preferred-FT
-  19 s, the pairs 6 s, the oracle 5 s: 18 min for 3 seeds), then scaled by the 1.6x two threads give a PPO
-  update here (3.1 s at one thread, 1.95 s at two). Preferred-FT fine-tunes at DPO's rate, without weight decay.
+  Timed stage by stage on one seed at one thread (a PPO run 74 s, a DPO run 37 s, the RM 29 s, Preferred-FT
+  17 s, the pairs 6 s, the oracle 5 s: 18 min for 3 seeds), over the 1.3-1.6x two threads give (1.6x for a PPO
+  update: 3.1 s at one thread, 1.95 s at two): 11-14 min. Preferred-FT fine-tunes at DPO's rate, no weight decay.
 - PPO's adaptive β (Ziegler et al. 2019) has horizon --kl_horizon = 64 episodes, one rollout, not 10000: over 20
   updates OAI-19's horizon would move β by under 3% in all, where a gain of 1 lets β move by up to the
   controller's clip, 20%, per update. lr 1e-4, not train_ppo.py's 3e-5, so that 20 updates travel a few nats
-  (one seed, target 8: KL 2.7 after 10 updates, 4.6 after 20).
+  (one seed, target 8: KL 0.9, 2.3, 3.3 and 4.1 after 5, 10, 15 and 20 updates).
 - Matched KL is binned (--kl_bins) rather than interpolated, as every method contributes several points per
   seed; a bin counts once 2 seeds hold both methods in it, so that the s.e. over seeds exists.
 - The oracle's β's are not the helpdesk's: a pair's sampling error reaches the policy's log-ratios divided by β,
@@ -184,15 +184,15 @@ def run_seed(cfg: Config, seed: int, policy, tok, prompts: list, work: Path, log
                  ckpt_interval=10 ** 6, device=cfg.device, seed=seed)
     runs = []
 
-    def train(method, setting, main, config, steps):
+    def train(method, setting, script, config, steps):  # one run of a training script, in this process
         t0, out = time.time(), Path(config.out_dir)
         with contextlib.redirect_stdout(None):
-            runs.append(curve(method, setting, out, main(config), steps))
+            runs.append(curve(method, setting, out, script.main(config), steps))
         log(f"seed {seed} {method:12s} {setting:10s}: (KL, gold) " + " ".join(
             f"({p['kl']:.2f}, {p['gold']:.3f})" for p in runs[-1]["points"]) + f" ({time.time() - t0:.0f}s)")
 
     for beta in floats(cfg, "dpo_betas"):
-        train("DPO", f"β {beta:g}", train_dpo.main, train_dpo.Config(
+        train("DPO", f"β {beta:g}", train_dpo, train_dpo.Config(
             **every, out_dir=str(work / f"dpo{beta:g}"), cache_dir=str(work / "cache"), beta=beta,
             batch_size=cfg.batch_size, max_steps=cfg.dpo_steps, lr=cfg.dpo_lr, warmup_steps=max(1, cfg.dpo_steps // 10),
             eval_interval=cfg.dpo_steps // cfg.curve_points, max_new_tokens=cfg.eval_max_new_tokens), cfg.dpo_steps)
@@ -205,13 +205,13 @@ def run_seed(cfg: Config, seed: int, policy, tok, prompts: list, work: Path, log
         f"vs gold {rm['accuracy_vs_gold']:.3f} ({time.time() - t0:.0f}s)")
     for method, reward, name in (("PPO", "rm", "ppo_kl_targets"), ("PPO-GT", "gold", "gt_kl_targets")):
         for target in floats(cfg, name):
-            train(method, f"KL {target:g}", train_ppo.main, train_ppo.Config(
+            train(method, f"KL {target:g}", train_ppo, train_ppo.Config(
                 **every, out_dir=str(work / f"{reward}{target:g}"), reward_model=str(work / "rm"), reward=reward,
                 n_updates=cfg.ppo_updates, rollout_size=cfg.ppo_rollout, lr=cfg.ppo_lr, beta=cfg.ppo_beta,
                 kl_target=target, kl_horizon=cfg.kl_horizon, max_new_tokens=cfg.max_new_tokens,
                 eval_max_new_tokens=cfg.eval_max_new_tokens, eval_interval=cfg.ppo_updates // cfg.curve_points),
                 cfg.ppo_updates)
-    train("Preferred-FT", "", train_sft.main, train_sft.Config(
+    train("Preferred-FT", "", train_sft, train_sft.Config(
         **every, out_dir=str(work / "pft"), batch_size=cfg.batch_size, max_steps=cfg.pft_steps, lr=cfg.pft_lr,
         min_lr=cfg.pft_lr / 10, warmup_steps=max(1, cfg.pft_steps // 10), weight_decay=0.0,
         eval_interval=cfg.pft_steps // cfg.curve_points, max_new_tokens=cfg.eval_max_new_tokens), cfg.pft_steps)
