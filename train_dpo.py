@@ -3,6 +3,7 @@
     python train_dpo.py                                   # helpdesk pairs, out/sft -> out/dpo, ~4 min on 2 CPU cores
     python train_dpo.py --loss_type=ipo_sum --beta=0.5    # any of the DPO family in nanoalign.losses.dpo_loss
     python train_dpo.py --ref_cache=False                 # a live reference forward each step instead of the cache
+    python train_dpo.py --eval_interval=100               # + gold and KL on held-out prompts every 100 steps
     torchrun --nproc_per_node=2 train_dpo.py --compile=True
 
 The policy starts from --init_from and the frozen reference is the same checkpoint. Reference log-probs are
@@ -10,7 +11,8 @@ computed once per distinct (prompt, answer), cached in cache_dir keyed by a hash
 (with their dtype), the encoded token sequences (so data, tokenizer, chat template and max_len) and the device
 type, and the reference model is dropped while training. At the end the policy
 and the SFT reference answer the same held-out prompts with the same seed: eval.json holds gold, failures, KL
-to the reference and win rate next to sft_gold and sft_failures.
+to the reference and win rate next to sft_gold and sft_failures; --eval_interval adds points of the gold-vs-KL
+curve on the same prompts during training (`evaluate.curve_point`, as DPO §6.1 evaluates every 100 steps).
 
 Departures from the paper (DPO App. B: RMSprop, lr 1e-6, 150 warmup steps, batch 64, β 0.1): AdamW, lr 2e-4
 with 10% warmup and cosine decay: the paper's rate is for multi-billion-parameter pretrained LMs, and this 1M-
@@ -29,11 +31,12 @@ import torch
 from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_meta
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl, require_soft_labels
-from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
+from nanoalign.evaluate import check_eval_prompts, curve_point, evaluate_policy, write_json
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, global_sum, Logger, lr_at, make_optimizer, micro_batch,
-                                optimizer_step, resume, save_resumable, setup, teardown, world_size, wrap_model)
+from nanoalign.scaffold import (accumulate, claim_out_dir, gathered, global_sum, Logger, lr_at, make_optimizer,
+                                micro_batch, optimizer_step, resume, save_resumable, setup, teardown, world_size,
+                                wrap_model)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Config:
     log_interval: int = 25  # steps between progress lines (metrics averaged over them)
     ckpt_interval: int = 200  # steps between checkpoints (also at the end)
     n_eval: int = 200  # held-out prompts answered by policy and reference for eval.json (0 = skip)
+    eval_interval: int = 0  # steps between gold and KL on those prompts, eval/gold, eval/kl in log.jsonl (0 = none)
     max_new_tokens: int = 96  # answer length limit when sampling
     temperature: float = 1.0  # sampling temperature for eval and KL (0 = greedy)
     compile: bool = False  # torch.compile each transformer block
@@ -123,8 +127,11 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
 def main(cfg: Config) -> dict:
     # 0. the config, checked before anything is written
     check_config(cfg, positive="beta batch_size max_steps lr log_interval ckpt_interval max_len",
-                 nonneg="micro_batch_size min_lr warmup_steps weight_decay grad_clip n_eval max_new_tokens temperature "
-                        "label_smoothing simpo_gamma rpo_alpha", choices={"loss_type": DPO_LOSS_TYPES})
+                 nonneg="micro_batch_size min_lr warmup_steps weight_decay grad_clip n_eval eval_interval "
+                        "max_new_tokens temperature label_smoothing simpo_gamma rpo_alpha",
+                 choices={"loss_type": DPO_LOSS_TYPES})
+    if cfg.eval_interval and not cfg.n_eval:
+        raise SystemExit(f"--eval_interval={cfg.eval_interval} needs held-out prompts to answer: --n_eval > 0")
     if not cfg.label_smoothing < 0.5:
         raise SystemExit(f"--label_smoothing={cfg.label_smoothing}: the assumed label-flip rate must be below 0.5")
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
@@ -175,7 +182,8 @@ def main(cfg: Config) -> dict:
             torch.distributed.barrier()
         if ctx.master:
             print(f"reference log-probs {'read from' if hit else 'computed into'} {cache} in {time.time() - t0:.0f}s")
-        reference = None  # the reference leaves memory
+        if not cfg.eval_interval:
+            reference = None  # the reference leaves memory (the gold-vs-KL points measure against it)
 
     # 5. optimizer; on resume its moments and the RNG state come back
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -195,8 +203,15 @@ def main(cfg: Config) -> dict:
         tokens_seen += tokens
         step += 1
         window.append(metrics)  # one pair batch is noisy: log the means over the interval
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            logger.log(step, {name: sum(m[name] for m in window) / len(window) for name in metrics},
+        point = {}  # a point of the gold-vs-KL curve; the final evaluation (step 7) is the last one
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
+            t_eval = time.time()
+            with gathered(model):  # every rank samples with the full weights; rank 0 logs
+                point = curve_point(model, reference, tok, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature,
+                                    cfg.seed)
+            t_last += time.time() - t_eval  # the throughput counts training time only
+        if step % cfg.log_interval == 0 or step == cfg.max_steps or point:
+            logger.log(step, {**{name: sum(m[name] for m in window) / len(window) for name in metrics}, **point},
                        tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen, window = time.time(), 0, []
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:  # with the window of steps not yet logged

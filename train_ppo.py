@@ -4,6 +4,7 @@
     python train_ppo.py --critic=separate                 # value model initialised from the reward model
     python train_ppo.py --advantage=rloo --samples_per_prompt=4   # critic-free variants on the same loop
     python train_ppo.py --reward=gold                     # PPO on the true reward (DPO paper's "PPO-GT")
+    python train_ppo.py --kl_target=4 --eval_interval=20  # adaptive β; gold and KL on held-out prompts every 20
     python train_ppo.py --beta=0 --n_updates=200 --lr=1e-4 --out_dir=out/ppo_hack   # reward hacking, made visible
     torchrun --nproc_per_node=2 train_ppo.py              # data-parallel: each rank samples a share of the rollout
     python train_ppo.py --resume=True                     # continue a killed run from out/ppo's last checkpoint
@@ -42,7 +43,7 @@ from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, load_reward_model, read_meta, write_checkpoint
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, check_prompts, read_jsonl
-from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
+from nanoalign.evaluate import check_eval_prompts, curve_point, evaluate_policy, write_json
 from nanoalign.logprobs import token_logps
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
@@ -86,6 +87,7 @@ class Config:
     entropy_coef: float = 0.0  # entropy bonus (logged either way)
     missing_eos_penalty: float = -1.0  # score of an answer with no EOS (replaces the RM score; N+)
     n_eval: int = 200  # held-out prompts for the final eval.json
+    eval_interval: int = 0  # updates between gold and KL on those prompts, eval/gold, eval/kl in log.jsonl (0 = none)
     eval_max_new_tokens: int = 96  # their answer length limit, as in every stage's evaluation
     log_interval: int = 1  # updates between progress lines
     ckpt_interval: int = 20  # updates between resumable checkpoints (the final one is the plain policy)
@@ -292,12 +294,14 @@ def check_rollout(cfg: Config, world: int) -> None:
     check_config(cfg, positive="samples_per_prompt n_updates rollout_size minibatches ppo_epochs lr critic_lr adam_eps "
                                "temperature max_new_tokens clip_eps clip_eps_value kl_horizon log_interval "
                                "ckpt_interval eval_max_new_tokens",
-                 nonneg="grad_clip beta kl_target vf_coef entropy_coef n_eval",
+                 nonneg="grad_clip beta kl_target vf_coef entropy_coef n_eval eval_interval",
                  choices={"reward": ("rm", "gold"), "critic": ("head", "separate"),
                           "advantage": ("gae", "rloo", "grpo"), "kl_estimator": ("k1", "k2", "k3")})
     for name in ("gamma", "lam"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise SystemExit(f"--{name}={getattr(cfg, name)}: must be in [0, 1]")
+    if cfg.eval_interval and not cfg.n_eval:
+        raise SystemExit(f"--eval_interval={cfg.eval_interval} needs held-out prompts to answer: --n_eval > 0")
     if cfg.advantage != "gae" and cfg.samples_per_prompt < 2:
         raise SystemExit(f"--advantage={cfg.advantage} needs --samples_per_prompt >= 2 (its baseline is the other "
                          f"samples of the prompt)")
@@ -339,7 +343,14 @@ def main(cfg: Config) -> dict:
         metrics["time/rollout"] = t_rollout - t0
         if cfg.kl_target > 0:  # adapt β toward the KL target (Ziegler et al. 2019)
             beta = adaptive_kl_beta(beta, metrics["objective/kl"], cfg.kl_target, cfg.rollout_size, cfg.kl_horizon)
-        if (update + 1) % cfg.log_interval == 0:
+        point = cfg.eval_interval and (update + 1) % cfg.eval_interval == 0 and update + 1 < cfg.n_updates
+        if point:  # a point of the gold-vs-KL curve on held-out prompts; the final evaluation (7) is the last one
+            t_eval = time.time()
+            with gathered(policy):  # every rank samples with the full weights; rank 0 logs
+                metrics.update(curve_point(policy, reference, tok, cfg.data_dir, cfg.n_eval, cfg.eval_max_new_tokens,
+                                           cfg.temperature, cfg.seed))
+            t0 += time.time() - t_eval  # the throughput counts training time only
+        if (update + 1) % cfg.log_interval == 0 or point:
             logger.log(update + 1, metrics, global_sum(roll.mask.sum().item(), ctx) / (time.time() - t0))
         if (update + 1) % cfg.ckpt_interval == 0 and update + 1 < cfg.n_updates:
             save_resumable(cfg.out_dir, policy, optimizer, tok, ctx, cfg, update + 1, metrics,

@@ -2,11 +2,15 @@
 
     python train_sft.py                                    # helpdesk world, tiny GPT from scratch, 2.5 min on 2 CPU cores
     python train_sft.py --init_from=path/to/gpt2           # a local HF GPT-2 directory (tokenizer.json beside it)
+    python train_sft.py --init_from=out/sft --data_dir=d --eval_interval=50   # fine-tune; gold and KL to out/sft
     torchrun --nproc_per_node=2 train_sft.py --compile=True
 
 With no --init_from it generates the helpdesk world into data/ if missing, trains a BPE tokenizer on it and a
 small GPT from scratch (pretraining-like), saves out/sft, prints sampled answers and writes
-out/sft/eval.json. SFT imitates: the demonstrations' failures come back at about their rates.
+out/sft/eval.json. SFT imitates: the demonstrations' failures come back at about their rates. When fine-tuning from
+--init_from (Preferred-FT: SFT on preferred answers, DPO §6.1), --eval_interval logs gold and the KL to the
+--init_from model on the held-out prompts during training (`evaluate.curve_point`), and eval.json then compares
+the result with that model as train_dpo.py's does (KL, win rate, its own gold on the same prompts).
 """
 
 import time
@@ -17,13 +21,13 @@ from pathlib import Path
 from nanoalign.checkpoint import load_model
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
-from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
+from nanoalign.evaluate import check_eval_prompts, curve_point, evaluate_policy, write_json
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, ensure_world, global_sum, Logger, lr_at, make_optimizer,
-                                micro_batch, optimizer_step, resume, save_resumable, setup, teardown, world_size,
-                                wrap_model)
+from nanoalign.scaffold import (accumulate, claim_out_dir, ensure_world, gathered, global_sum, Logger, lr_at,
+                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
+                                world_size, wrap_model)
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -50,6 +54,7 @@ class Config:
     log_interval: int = 25  # steps between progress lines
     ckpt_interval: int = 400  # steps between checkpoints (also at the end)
     n_eval: int = 200  # held-out prompts answered for eval.json (0 = skip)
+    eval_interval: int = 0  # steps between gold and KL to --init_from on those prompts, eval/gold, eval/kl (0 = none)
     max_new_tokens: int = 96  # answer length limit when sampling
     temperature: float = 1.0  # sampling temperature for eval (0 = greedy)
     compile: bool = False  # torch.compile each transformer block
@@ -84,7 +89,11 @@ def main(cfg: Config) -> dict:
     # 0. the config, checked before anything is written
     check_config(cfg, positive="vocab_size n_layer n_head n_embd block_size batch_size max_steps lr log_interval "
                                "ckpt_interval", nonneg="micro_batch_size min_lr warmup_steps weight_decay "
-                                                     "prompt_loss_weight grad_clip n_eval max_new_tokens temperature")
+                                                     "prompt_loss_weight grad_clip n_eval eval_interval max_new_tokens "
+                                                     "temperature")
+    if cfg.eval_interval and not (cfg.n_eval and cfg.init_from):
+        raise SystemExit(f"--eval_interval={cfg.eval_interval} needs held-out prompts (--n_eval > 0) and a model "
+                         f"to measure the KL against (--init_from)")
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
@@ -108,6 +117,8 @@ def main(cfg: Config) -> dict:
                               n_head=cfg.n_head, n_embd=cfg.n_embd))
     if ctx.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
+    # the gold-vs-KL points measure the KL against the model fine-tuning started from
+    reference = load_model(cfg.init_from, tok)[0].to(ctx.device).eval() if cfg.eval_interval else None
     model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
 
     # 3. demonstrations -> token ids; loss on the response tokens (+ EOS) only
@@ -128,18 +139,27 @@ def main(cfg: Config) -> dict:
         metrics, tokens = sft_step(model, optimizer, [examples[i] for i in rows], tok.pad_id, step, cfg, ctx)
         tokens_seen += tokens
         step += 1
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
+        point = {}  # a point of the gold-vs-KL curve; the final evaluation (step 6) is the last one
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
+            t_eval = time.time()
+            with gathered(model):  # every rank samples with the full weights; rank 0 logs
+                point = curve_point(model, reference, tok, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature,
+                                    cfg.seed)
+            t_last += time.time() - t_eval  # the throughput counts training time only
+        if step % cfg.log_interval == 0 or step == cfg.max_steps or point:
+            logger.log(step, {**metrics, **point}, tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics)
 
-    # 6. evaluate on held-out prompts with the gold judge; print a few answers
+    # 6. evaluate on held-out prompts with the gold judge (against the --init_from model with --eval_interval);
+    #    print a few answers
     result = {"train_loss": metrics.get("loss")}
     if cfg.n_eval > 0 and ctx.master:
         eval_model = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device)
         result, prompts, answers = evaluate_policy(eval_model, tok, data_dir, cfg.n_eval, cfg.max_new_tokens,
-                                                   cfg.temperature, seed=cfg.seed + 100003 * ctx.rank)
+                                                   cfg.temperature, seed=cfg.seed + 100003 * ctx.rank,
+                                                   reference=reference)
         for p, a in list(zip(prompts, answers))[:4]:
             print(f"\n> {p}\n{a}")
         write_json(out_dir / "eval.json", result)

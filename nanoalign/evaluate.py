@@ -10,7 +10,7 @@ eval.json is the contract every stage writes:
 plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included),
 "samples" (the first 3 prompts, each with its answer and the judge's verdict) and, against a reference policy,
 "kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures" and "gain_vs_sft_se" (the standard error of the
-paired gold difference gold - sft_gold).
+paired gold difference gold - sft_gold). During training, the scripts' --eval_interval logs `curve_point`s.
 """
 
 import json
@@ -120,10 +120,12 @@ def check_eval_prompts(tok, data_dir, n: int, block_size: int) -> None:
 
 
 def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96, temperature: float = 1.0,
-                    batch_size: int = 64, seed: int = 0, reference=None) -> tuple[dict, list, list]:
+                    batch_size: int = 64, seed: int = 0, reference=None,
+                    baseline: bool = True) -> tuple[dict, list, list]:
     """Gold-judge the policy's answers to the first n held-out prompts -> (eval dict, prompts, answers).
-    With a reference (the SFT model) also: `kl`, `kl_k1`, `win_rate_vs_sft`, and the reference's own
-    `sft_gold` and `sft_failures` on the same prompts and seed."""
+    With a reference (the SFT model) also `kl` and `kl_k1`, and unless baseline=False (a point of a gold-vs-KL
+    curve, taken during training) `win_rate_vs_sft` and the reference's own `sft_gold` and `sft_failures` on
+    the same prompts and seed."""
     demos = read_jsonl(Path(data_dir) / "sft_test.jsonl", "sft")[:n]
     prompts = [d["prompt"] for d in demos]
     answers, batches = sample_answers(model, tok, prompts, max_new_tokens, temperature, batch_size, seed)
@@ -135,6 +137,7 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
     metrics["samples"] = shown_samples(prompts, answers)
     if reference is not None:
         metrics.update(reference_kl(model, reference, batches, temperature))
+    if reference is not None and baseline:
         sft_answers, _ = sample_answers(reference, tok, prompts, max_new_tokens, temperature, batch_size, seed)
         sft = helpdesk.judge_many(prompts, sft_answers)
         metrics["sft_gold"], metrics["sft_failures"] = sft["gold"], sft["failures"]
@@ -142,6 +145,16 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
         metrics["win_rate_vs_sft"] = win_rate(gold, sft_gold)
         metrics["gain_vs_sft_se"] = standard_error([a - b for a, b in zip(gold, sft_gold)])  # paired, same prompts
     return metrics, prompts, answers
+
+
+def curve_point(model, reference, tok, data_dir, n: int, max_new_tokens: int, temperature: float, seed: int) -> dict:
+    """One point of the gold-vs-KL curve, taken during training as the DPO paper does every 100 steps (Rafailov
+    et al. 2023, §6.1): gold and the KL to the reference on the first n held-out prompts, measured exactly as the
+    final evaluation measures them (the same prompts and generators), without the reference's own answers
+    -> {"eval/gold", "eval/gold_se", "eval/kl", "eval/kl_k1"} for log.jsonl."""
+    metrics, _, _ = evaluate_policy(model, tok, data_dir, n, max_new_tokens, temperature, seed=seed,
+                                    reference=reference, baseline=False)
+    return {f"eval/{k}": metrics[k] for k in ("gold", "gold_se", "kl", "kl_k1")}
 
 
 @torch.no_grad()

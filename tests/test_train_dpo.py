@@ -1,7 +1,9 @@
 """train_dpo.py end to end on a tiny config: it learns, the reference cache equals a live reference and is
-reused, and the concatenated chosen + rejected forward equals two separate forwards."""
+reused, the concatenated chosen + rejected forward equals two separate forwards, and the gold-vs-KL points
+measure the policy of their step."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from conftest import run_killed_at, torchrun
 import train_dpo
 from nanoalign.checkpoint import content_hash, load_model
 from nanoalign.data import collate, encode_pairs, read_jsonl
+from nanoalign.evaluate import curve_point
 from nanoalign.sampling import model_logps
 
 
@@ -153,3 +156,36 @@ def test_two_process_fsdp_matches_single_process(tiny_run, pairs_dir, tmp_path):
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_curve_points_measure_the_policy_of_their_step(tiny_run, pairs_dir, tmp_path, monkeypatch):
+    """--eval_interval=3 logs at step 3 the gold and KL that `evaluate.curve_point` measures on the step-3
+    checkpoint read back, and changes nothing in training: the same losses and weights as a run without it."""
+    cfg = tiny(tiny_run, pairs_dir, tmp_path / "cut", max_steps=6, ckpt_interval=3, n_eval=4, eval_interval=3)
+    run_killed_at(train_dpo.main, cfg, 4, monkeypatch)  # after the step-3 checkpoint
+    policy, tok = load_model(tmp_path / "cut")
+    expected = curve_point(policy, load_model(tiny_run / "init", tok)[0], tok, pairs_dir, 4, cfg.max_new_tokens,
+                           cfg.temperature, cfg.seed)
+    logged = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval/kl" in r] == [3] and expected["eval/kl"] > 0
+    assert {k: v for k, v in logged[2].items() if k.startswith("eval/")} == pytest.approx(expected, abs=1e-6)
+    train_dpo.main(replace(cfg, out_dir=str(tmp_path / "curve")))
+    train_dpo.main(replace(cfg, out_dir=str(tmp_path / "plain"), n_eval=0, eval_interval=0))
+    assert log(tmp_path / "curve") == log(tmp_path / "plain")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("curve", "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="--eval_interval=3 needs held-out prompts"):
+        train_dpo.main(replace(cfg, out_dir=str(tmp_path / "none"), n_eval=0))
+
+
+def test_two_process_curve_points_match_single_process(tiny_run, pairs_dir, tmp_path):
+    """--eval_interval under FSDP2: every rank samples with the gathered weights, rank 0 logs the point of one
+    process. Tolerance 1e-4: the weights differ by float rounding only, too little to change a sampled token."""
+    cfg = lambda out: tiny(tiny_run, pairs_dir, tmp_path / out, max_steps=4, lr=1e-3, n_eval=4, eval_interval=2,
+                           cache_dir=str(tmp_path / f"cache_{out}"))
+    train_dpo.main(cfg("one"))
+    torchrun("train_dpo.py", cfg("two"))
+    points = [[{k: v for k, v in json.loads(line).items() if k.startswith("eval/")}
+               for line in (tmp_path / d / "log.jsonl").read_text().splitlines() if "eval/kl" in line]
+              for d in ("one", "two")]
+    assert len(points[0]) == len(points[1]) == 1 and points[1][0] == pytest.approx(points[0][0], abs=1e-4)

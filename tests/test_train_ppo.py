@@ -1,11 +1,12 @@
-"""train_ppo.py: the rollout/training log-prob identity, padding invariance, a tiny end-to-end run, resume, and
-2 FSDP processes against 1 (sampling without per-step collectives, then the same steps)."""
+"""train_ppo.py: the rollout/training log-prob identity, padding invariance, a tiny end-to-end run, resume,
+2 FSDP processes against 1 (sampling without per-step collectives, then the same steps), and the gold-vs-KL
+points of --eval_interval."""
 
 import copy
 import json
 import os
 import socket
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import train_sft
 from conftest import run_killed_at, torchrun
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.data import batch_indices
+from nanoalign.evaluate import curve_point
 from nanoalign.losses import gae, kl_estimate, per_token_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from nanoalign.sampling import reward_scores, sample
 from nanoalign.scaffold import Dist, gathered, setup, teardown, wrap_model
@@ -278,3 +280,29 @@ def test_resume_continues_the_same_run(ppo_dirs, tmp_path, monkeypatch, variant)
         a, b = (load_file(tmp_path / d / f) for d in ("full", "cut"))
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_curve_points_measure_the_policy_of_their_update(ppo_dirs, tmp_path, monkeypatch):
+    """--eval_interval=2 logs at update 2 the gold and KL that `evaluate.curve_point` measures on the update-2
+    checkpoint read back, and changes nothing in training: the same metrics and weights as a run without it."""
+    cfg = train_ppo.Config(data_dir=str(ppo_dirs / "data"), init_from=str(ppo_dirs / "sft"),
+                           reward_model=str(ppo_dirs / "rm"), out_dir=str(tmp_path / "cut"), n_updates=4,
+                           ckpt_interval=2, rollout_size=8, minibatches=2, ppo_epochs=2, lr=3e-3, max_new_tokens=16,
+                           eval_max_new_tokens=16, n_eval=4, eval_interval=2, kl_target=0.5, seed=3)
+    run_killed_at(train_ppo.main, cfg, 3, monkeypatch)  # after the update-2 checkpoint
+    policy, tok = load_model(tmp_path / "cut")
+    reference = load_model(ppo_dirs / "sft", tok, scalar_head=False)[0]
+    expected = curve_point(policy, reference, tok, cfg.data_dir, 4, 16, cfg.temperature, cfg.seed)
+    logged = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval/kl" in r] == [2] and expected["eval/kl"] > 0
+    assert {k: v for k, v in logged[1].items() if k.startswith("eval/")} == pytest.approx(expected, abs=1e-6)
+    logs = []
+    for out, flags in (("curve", {}), ("plain", dict(n_eval=0, eval_interval=0))):
+        train_ppo.main(replace(cfg, out_dir=str(tmp_path / out), **flags))
+        logs.append([{k: v for k, v in json.loads(line).items() if not k.startswith(("time", "eval/"))}
+                     for line in (tmp_path / out / "log.jsonl").read_text().splitlines()])
+    assert logs[0] == logs[1]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("curve", "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="--eval_interval=2 needs held-out prompts"):
+        train_ppo.main(replace(cfg, out_dir=str(tmp_path / "none"), n_eval=0))

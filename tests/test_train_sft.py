@@ -1,6 +1,8 @@
-"""train_sft.py end to end on a tiny config: it learns, resumes exactly, and 2 FSDP processes match 1."""
+"""train_sft.py end to end on a tiny config: it learns, resumes exactly, 2 FSDP processes match 1, and the
+gold-vs-KL points of --eval_interval measure the policy of their step."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import run_killed_at, torchrun
 import train_sft
+from nanoalign.checkpoint import load_model
+from nanoalign.evaluate import curve_point
 
 
 
@@ -58,3 +62,25 @@ def test_two_process_fsdp_matches_single_process(tiny_run, tmp_path, checkpointi
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_curve_points_measure_the_policy_of_their_step(tiny_run, tmp_path, monkeypatch):
+    """Fine-tuning with --eval_interval=2 logs at step 2 the gold and KL to --init_from that `evaluate.curve_point`
+    measures on the step-2 checkpoint read back, changes nothing in training, and compares eval.json with the
+    --init_from model (Preferred-FT, as DPO's eval.json)."""
+    cfg = tiny(tiny_run, tmp_path / "cut", max_steps=4, ckpt_interval=2, n_eval=4, eval_interval=2)
+    run_killed_at(train_sft.main, cfg, 3, monkeypatch)  # after the step-2 checkpoint
+    policy, tok = load_model(tmp_path / "cut")
+    expected = curve_point(policy, load_model(tiny_run / "init", tok)[0], tok, cfg.data_dir, 4, cfg.max_new_tokens,
+                           cfg.temperature, cfg.seed)
+    logged = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval/kl" in r] == [2] and expected["eval/kl"] > 0
+    assert {k: v for k, v in logged[1].items() if k.startswith("eval/")} == pytest.approx(expected, abs=1e-6)
+    result = train_sft.main(replace(cfg, out_dir=str(tmp_path / "curve")))
+    assert {"kl", "sft_gold", "win_rate_vs_sft"} <= result.keys()
+    train_sft.main(replace(cfg, out_dir=str(tmp_path / "plain"), n_eval=0, eval_interval=0))
+    assert losses(tmp_path / "curve") == losses(tmp_path / "plain")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("curve", "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="--eval_interval=2 needs held-out prompts .* and a model"):
+        train_sft.main(replace(cfg, out_dir=str(tmp_path / "none"), init_from=""))
