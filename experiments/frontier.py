@@ -393,24 +393,29 @@ def plot(helpdesk_runs: list[dict], oracle_runs: list[dict], out: Path) -> list[
     except ImportError:
         print("matplotlib is not installed (pip install -e .[plot]): no plots")
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    groups = [[(method, [p for run in helpdesk_runs for r in run["runs"] if r["method"] == method
-                         for p in r["points"]]) for method in ("DPO", "PPO", "PPO-GT", "Preferred-FT")],
-              [(method, [p for p in oracle_runs[0]["points"] if p["method"] == method])
-               for method in ("DPO", "Preferred-FT")]]
-    for ax, group in zip(axes, groups):
-        for (method, pts), marker in zip(group, "os^D"):
-            ax.scatter([p["kl"] for p in pts], [p["gold"] for p in pts], s=14, marker=marker, label=method)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    flags = {"DPO": "train_dpo.py --beta={}", "PPO": "train_ppo.py --kl_target={}",
+             "PPO-GT": "train_ppo.py --reward=gold --kl_target={}", "Preferred-FT": "train_sft.py on the chosen answers{}"}
+    for (method, setting), marker in zip(dict.fromkeys((r["method"], r["setting"]) for r in helpdesk_runs[0]["runs"]),
+                                         "os^Dvp<>"):
+        runs = [r for run in helpdesk_runs for r in run["runs"] if (r["method"], r["setting"]) == (method, setting)]
+        mean = [{k: sum(r["points"][i][k] for r in runs) / len(runs) for k in ("kl", "gold")}
+                for i in range(min(len(r["points"]) for r in runs))]  # seed means, point by point along training
+        axes[0].plot([p["kl"] for p in mean], [p["gold"] for p in mean], marker=marker, ms=5,
+                     label=flags[method].format(setting.split()[-1] if setting else ""))
+    for method, marker in (("DPO", "o"), ("Preferred-FT", "D")):
+        pts = [p for p in oracle_runs[0]["points"] if p["method"] == method]
+        axes[1].scatter([p["kl"] for p in pts], [p["gold"] for p in pts], s=14, marker=marker, label=method)
     sft = [run["runs"][0]["final"]["sft_gold"] for run in helpdesk_runs]
     axes[0].scatter([0] * len(sft), sft, s=40, color="black", marker="*", label="SFT")
     frontier = oracle_runs[0]["frontier"]
     axes[1].plot([f["kl"] for f in frontier], [f["gold"] for f in frontier], color="black", label="exact frontier")
     axes[0].set(xlabel="KL(π‖π_SFT) on held-out prompts (nats)", ylabel="gold (mean over held-out prompts)",
-                title="Helpdesk: every evaluation of every seed")
+                title="Helpdesk: each run's evaluations along training, mean of the seeds")
     axes[1].set(xlabel="KL(π‖π_ref) (nats, exact)", ylabel="E_π[gold] (exact)",
                 title="Oracle: 216 answers, the first seed")
     for ax in axes:
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
     plt.close("all")
