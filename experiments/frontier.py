@@ -71,7 +71,8 @@ from nanoalign import helpdesk, rlaif  # noqa: E402
 from nanoalign.checkpoint import load_model  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
-from nanoalign.evaluate import standard_error, write_json  # noqa: E402
+from nanoalign.evaluate import write_json  # noqa: E402
+from nanoalign.experiment import mean_se, logged, print_claims  # noqa: E402
 from nanoalign.losses import dpo_loss  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
 
@@ -313,9 +314,6 @@ def oracle_seed(cfg: Config, seed: int, log) -> dict:
 # ----- the summary and the claims ---------------------------------------------------------------------------------
 
 
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    return sum(xs) / len(xs), standard_error(xs)
-
 
 def matched_kl(seeds: list[list[dict]], a: str, b: str, edges: list[float]) -> list[dict]:
     """Method a against method b at matched KL. seeds[s]: seed s's points {"method", "kl", "gold"}. Per KL bin
@@ -457,11 +455,7 @@ def main(cfg: Config) -> dict:
     policy, tok = load_model(cfg.init_from)
     policy = policy.to(device)
     helpdesk_runs, oracle_runs = [], []
-    with open(out / "log.txt", "w") as logfile:
-        def log(line):
-            print(line, flush=True)
-            logfile.write(line + "\n")
-            logfile.flush()
+    with logged(out / "log.txt") as log:
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             oracle_runs.append(oracle_seed(cfg, seed, log))
             with tempfile.TemporaryDirectory() as work:
@@ -477,8 +471,7 @@ def main(cfg: Config) -> dict:
               "plots": plot(helpdesk_runs, oracle_runs, out), "time_s": time.time() - t_start}
     write_json(out / "results.json", result)
     print(f"\n{tables(helpdesk_runs, oracle_runs)}\n")
-    for c in found:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['claim']}: {c['measured']}")
+    print_claims(found)
     print(f"\n{cfg.seeds} seeds in {result['time_s'] / 60:.1f} min; {out / 'results.json'}")
     return result
 

@@ -79,8 +79,9 @@ import train_rm  # noqa: E402
 from nanoalign.checkpoint import cut_trunk, load_model, load_reward_model  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import n_rankings, read_jsonl, read_rankings, write_jsonl  # noqa: E402
-from nanoalign.evaluate import (best_of_n_curve, gao_fit, linear_fit, sample_pool, standard_error,  # noqa: E402
+from nanoalign.evaluate import (best_of_n_curve, gao_fit, linear_fit, sample_pool,  # noqa: E402
                                 write_json)
+from nanoalign.experiment import int_list, mean_se, logged, print_claims  # noqa: E402
 from nanoalign.model import read_meta  # noqa: E402
 from nanoalign.sampling import reward_scores  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
@@ -110,17 +111,6 @@ class Config:
     quick: bool = False  # a smoke run in seconds: QUICK's grid replaces the fields it names (not results)
     device: str = "auto"  # auto | cpu | cuda
 
-
-def ints(cfg: Config, name: str) -> list[int]:
-    """A comma-separated flag of increasing positive integers, or one clear error naming it."""
-    value = getattr(cfg, name)
-    try:
-        out = [int(x) for x in value.split(",")]
-    except ValueError:
-        out = []
-    if not out or min(out) <= 0 or sorted(set(out)) != out:
-        raise SystemExit(f"--{name}={value}: expected increasing comma-separated positive integers")
-    return out
 
 
 def proxies(flag: str) -> list[str]:
@@ -194,8 +184,8 @@ def run_seed(cfg: Config, seed: int, rankings: list[dict], trunks: dict, pool: d
     order = random.Random(seed).sample(rankings, len(rankings))  # nested subsets: N's rankings start 2N's
     k, ppo = len(rankings[0]["responses"]), proxies(cfg.ppo_proxies)
     run = {}
-    for size in ints(cfg, "sizes"):
-        for n in ints(cfg, "n_pairs"):
+    for size in int_list(cfg, "sizes"):
+        for n in int_list(cfg, "n_pairs"):
             t0, key, rm_dir = time.time(), f"{size}:{n}", work / f"rm_{seed}_{size}_{n}"
             rm_eval = train_proxy(cfg, order[:n_rankings(n, k)], trunks[size][0], rm_dir, work / "data", seed,
                                   key in ppo)
@@ -221,9 +211,6 @@ def run_seed(cfg: Config, seed: int, rankings: list[dict], trunks: dict, pool: d
 
 # ----- the summary and the claims -----------------------------------------------------------------------------
 
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    return sum(xs) / len(xs), standard_error(xs)
 
 
 def summary(runs: list[dict]) -> dict:
@@ -266,7 +253,7 @@ def claims(summ: dict, cfg: Config) -> list[dict]:
             f"{name}: d* " + " ".join(f"{fits[k]['d_star']:.2f}" for k in s) + ", β "
             + " ".join(f"{fits[k]['beta']:+.3f}" for k in s) for name, s in series.items()))
 
-    sizes, ns, rl_keys = ints(cfg, "sizes"), ints(cfg, "n_pairs"), [k for k in summ if "rl" in summ[k]]
+    sizes, ns, rl_keys = int_list(cfg, "sizes"), int_list(cfg, "n_pairs"), [k for k in summ if "rl" in summ[k]]
     for method, form, keys, poor in (("best-of-N", "bon", list(summ), [f"{s}:{ns[0]}" for s in sizes]),
                                      ("RL", "rl", rl_keys, rl_keys)):
         if not keys:
@@ -336,7 +323,7 @@ def plots(summ: dict, cfg: Config, out: Path) -> list[str]:
     except ImportError:
         print("matplotlib is not installed (pip install -e .[plot]): no plots")
         return []
-    sizes, rl = ints(cfg, "sizes"), [k for k in summ if "rl" in summ[k]]
+    sizes, rl = int_list(cfg, "sizes"), [k for k in summ if "rl" in summ[k]]
     panels = len(sizes) + bool(rl)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), squeeze=False)
     axes = axes[0]
@@ -390,7 +377,7 @@ def main(cfg: Config) -> dict:
         print(f"--quick=True: {QUICK}")
     check_config(cfg, positive="batch_size pool_prompts pool_size max_new_tokens ppo_updates ppo_rollout ppo_lr seeds",
                  nonneg="test_rankings")
-    sizes, ns, ppo = ints(cfg, "sizes"), ints(cfg, "n_pairs"), proxies(cfg.ppo_proxies)
+    sizes, ns, ppo = int_list(cfg, "sizes"), int_list(cfg, "n_pairs"), proxies(cfg.ppo_proxies)
     if cfg.pool_size < 4 or cfg.pool_size & (cfg.pool_size - 1):
         raise SystemExit(f"--pool_size={cfg.pool_size}: expected a power of 2, at least 4 (3 points for 2 parameters)")
     if not set(ppo) <= {f"{s}:{n}" for s in sizes for n in ns}:
@@ -425,11 +412,7 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    with tempfile.TemporaryDirectory() as work, open(out / "log.txt", "w") as logfile:
-        def log(line):
-            print(line, flush=True)
-            logfile.write(line + "\n")
-            logfile.flush()
+    with tempfile.TemporaryDirectory() as work, logged(out / "log.txt") as log:
         work = Path(work)
         device = setup(cfg.seed, cfg.device).device
         trunks = {s: cut_trunk(cfg.init_from, s, work / f"trunk{s}") for s in sizes}  # size -> (path, params)
@@ -460,8 +443,7 @@ def main(cfg: Config) -> dict:
     print(f"\n{tables(summ)}\n")
     print(f"gold is normalised under the SFT policy: (gold - {gold_norm[0]:.3f}) / {gold_norm[1]:.3f}; each proxy "
           f"likewise on its pool scores\n")
-    for c in found:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['claim']}: {c['measured']}")
+    print_claims(found)
     print(f"\n{len(runs)} seeds in {result['time_s'] / 60:.1f} min; {out / 'results.json'}")
     return result
 

@@ -43,7 +43,8 @@ from nanoalign.checkpoint import load_model  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.constitution import option_ids, read_constitution  # noqa: E402
 from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
-from nanoalign.evaluate import standard_error, write_json  # noqa: E402
+from nanoalign.evaluate import write_json  # noqa: E402
+from nanoalign.experiment import mean_se, logged, print_claims  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
 
 
@@ -186,9 +187,6 @@ def over_seeds(runs: list[dict], labeller: str, arm: str, *path) -> list[float]:
     return values
 
 
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    return sum(xs) / len(xs), standard_error(xs)
-
 
 def paired(runs, labeller, arm_a, arm_b, *path) -> tuple[float, float]:
     """mean ± s.e. over seeds of metric(arm_a) - metric(arm_b), paired by seed."""
@@ -316,11 +314,7 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    with open(out / "log.txt", "w") as logfile:
-        def log(line):
-            print(line, flush=True)
-            logfile.write(line + "\n")
-            logfile.flush()
+    with logged(out / "log.txt") as log:
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             runs.append(run_seed(cfg, seed, principles, policy, tok, judge, judge_tok, log))
     found = claims(runs, cfg)
@@ -331,8 +325,7 @@ def main(cfg: Config) -> dict:
     print(f"\n{table(runs, cfg)}\n")
     print(f"labels drawn like the world's human ones (σ(κ Δgold)) would agree with gold "
           f"{result['human_label_agreement'][0]:.3f} on these pairs\n")
-    for c in found:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['claim']}: {c['measured']}")
+    print_claims(found)
     print(f"\n{len(runs)} seeds in {result['time_s'] / 60:.1f} min; {out / 'results.json'}")
     return result
 

@@ -60,7 +60,8 @@ import train_rm  # noqa: E402
 from nanoalign.checkpoint import cut_trunk  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import n_rankings, read_rankings, write_jsonl  # noqa: E402
-from nanoalign.evaluate import linear_fit, standard_error, write_json  # noqa: E402
+from nanoalign.evaluate import linear_fit, write_json  # noqa: E402
+from nanoalign.experiment import int_list, mean_se, logged, print_claims  # noqa: E402
 from nanoalign.model import read_meta  # noqa: E402
 
 ARMS = {  # --batching name -> train_rm.py's (--data, --loss)
@@ -89,17 +90,6 @@ class Config:
     quick: bool = False  # a smoke run in seconds: QUICK's grid replaces the fields it names (not results)
     device: str = "auto"  # auto | cpu | cuda
 
-
-def ints(cfg: Config, name: str) -> list[int]:
-    """A comma-separated flag of positive integers, or one clear error naming it."""
-    value = getattr(cfg, name)
-    try:
-        out = [int(x) for x in value.split(",")]
-    except ValueError:
-        out = []
-    if not out or min(out) <= 0:
-        raise SystemExit(f"--{name}={value}: expected comma-separated positive integers")
-    return out
 
 
 def ranking_pairs(rankings: list[dict]) -> list[dict]:
@@ -137,8 +127,8 @@ def run_seed(cfg: Config, seed: int, rankings: list[dict], trunks: dict, data: P
     order = random.Random(seed).sample(rankings, len(rankings))  # nested subsets: N's rankings start 2N's
     k = len(rankings[0]["responses"])
     run = {"scaling": {}, "batching": {}}
-    for size in ints(cfg, "sizes"):
-        for n in ints(cfg, "n_pairs"):
+    for size in int_list(cfg, "sizes"):
+        for n in int_list(cfg, "n_pairs"):
             t0 = time.time()
             chosen = order[:n_rankings(n, k)]
             result, _ = train_reward_model(cfg, chosen, trunks[size][0], "grouped", 1, seed, data)
@@ -158,9 +148,6 @@ def run_seed(cfg: Config, seed: int, rankings: list[dict], trunks: dict, data: P
 
 # ----- the summary and the claims -----------------------------------------------------------------------------
 
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    return sum(xs) / len(xs), standard_error(xs)
 
 
 def pooled_reliability(tables: list[list[dict]]) -> list[dict]:
@@ -198,7 +185,7 @@ def claims(runs: list[dict], summ: dict, cfg: Config, ceiling: float) -> list[di
     def claim(text, passed, measured):
         out.append({"claim": text, "pass": bool(passed), "measured": measured})
 
-    sizes, ns = ints(cfg, "sizes"), ints(cfg, "n_pairs")
+    sizes, ns = int_list(cfg, "sizes"), int_list(cfg, "n_pairs")
     acc = {key: v["accuracy"] for key, v in summ["scaling"].items()}  # "size,N" -> (mean, s.e.)
     if len(ns) >= 3:
         for size in sizes:
@@ -237,7 +224,7 @@ def claims(runs: list[dict], summ: dict, cfg: Config, ceiling: float) -> list[di
 def tables(summ: dict, cfg: Config, k: int, params: dict, ceiling: float, realised: float,
            reliability: list[dict]) -> str:
     """Markdown: accuracy per N and size; the batching arms; the reliability table of the largest RM."""
-    sizes, ns = ints(cfg, "sizes"), ints(cfg, "n_pairs")
+    sizes, ns = int_list(cfg, "sizes"), int_list(cfg, "n_pairs")
     lines = ["| pairs N | " + " | ".join(f"{s}-block ({params[s] / 1e6:.2f}M)" for s in sizes) + " |",
              "| --- " * (len(sizes) + 1) + "|"]
     for n in ns:
@@ -268,9 +255,9 @@ def plots(summ: dict, cfg: Config, params: dict, ceiling: float, out: Path) -> l
     except ImportError:
         print("matplotlib is not installed (pip install -e .[plot]): no plots")
         return []
-    ns = ints(cfg, "n_pairs")
+    ns = int_list(cfg, "n_pairs")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for size in ints(cfg, "sizes"):
+    for size in int_list(cfg, "sizes"):
         m = [summ["scaling"][f"{size},{n}"]["accuracy"] for n in ns]
         ax.errorbar(ns, [a for a, _ in m], yerr=[e for _, e in m], marker="o", capsize=3,
                     label=f"--sizes={size} ({params[size] / 1e6:.2f}M parameters)")
@@ -305,7 +292,7 @@ def main(cfg: Config) -> dict:
         cfg = replace(cfg, **QUICK)
         print(f"--quick=True: {QUICK}")
     check_config(cfg, positive="batching_pairs batching_epochs batching_size batch_size seeds", nonneg="test_rankings")
-    sizes, ns = ints(cfg, "sizes"), ints(cfg, "n_pairs")
+    sizes, ns = int_list(cfg, "sizes"), int_list(cfg, "n_pairs")
     if sorted(set(sizes)) != sizes or sorted(set(ns)) != ns:
         raise SystemExit(f"--sizes={cfg.sizes} --n_pairs={cfg.n_pairs}: each must be increasing, without repeats")
     arms = list(filter(None, cfg.batching.split(",")))
@@ -336,11 +323,7 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    with tempfile.TemporaryDirectory() as work, open(out / "log.txt", "w") as logfile:
-        def log(line):
-            print(line, flush=True)
-            logfile.write(line + "\n")
-            logfile.flush()
+    with tempfile.TemporaryDirectory() as work, logged(out / "log.txt") as log:
         work = Path(work)
         trunks = {s: cut_trunk(cfg.init_from, s, work / f"trunk{s}") for s in sizes}  # size -> (path, params)
         data = work / "data"
@@ -360,8 +343,7 @@ def main(cfg: Config) -> dict:
               "plots": plots(summ, cfg, params, ceiling, out), "time_s": time.time() - t_start}
     write_json(out / "results.json", result)
     print(f"\n{tables(summ, cfg, k, params, ceiling, realised, reliability)}\n")
-    for c in found:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['claim']}: {c['measured']}")
+    print_claims(found)
     print(f"\n{len(runs)} seeds in {result['time_s'] / 60:.1f} min; {out / 'results.json'}")
     return result
 
