@@ -31,10 +31,10 @@ import torch
 from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_meta
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl, require_soft_labels
-from nanoalign.evaluate import check_eval_prompts, curve_point, evaluate_policy, write_json
+from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, gathered, global_sum, Logger, lr_at, make_optimizer,
+from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_sum, Logger, lr_at, make_optimizer,
                                 micro_batch, optimizer_step, resume, save_resumable, setup, teardown, world_size,
                                 wrap_model)
 
@@ -203,13 +203,9 @@ def main(cfg: Config) -> dict:
         tokens_seen += tokens
         step += 1
         window.append(metrics)  # one pair batch is noisy: log the means over the interval
-        point = {}  # a point of the gold-vs-KL curve; the final evaluation (step 7) is the last one
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
-            t_eval = time.time()
-            with gathered(model):  # every rank samples with the full weights; rank 0 logs
-                point = curve_point(model, reference, tok, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature,
-                                    cfg.seed)
-            t_last += time.time() - t_eval  # the throughput counts training time only
+        point, t_eval = curve_point_due(step, cfg.eval_interval, cfg.max_steps, model, reference, tok, data_dir,
+                                        cfg.n_eval, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+        t_last += t_eval  # the throughput counts training time only
         if step % cfg.log_interval == 0 or step == cfg.max_steps or point:
             logger.log(step, {**{name: sum(m[name] for m in window) / len(window) for name in metrics}, **point},
                        tokens_seen * ctx.world / (time.time() - t_last))

@@ -43,14 +43,15 @@ from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, load_reward_model, read_meta, write_checkpoint
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, check_prompts, read_jsonl
-from nanoalign.evaluate import check_eval_prompts, curve_point, evaluate_policy, write_json
+from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
 from nanoalign.logprobs import token_logps
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
                               unpack, whiten)
 from nanoalign.sampling import reward_scores, sample
-from nanoalign.scaffold import (claim_out_dir, full_state, gathered, global_sum, Logger, make_optimizer, optimizer_step,
-                                resume, save_resumable, setup, teardown, world_size, wrap_model)
+from nanoalign.scaffold import (claim_out_dir, curve_point_due, full_state, gathered, global_sum, Logger,
+                                make_optimizer, optimizer_step, resume, save_resumable, setup, teardown, world_size,
+                                wrap_model)
 
 
 @dataclass
@@ -343,13 +344,10 @@ def main(cfg: Config) -> dict:
         metrics["time/rollout"] = t_rollout - t0
         if cfg.kl_target > 0:  # adapt β toward the KL target (Ziegler et al. 2019)
             beta = adaptive_kl_beta(beta, metrics["objective/kl"], cfg.kl_target, cfg.rollout_size, cfg.kl_horizon)
-        point = cfg.eval_interval and (update + 1) % cfg.eval_interval == 0 and update + 1 < cfg.n_updates
-        if point:  # a point of the gold-vs-KL curve on held-out prompts; the final evaluation (7) is the last one
-            t_eval = time.time()
-            with gathered(policy):  # every rank samples with the full weights; rank 0 logs
-                metrics.update(curve_point(policy, reference, tok, cfg.data_dir, cfg.n_eval, cfg.eval_max_new_tokens,
-                                           cfg.temperature, cfg.seed))
-            t0 += time.time() - t_eval  # the throughput counts training time only
+        point, t_eval = curve_point_due(update + 1, cfg.eval_interval, cfg.n_updates, policy, reference, tok,
+                                        cfg.data_dir, cfg.n_eval, cfg.eval_max_new_tokens, cfg.temperature, cfg.seed)
+        metrics.update(point)
+        t0 += t_eval  # the throughput counts training time only
         if (update + 1) % cfg.log_interval == 0 or point:
             logger.log(update + 1, metrics, global_sum(roll.mask.sum().item(), ctx) / (time.time() - t0))
         if (update + 1) % cfg.ckpt_interval == 0 and update + 1 < cfg.n_updates:

@@ -21,11 +21,11 @@ from pathlib import Path
 from nanoalign.checkpoint import load_model
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
-from nanoalign.evaluate import check_eval_prompts, curve_point, evaluate_policy, write_json
+from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, ensure_world, gathered, global_sum, Logger, lr_at,
+from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, ensure_world, global_sum, Logger, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
                                 world_size, wrap_model)
 from nanoalign.tokenizer import Tokenizer
@@ -139,13 +139,9 @@ def main(cfg: Config) -> dict:
         metrics, tokens = sft_step(model, optimizer, [examples[i] for i in rows], tok.pad_id, step, cfg, ctx)
         tokens_seen += tokens
         step += 1
-        point = {}  # a point of the gold-vs-KL curve; the final evaluation (step 6) is the last one
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
-            t_eval = time.time()
-            with gathered(model):  # every rank samples with the full weights; rank 0 logs
-                point = curve_point(model, reference, tok, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature,
-                                    cfg.seed)
-            t_last += time.time() - t_eval  # the throughput counts training time only
+        point, t_eval = curve_point_due(step, cfg.eval_interval, cfg.max_steps, model, reference, tok, data_dir,
+                                        cfg.n_eval, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+        t_last += t_eval  # the throughput counts training time only
         if step % cfg.log_interval == 0 or step == cfg.max_steps or point:
             logger.log(step, {**metrics, **point}, tokens_seen * ctx.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from nanoalign import helpdesk
 from nanoalign.checkpoint import hold_lock, read_meta, read_resume_state, recover, write_checkpoint
+from nanoalign.evaluate import curve_point
 
 # ----- batch split ----------------------------------------------------------------------------------
 
@@ -277,6 +278,19 @@ def resume(out_dir, model, optimizer) -> int:
     load_optimizer_state(model, optimizer, optim_state)
     torch.set_rng_state(rng["torch"])
     return read_meta(out_dir)["step"]
+
+
+def curve_point_due(step: int, interval: int, last: int, model, reference, tok, data_dir, n: int,
+                    max_new_tokens: int, temperature: float, seed: int) -> tuple[dict, float]:
+    """Every `interval` steps before the `last` (whose final evaluation ends the curve), a point of the gold-vs-KL
+    curve on the held-out prompts (`evaluate.curve_point`), every rank sampling with the full weights -> (the
+    point, or {} between points; the seconds it took, which a loop leaves out of its throughput)."""
+    if not interval or step % interval or step >= last:
+        return {}, 0.0
+    t0 = time.time()
+    with gathered(model):
+        point = curve_point(model, reference, tok, data_dir, n, max_new_tokens, temperature, seed)
+    return point, time.time() - t0
 
 
 # ----- logging -----------------------------------------------------------------------------------------
