@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from nanoalign import helpdesk
+from nanoalign import gold_judge
 from nanoalign.checkpoint import load_model, load_reward_model, read_meta, write_checkpoint
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, check_prompts, read_jsonl
@@ -183,7 +183,7 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
     all_sum = lambda t: global_sum(t, ctx)  # statistics over every rank's tokens
 
     # 2. score: normalised RM (or gold) at the last real token; no EOS -> the penalty replaces it
-    gold = torch.tensor([helpdesk.judge(p, a)["gold"] for p, a in zip(roll.prompts, roll.answers)],
+    gold = torch.tensor([gold_judge.judge(p, a)["gold"] for p, a in zip(roll.prompts, roll.answers)],
                         dtype=torch.float64, device=ctx.device)
     with torch.no_grad():
         rm, gain, bias = reward

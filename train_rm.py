@@ -37,13 +37,13 @@ import torch
 from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, collate, encode_example, read_jsonl, require_soft_labels
+from nanoalign.data import batch_indices, collate, encode_example, ensure_world, read_jsonl, require_soft_labels
 from nanoalign.evaluate import calibration, sample_answers, write_json
 from nanoalign.losses import (best_of_k_loss, kwise_ranking_loss, plackett_luce_loss, reward_normalisation,
                               soft_bradley_terry_loss)
 from nanoalign.model import GPT
 from nanoalign.sampling import reward_scores
-from nanoalign.scaffold import (accumulate, claim_out_dir, ensure_world, full_state, global_sum, Logger, lr_at,
+from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_sum, Logger, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
                                 world_size, wrap_model)
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from nanoalign.checkpoint import load_model
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, collate, encode_example, read_jsonl
+from nanoalign.data import batch_indices, collate, encode_example, ensure_world, read_jsonl
 from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, ensure_world, global_sum, Logger, lr_at,
+from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_sum, Logger, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
                                 world_size, wrap_model)
 from nanoalign.tokenizer import Tokenizer

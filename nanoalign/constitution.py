@@ -11,12 +11,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanoalign import helpdesk
+from nanoalign import gold_judge, helpdesk
 from nanoalign.data import read_jsonl, write_jsonl
+from nanoalign.grammar import sentences
 
 CONSTITUTION = Path(__file__).with_name("constitution.txt")
 OPTIONS = ("(A)", "(B)")
-SCORES = (*helpdesk.PRINCIPLES, "gold")  # what a principle may name as its gold score
+SCORES = (*gold_judge.PRINCIPLES, "gold")  # what a principle may name as its gold score
 
 # ----- principles and the query -------------------------------------------------------------------------
 
@@ -70,7 +71,9 @@ def option_ids(tok, source: str = "the feedback model") -> tuple[list[int], list
 
 def principle_score(score: str, prompt: str, answer: str) -> float:
     """The gold judge's score that a principle names (the judging corpus and the measurements use it)."""
-    return helpdesk.judge(prompt, answer)["gold"] if score == "gold" else helpdesk.PRINCIPLE_FNS[score](prompt, answer)
+    if score == "gold":
+        return gold_judge.judge(prompt, answer)["gold"]
+    return gold_judge.PRINCIPLE_FNS[score](prompt, answer)
 
 
 # ----- the judging corpus (helpdesk world) -----------------------------------------------------------------
@@ -83,7 +86,7 @@ def garble(answer: str, rng: random.Random) -> str:
     kind = rng.choice(("cut", "shuffle", "repeat"))
     if kind == "cut" and len(words) > 3:
         return " ".join(words[:rng.randrange(2, len(words) - 1)])
-    said = helpdesk.sentences(answer)
+    said = sentences(answer)
     if kind == "shuffle" and said:
         i = rng.randrange(len(said))
         shuffled = said[i].split()

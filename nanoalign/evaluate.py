@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from nanoalign import helpdesk
+from nanoalign import gold_judge
 from nanoalign.checkpoint import load_model, load_reward_model
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import check_prompts, read_jsonl
@@ -110,7 +110,7 @@ def win_rate(gold: list[float], baseline_gold: list[float]) -> float:
 def shown_samples(prompts: list[str], answers: list[str], k: int = 3) -> list[dict]:
     """The first k answers as a reader sees them: {"prompt", "answer", and the judge's "gold", "principles",
     "failures"}."""
-    return [{"prompt": p, "answer": a, **helpdesk.judge(p, a)} for p, a in zip(prompts[:k], answers)]
+    return [{"prompt": p, "answer": a, **gold_judge.judge(p, a)} for p, a in zip(prompts[:k], answers)]
 
 
 def check_eval_prompts(tok, data_dir, n: int, block_size: int) -> None:
@@ -129,19 +129,19 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
     demos = read_jsonl(Path(data_dir) / "sft_test.jsonl", "sft")[:n]
     prompts = [d["prompt"] for d in demos]
     answers, batches = sample_answers(model, tok, prompts, max_new_tokens, temperature, batch_size, seed)
-    metrics = helpdesk.judge_many(prompts, answers)
-    gold = [helpdesk.judge(p, a)["gold"] for p, a in zip(prompts, answers)]
+    metrics = gold_judge.judge_many(prompts, answers)
+    gold = [gold_judge.judge(p, a)["gold"] for p, a in zip(prompts, answers)]
     metrics["gold_se"] = standard_error(gold)
-    metrics["demo_gold"] = helpdesk.judge_many(prompts, [d["completion"] for d in demos])["gold"]
+    metrics["demo_gold"] = gold_judge.judge_many(prompts, [d["completion"] for d in demos])["gold"]
     metrics["length"] = torch.cat([b["response_mask"].sum(-1) for b in batches]).float().mean().item()  # tokens
     metrics["samples"] = shown_samples(prompts, answers)
     if reference is not None:
         metrics.update(reference_kl(model, reference, batches, temperature))
     if reference is not None and baseline:
         sft_answers, _ = sample_answers(reference, tok, prompts, max_new_tokens, temperature, batch_size, seed)
-        sft = helpdesk.judge_many(prompts, sft_answers)
+        sft = gold_judge.judge_many(prompts, sft_answers)
         metrics["sft_gold"], metrics["sft_failures"] = sft["gold"], sft["failures"]
-        sft_gold = [helpdesk.judge(p, a)["gold"] for p, a in zip(prompts, sft_answers)]
+        sft_gold = [gold_judge.judge(p, a)["gold"] for p, a in zip(prompts, sft_answers)]
         metrics["win_rate_vs_sft"] = win_rate(gold, sft_gold)
         metrics["gain_vs_sft_se"] = standard_error([a - b for a, b in zip(gold, sft_gold)])  # paired, same prompts
     return metrics, prompts, answers
@@ -173,7 +173,7 @@ def sample_pool(model, tok, prompts: list, n: int, max_new_tokens: int = 96, tem
         rows.append((torch.cat([out["prompt_ids"], out["response_ids"]], 1),
                      torch.cat([out["prompt_mask"], out["response_mask"]], 1)))
         answers.append([tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])])
-        gold.append(torch.tensor([helpdesk.judge(p, a)["gold"] for a in answers[-1]]))
+        gold.append(torch.tensor([gold_judge.judge(p, a)["gold"] for a in answers[-1]]))
     return rows, answers, torch.stack(gold)
 
 
@@ -205,7 +205,7 @@ def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: in
     answers = [[a[i] for i in shuffle.tolist()] for a in answers]
     pick = proxy[:, :select].argmax(-1).tolist()  # the RM's choice among the first `select` answers
     chosen = [a[i] for a, i in zip(answers, pick)]
-    judged = helpdesk.judge_many(prompts, chosen)
+    judged = gold_judge.judge_many(prompts, chosen)
     selected = {"n": select, "kl": best_of_n_kl(select), "gold": judged["gold"], "principles": judged["principles"],
                 "failures": judged["failures"],
                 "win_rate_vs_sft": win_rate(gold[range(len(pick)), pick].tolist(), gold[:, -1].tolist()),

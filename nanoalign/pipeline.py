@@ -20,7 +20,8 @@ from pathlib import Path
 from nanoalign.evaluate import write_json
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: its scripts and the package's code
-WORLD = tuple(f"{{data}}/{kind}{split}.jsonl" for kind in ("sft", "prefs", "pairs", "prompts") for split in ("", "_test"))
+WORLD = tuple(f"{{data}}/{kind}{split}.jsonl"  # the helpdesk world's files, written by the sft stage when missing
+              for kind in ("sft", "prefs", "pairs", "prompts") for split in ("", "_test"))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 from nanoalign import figures
 from nanoalign.config import parse_config
 from nanoalign.evaluate import gao_fit
-from nanoalign.helpdesk import FAILURES, PRINCIPLES
+from nanoalign.gold_judge import PRINCIPLES
+from nanoalign.helpdesk import FAILURES
 from nanoalign.pipeline import STAGES, Config, command, minutes, run_pipeline, selected
 
 POLICIES = ("sft", "bon", "dpo", "ppo", "ppo_rlaif", "ppo_hack")  # the stages that yield a policy
@@ -125,7 +126,8 @@ def write_report(cfg: Config, runs: dict) -> Path:
                   "Gao et al. (2022), d = √KL: " + "; ".join(
                       f"{f['form']}: α {f['alpha']:.3f}, β {f['beta']:.3f}, R² {f['r2']:.3f}" for f in fits), "",
                   "| N | " + " | ".join(str(r["n"]) for r in curve) + " |", "| --- " * (len(curve) + 1) + "|",
-                  *(f"| {key} | " + " | ".join(f"{r[key]:.3f}" for r in curve) + " |" for key in ("kl", "proxy", "gold"))]
+                  *(f"| {key} | " + " | ".join(f"{r[key]:.3f}" for r in curve) + " |"
+                    for key in ("kl", "proxy", "gold"))]
         if draw:
             figures.best_of_n(curve, fits, page / "best_of_n.png")
             lines += ["", "![best-of-N](best_of_n.png)"]
@@ -164,7 +166,8 @@ def write_report(cfg: Config, runs: dict) -> Path:
             lines += ["", "![reward hacking](reward_hacking.png)"]
         lines.append("")
     if rows and draw:
-        points = [{"label": f"{r['title']} ({STAGES[r['stage']].legend})", "kl": r["kl"], "gold": r["gold"], "se": r["se"]} for r in rows]
+        points = [{"label": f"{r['title']} ({STAGES[r['stage']].legend})", "kl": r["kl"], "gold": r["gold"],
+                   "se": r["se"]} for r in rows]
         figures.frontier(points, results["bon"]["curve"] if "bon" in results else None, page / "frontier.png")
         lines += ["## Gold against KL", "", "![frontier](frontier.png)", ""]
     if rows:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoalign import helpdesk
+from nanoalign import gold_judge, helpdesk
 from nanoalign.checkpoint import load_model
 from nanoalign.constitution import OPTIONS, Principle, option_ids, principle_score, query, read_constitution, \
     write_judge_corpus
@@ -287,7 +287,8 @@ def per_pair(values: torch.Tensor, pair_of: torch.Tensor, n_pairs: int) -> torch
 
 def gold_scores(pairs: list[tuple]) -> torch.Tensor:
     """The gold judge's score of both answers of each (prompt, y1, y2) -> [N, 2] float64 (measurement only)."""
-    return torch.tensor([[helpdesk.judge(p, y)["gold"] for y in (y1, y2)] for p, y1, y2 in pairs], dtype=torch.float64)
+    return torch.tensor([[gold_judge.judge(p, y)["gold"] for y in (y1, y2)] for p, y1, y2 in pairs],
+                        dtype=torch.float64)
 
 
 def measure(principles, pairs, comparisons, pref, p) -> dict:

@@ -24,7 +24,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from nanoalign import helpdesk
 from nanoalign.checkpoint import hold_lock, read_meta, read_resume_state, recover, write_checkpoint
 from nanoalign.evaluate import curve_point
 
@@ -109,15 +108,6 @@ def claim_out_dir(out_dir, ctx: Dist) -> None:
         recover(out_dir)
     if ctx.world > 1:
         dist.barrier()
-
-
-def ensure_world(data_dir, needed: str, seed: int, ctx: Dist) -> None:
-    """Write the helpdesk world into data_dir if `needed` (a file name) is missing: rank 0 writes, all wait."""
-    if not (Path(data_dir) / needed).exists():
-        if ctx.master:
-            helpdesk.write_world(data_dir, seed=seed)
-        if ctx.world > 1:
-            dist.barrier()
 
 
 def teardown() -> None:

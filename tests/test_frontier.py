@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoalign.data import write_world
 from nanoalign import helpdesk
 from nanoalign.checkpoint import write_checkpoint
 from nanoalign.data import read_jsonl
@@ -93,7 +94,7 @@ def world(tmp_path_factory):
     """A tiny helpdesk world (48 training prompts, 8 held out) and a random 2-block GPT on a tokenizer trained
     on it."""
     root = tmp_path_factory.mktemp("t2")
-    helpdesk.write_world(root / "data", seed=3, n_train=48, n_test=8)
+    write_world(root / "data", seed=3, n_train=48, n_test=8)
     texts = [r["prompt"] + " " + r["completion"] for r in read_jsonl(root / "data" / "sft.jsonl", "sft")]
     tok = Tokenizer.train(texts, vocab_size=400)
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign import helpdesk
+
+from nanoalign.data import write_world
 from nanoalign.checkpoint import write_checkpoint
 from nanoalign.data import read_jsonl
 from nanoalign.losses import best_of_n_kl
@@ -119,7 +120,7 @@ def world(tmp_path_factory):
     """A tiny helpdesk world (48 training rankings and prompts, 8 held out) and a random 2-block GPT on a tokenizer
     trained on it."""
     root = tmp_path_factory.mktemp("t1")
-    helpdesk.write_world(root / "data", seed=3, n_train=48, n_test=8)
+    write_world(root / "data", seed=3, n_train=48, n_test=8)
     texts = [r["prompt"] + " " + r["completion"] for r in read_jsonl(root / "data" / "sft.jsonl", "sft")]
     tok = Tokenizer.train(texts, vocab_size=400)
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ def exact_kl(p, q):
                                      dict(advantage="grpo", samples_per_prompt=4)])
 def test_rl_converges_to_pi_ref_times_exp_reward_over_beta(variant, monkeypatch):
     monkeypatch.setattr(train_ppo, "reward_scores", lambda rm, ids, attn, gain, bias: REWARD[ids[:, -1]])
-    monkeypatch.setattr(train_ppo.helpdesk, "judge", lambda prompt, answer: {"gold": 0.0})
+    monkeypatch.setattr(train_ppo.gold_judge, "judge", lambda prompt, answer: {"gold": 0.0})
     torch.manual_seed(0)
     policy = GPT(GPTConfig(block_size=4, vocab_size=6, n_layer=1, n_head=1, n_embd=8, scalar_head=True)).double()
     with torch.no_grad():

@@ -216,7 +216,7 @@ VARIANTS = {
 def test_ppo_update_equals_the_hand_written_reference(name, monkeypatch):
     """Two updates (the second with the annealed lr and, for adaptive β, the adapted coefficient): the same
     parameters and the same logged metrics."""
-    monkeypatch.setattr(train_ppo.helpdesk, "judge", gold)
+    monkeypatch.setattr(train_ppo.gold_judge, "judge", gold)
     cfg = replace(BASE, **VARIANTS[name])
     roll = fixed_rollout(cfg.samples_per_prompt)
     policy, reference, rm, critic = tiny_models()
@@ -262,7 +262,7 @@ def test_ppo_update_equals_the_hand_written_reference(name, monkeypatch):
 
 
 def test_missing_eos_penalty_replaces_the_score(monkeypatch):
-    monkeypatch.setattr(train_ppo.helpdesk, "judge", lambda prompt, answer: {"gold": 0.0})
+    monkeypatch.setattr(train_ppo.gold_judge, "judge", lambda prompt, answer: {"gold": 0.0})
     roll = fixed_rollout()
     policy, reference, rm, _ = tiny_models()
     cfg = BASE
@@ -280,7 +280,7 @@ def test_missing_eos_penalty_replaces_the_score(monkeypatch):
 
 
 def test_learning_rate_anneals_linearly_to_zero(monkeypatch):
-    monkeypatch.setattr(train_ppo.helpdesk, "judge", lambda prompt, answer: {"gold": 0.0})
+    monkeypatch.setattr(train_ppo.gold_judge, "judge", lambda prompt, answer: {"gold": 0.0})
     roll, (policy, reference, rm, critic) = fixed_rollout(), tiny_models()
     cfg = replace(BASE, critic="separate", n_updates=5)
     optimizer, critic_opt = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(critic, cfg.critic_lr, 0.0)

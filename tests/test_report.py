@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from nanoalign import figures, helpdesk, pipeline, report
+from nanoalign.data import write_world
+from nanoalign import figures, pipeline, report
 from nanoalign.evaluate import gao_fit
 from nanoalign.pipeline import Config, STAGES
 
@@ -17,7 +18,7 @@ from nanoalign.pipeline import Config, STAGES
 def quick(tmp_path_factory):
     """A tiny world and one `--quick=True` report over the default stages."""
     root = tmp_path_factory.mktemp("report")
-    helpdesk.write_world(root / "data", seed=1234, n_train=96, n_test=24)
+    write_world(root / "data", seed=1234, n_train=96, n_test=24)
     cfg = Config(quick=True, out_root=str(root / "out"), data_dir=str(root / "data"))
     report.main(cfg)
     return cfg
@@ -93,7 +94,8 @@ def test_a_failed_stage_leaves_no_page_and_is_partial_next_time(quick, tmp_path,
         report.main(cfg)
     assert not (out / "report" / "index.md").exists() and not list((out / "report").glob("*.png"))
     assert not (out / "ppo" / "eval.json").exists()  # the stale result is gone before the stage runs
-    assert reasons(Config(**{**vars(cfg), "force": ""}))["ppo"].endswith("(the report's last run of it was interrupted)")
+    again = Config(**{**vars(cfg), "force": ""})
+    assert reasons(again)["ppo"].endswith("(the report's last run of it was interrupted)")
 
 
 def test_page_without_matplotlib_says_how_to_get_figures(quick, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 
 import train_dpo
 import train_rm
-from nanoalign import constitution, helpdesk, rlaif
+from nanoalign import constitution, gold_judge, helpdesk, rlaif
 from nanoalign.checkpoint import load_model
 from nanoalign.data import read_jsonl
 from nanoalign.evaluate import calibration
@@ -144,9 +144,9 @@ def test_garble_makes_policy_like_failures():
     rng = random.Random(0)
     prompt = "Where is my order #1234?"
     good = helpdesk.compose(prompt, rng, "correct")
-    assert helpdesk.judge(prompt, good)["principles"]["coherent"] == 1.0
+    assert gold_judge.judge(prompt, good)["principles"]["coherent"] == 1.0
     worse = [constitution.garble(good, rng) for _ in range(30)]
-    assert all(helpdesk.judge(prompt, w)["gold"] < helpdesk.judge(prompt, good)["gold"] for w in worse if w != good)
+    assert all(gold_judge.judge(prompt, w)["gold"] < gold_judge.judge(prompt, good)["gold"] for w in worse if w != good)
     assert sum(w != good for w in worse) >= 25
 
 

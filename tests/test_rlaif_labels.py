@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign import helpdesk
+from nanoalign import gold_judge, helpdesk
 from nanoalign.constitution import read_constitution
 from nanoalign.data import read_jsonl
 
@@ -101,7 +101,7 @@ def tiny_world(tmp_path_factory):
             "prefs_test.jsonl": []}
     for p in prompts[10:]:
         answers = helpdesk.candidates(p, rng, 3)
-        gold = [helpdesk.judge(p, a)["gold"] for a in answers]
+        gold = [gold_judge.judge(p, a)["gold"] for a in answers]
         rows["prefs_test.jsonl"].append({"prompt": p, "responses": answers, "gold": gold,
                                          "ranking": sorted(range(3), key=lambda i: -gold[i])})
     for name, records in rows.items():

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign import helpdesk
+
+from nanoalign.data import write_world
 from nanoalign.checkpoint import write_checkpoint
 from nanoalign.data import read_jsonl
 from nanoalign.model import GPT, GPTConfig
@@ -76,7 +77,7 @@ def world(tmp_path_factory):
     """A tiny helpdesk world (48 training rankings, 8 held out) and a random 2-block GPT on a tokenizer trained
     on it."""
     root = tmp_path_factory.mktemp("t3")
-    helpdesk.write_world(root / "data", seed=3, n_train=48, n_test=8)
+    write_world(root / "data", seed=3, n_train=48, n_test=8)
     texts = [r["prompt"] + " " + r["completion"] for r in read_jsonl(root / "data" / "sft.jsonl", "sft")]
     tok = Tokenizer.train(texts, vocab_size=400)
     torch.manual_seed(0)

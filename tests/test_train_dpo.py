@@ -45,9 +45,9 @@ def log(out, key="loss"):
 
 def test_dpo_learns_and_writes_eval(tiny_run, pairs_dir, tmp_path, monkeypatch):
     import nanoalign.evaluate
-    monkeypatch.setattr(nanoalign.evaluate.helpdesk, "judge_many",  # the tiny world has no gold judge
+    monkeypatch.setattr(nanoalign.evaluate.gold_judge, "judge_many",  # the tiny world has no gold judge
                         lambda prompts, answers: {"gold": float(len(answers)), "failures": {}})
-    monkeypatch.setattr(nanoalign.evaluate.helpdesk, "judge", lambda prompt, answer: {"gold": 0.0})
+    monkeypatch.setattr(nanoalign.evaluate.gold_judge, "judge", lambda prompt, answer: {"gold": 0.0})
     result = train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "dpo", n_eval=4, max_steps=30))
     loss = log(tmp_path / "dpo")
     assert loss[0] == pytest.approx(0.6931, abs=0.02)  # log 2: the policy starts as the reference (h = 0)

@@ -110,7 +110,7 @@ def test_rm_step(tiny_run, monkeypatch):
 @pytest.mark.parametrize("variant", [{}, dict(critic="separate", whiten_rewards=True),
                                      dict(advantage="grpo", samples_per_prompt=4)])
 def test_ppo_update(monkeypatch, variant):
-    monkeypatch.setattr(train_ppo.helpdesk, "judge", gold)
+    monkeypatch.setattr(train_ppo.gold_judge, "judge", gold)
     cfg = replace(BASE, minibatches=1, **variant)  # one minibatch: the same rows for any world size
     roll = fixed_rollout(cfg.samples_per_prompt)
     separate = cfg.critic == "separate"
