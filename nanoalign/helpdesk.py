@@ -1,4 +1,5 @@
-"""The helpdesk world: seeded prompts, answers of known quality and a gold judge, all on a laptop CPU.
+"""The helpdesk world: seeded prompts, the case each one states, answers of known quality and noisy preference
+labels, all on a laptop CPU.
 
 Northwind Goods is a fictional online shop; ShopMax is its competitor. Customers write to the helpdesk with
 one of seven intents (INTENTS). Every prompt is filled in from a template and carries the details a good
@@ -9,7 +10,7 @@ random, so a 2-layer GPT trained for a few minutes on a CPU learns a language, n
 An answer is a greeting (polite, none, rude), a body (correct, vague, a wrong detail, or a failure), a
 closing (polite, none) and optional rambling.
 
-The gold judge that scores any answer to these prompts is `nanoalign.gold_judge`.
+The gold judge that scores any answer to these prompts by its meaning is `nanoalign.gold_judge`.
 
 Three failures are counted on their own intent only: `disparage` (competitor prompts), `canned`
 (refund_complex: the standard refund process instead of escalation) and `leak` (jailbreak prompts). The
