@@ -30,7 +30,7 @@ def test_quick_report_writes_every_section(quick, capsys):
         assert f"| {title} | " in page
     for section in ("## Reward model", "## Best-of-N", "## PPO training", "## Gold against KL", "## Sampled answers"):
         assert section in page
-    assert page.count("\n> → *") == 3 * 4  # three sampled answers for each of the four policies
+    assert page.count("\n> → *") == 3 * 4, page  # three sampled answers for each of the four policies
     manifest = json.loads((pipeline.Path(quick.out_root) / "report" / "stages.json").read_text())
     assert list(manifest) == list(pipeline.DEFAULT) and all(r["seconds"] > 0 for r in manifest.values())
     assert manifest["rm"]["inputs"] == {"sft": pipeline.outputs_digest(manifest["sft"])}
@@ -39,9 +39,10 @@ def test_quick_report_writes_every_section(quick, capsys):
             assert f"({name}.png)" in page
             assert (pipeline.Path(quick.out_root) / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    capsys.readouterr()
     report.main(quick)  # nothing changed: every stage is reused and the page is drawn again
     out = capsys.readouterr().out
-    assert out.count("reused (current)") == len(pipeline.DEFAULT) and "0 of 5 stages to run" in out
+    assert out.count("reused (current)") == len(pipeline.DEFAULT) and "0 of 5 stages to run" in out, out
     assert (pipeline.Path(quick.out_root) / "report" / "index.md").read_text() == page
 
 
