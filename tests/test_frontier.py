@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign.data import write_world
 from nanoalign import helpdesk
 from nanoalign.checkpoint import write_checkpoint
-from nanoalign.data import read_jsonl
+from nanoalign.data import read_jsonl, write_world
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.tokenizer import Tokenizer
 

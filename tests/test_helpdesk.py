@@ -6,8 +6,8 @@ from itertools import combinations
 
 import pytest
 
-from nanoalign.data import write_world
 from nanoalign import gold_judge, grammar, helpdesk
+from nanoalign.data import write_world
 
 
 def read_jsonl(path):

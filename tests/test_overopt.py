@@ -11,9 +11,8 @@ import pytest
 import torch
 
 
-from nanoalign.data import write_world
 from nanoalign.checkpoint import write_checkpoint
-from nanoalign.data import read_jsonl
+from nanoalign.data import read_jsonl, write_world
 from nanoalign.losses import best_of_n_kl
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.tokenizer import Tokenizer

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from nanoalign.data import write_world
 from nanoalign import figures, pipeline, report
+from nanoalign.data import write_world
 from nanoalign.evaluate import gao_fit
 from nanoalign.pipeline import Config, STAGES
 
