@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanoalign.checkpoint import write_checkpoint
+from nanoalign.data import read_jsonl, write_world
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.tokenizer import Tokenizer
 
@@ -49,6 +50,20 @@ def judge_dir(tiny_run, tmp_path_factory):
     model = GPT(GPTConfig(block_size=320, vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16))
     root = tmp_path_factory.mktemp("judge")
     write_checkpoint(root, model.state_dict(), {"model": asdict(model.config), "step": 0}, tok)
+    return root
+
+
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory):
+    """A tiny helpdesk world (48 training prompts, 8 held out) in data/ and, in init/, a random 2-block GPT on a
+    tokenizer trained on it: where the reproductions' --quick runs start."""
+    root = tmp_path_factory.mktemp("quick_world")
+    write_world(root / "data", seed=3, n_train=48, n_test=8)
+    texts = [r["prompt"] + " " + r["completion"] for r in read_jsonl(root / "data" / "sft.jsonl", "sft")]
+    tok = Tokenizer.train(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, vocab_size=len(tok), n_layer=2, n_head=2, n_embd=16))
+    write_checkpoint(root / "init", model.state_dict(), {"model": asdict(model.config), "step": 0}, tok)
     return root
 
 

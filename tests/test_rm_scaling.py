@@ -3,17 +3,11 @@ known numbers, and --quick=True end to end on a tiny world and a tiny model."""
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
 
-
-from nanoalign.checkpoint import write_checkpoint
-from nanoalign.data import read_jsonl, write_world
-from nanoalign.model import GPT, GPTConfig
-from nanoalign.tokenizer import Tokenizer
+from nanoalign.data import read_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import rm_scaling  # noqa: E402
@@ -71,18 +65,9 @@ def test_claims_verdicts_on_known_numbers():
     assert verdicts["monotone reliability"] == (False, "4 bins of >= 30 pairs: rates 0.10 0.30 0.20 0.60")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny helpdesk world (48 training rankings, 8 held out) and a random 2-block GPT on a tokenizer trained
-    on it."""
-    root = tmp_path_factory.mktemp("t3")
-    write_world(root / "data", seed=3, n_train=48, n_test=8)
-    texts = [r["prompt"] + " " + r["completion"] for r in read_jsonl(root / "data" / "sft.jsonl", "sft")]
-    tok = Tokenizer.train(texts, vocab_size=400)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=128, vocab_size=len(tok), n_layer=2, n_head=2, n_embd=16))
-    write_checkpoint(root / "init", model.state_dict(), {"model": asdict(model.config), "step": 0}, tok)
-    return root
+@pytest.fixture
+def world(quick_world):
+    return quick_world
 
 
 def test_quick_run_end_to_end(world, tmp_path, capsys):
