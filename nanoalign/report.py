@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from nanoalign import figures
-from nanoalign.config import parse_config
+from nanoalign.config import check_config, parse_config
 from nanoalign.evaluate import gao_fit
 from nanoalign.gold_judge import PRINCIPLES
 from nanoalign.helpdesk import FAILURES
@@ -92,7 +92,8 @@ def write_report(cfg: Config, runs: dict) -> Path:
              + ", ".join(f"{n} ({minutes(r['seconds'])})" for n, r in runs.items())
              + f"; data `{cfg.data_dir}`, runs under `{cfg.out_root}/`. Gold is the helpdesk judge's score (0–1) of "
                "answers to the held-out prompts; ± is one standard error over the prompts; KL is to the SFT policy "
-               "in nats per answer; each stage's time is the wall-clock time of the run that wrote it.", ""]
+               "in nats per answer; each stage's time is the wall-clock time of the run that wrote it (which may have "
+               "shared the machine with another stage: `--jobs`).", ""]
     if cfg.quick:
         lines += ["**--quick: tiny models and a few steps; these numbers only show that the pipeline runs.**", ""]
     if not draw:
@@ -181,6 +182,7 @@ def write_report(cfg: Config, runs: dict) -> Path:
 
 
 def main(cfg: Config) -> Path:
+    check_config(cfg, positive="jobs")
     for name in (n for n in cfg.force.split(",") if n not in ("", "all")):
         if name not in STAGES:
             raise SystemExit(f"--force: unknown stage {name!r}; expected all or some of {', '.join(STAGES)}")

@@ -34,6 +34,9 @@ def test_quick_report_writes_every_section(quick, capsys):
     manifest = json.loads((pipeline.Path(quick.out_root) / "report" / "stages.json").read_text())
     assert list(manifest) == list(pipeline.DEFAULT) and all(r["seconds"] > 0 for r in manifest.values())
     assert manifest["rm"]["inputs"] == {"sft": pipeline.outputs_digest(manifest["sft"])}
+    rm, dpo = manifest["rm"], manifest["dpo"]  # --jobs=2: DPO starts beside the RM, both as soon as SFT is done
+    assert dpo["started"] < rm["started"] + rm["seconds"] and rm["started"] >= manifest["sft"]["seconds"]
+    assert (pipeline.Path(quick.out_root) / "report" / "logs" / "dpo.log").read_text().strip()
     if figures.available():
         for name in ("reward_model", "best_of_n", "ppo_curves", "frontier"):
             assert f"({name}.png)" in page
@@ -44,6 +47,26 @@ def test_quick_report_writes_every_section(quick, capsys):
     out = capsys.readouterr().out
     assert out.count("reused (current)") == len(pipeline.DEFAULT) and "0 of 5 stages to run" in out, out
     assert (pipeline.Path(quick.out_root) / "report" / "index.md").read_text() == page
+
+
+def test_stages_side_by_side_give_the_weights_of_one_at_a_time(quick, tmp_path):
+    cfg = Config(quick=True, out_root=str(tmp_path / "out"), data_dir=quick.data_dir, jobs=1)
+    runs = pipeline.run_pipeline(cfg)
+    assert all(runs[b]["started"] >= runs[a]["started"] + runs[a]["seconds"] for a, b in zip(runs, list(runs)[1:]))
+    for name in pipeline.DEFAULT:  # every checkpoint and result, byte for byte (config.json holds the paths)
+        alone, beside = pipeline.Path(cfg.out_root) / name, pipeline.Path(quick.out_root) / name
+        files = sorted(p.relative_to(alone) for p in alone.rglob("*")
+                       if p.suffix == ".safetensors" or p.name in ("eval.json", "best_of_n.json"))
+        assert files and all((alone / f).read_bytes() == (beside / f).read_bytes() for f in files), name
+
+
+def test_schedule_by_hand():
+    eta = {"sft": 10, "rm": 5, "bon": 1, "dpo": 8, "ppo": 3}
+    needs = {name: STAGES[name].needs for name in eta}
+    assert pipeline.schedule(eta, needs, jobs=1) == 27  # one after another
+    assert pipeline.schedule(eta, needs, jobs=2) == 19  # rm, dpo at 10; bon at 15; ppo at 16 (dpo still runs)
+    assert pipeline.schedule(eta, needs, jobs=3) == 18  # bon and ppo both at 15
+    assert pipeline.schedule({"ppo": 3}, needs, jobs=2, running={"rm": 4}) == 7  # ppo waits for the running RM
 
 
 def reasons(cfg, manifest=None):
