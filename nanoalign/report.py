@@ -125,7 +125,7 @@ def write_report(cfg: Config, runs: dict) -> Path:
         lines += ["## Best-of-N", "", f"`{_command('bon', cfg)}`: per prompt the RM's pick among N SFT answers (the "
                   "unbiased pool estimator), against the analytic KL. Gold gain over N = 1 fitted with both forms of "
                   "Gao et al. (2022), d = √KL: " + "; ".join(
-                      f"{f['form']}: α {f['alpha']:.3f}, β {f['beta']:.3f}, R² {f['r2']:.3f}" for f in fits), "",
+                      f"{f['form']}: α {_fixed(f['alpha'])}, β {_fixed(f['beta'])}, R² {f['r2']:.3f}" for f in fits), "",
                   "| N | " + " | ".join(str(r["n"]) for r in curve) + " |", "| --- " * (len(curve) + 1) + "|",
                   *(f"| {key} | " + " | ".join(f"{r[key]:.3f}" for r in curve) + " |"
                     for key in ("kl", "proxy", "gold"))]
@@ -179,6 +179,11 @@ def write_report(cfg: Config, runs: dict) -> Path:
     tmp.write_text("\n".join(lines).rstrip() + "\n")
     tmp.replace(path)
     return path
+
+
+def _fixed(x: float) -> str:
+    """x to 3 decimals, with no "-0.000": a fit of flat points gives ±1e-17 from one call to the next."""
+    return f"{round(x, 3) + 0.0:.3f}"
 
 
 def main(cfg: Config) -> Path:

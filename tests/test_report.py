@@ -34,6 +34,7 @@ def test_quick_report_writes_every_section(quick, capsys):
     manifest = json.loads((pipeline.Path(quick.out_root) / "report" / "stages.json").read_text())
     assert list(manifest) == list(pipeline.DEFAULT) and all(r["seconds"] > 0 for r in manifest.values())
     assert manifest["rm"]["inputs"] == {"sft": pipeline.outputs_digest(manifest["sft"])}
+    assert all(0 < r["work"] <= r["seconds"] + 0.5 for r in manifest.values())  # its seconds at full speed
     rm, dpo = manifest["rm"], manifest["dpo"]  # --jobs=2: DPO starts beside the RM, both as soon as SFT is done
     assert dpo["started"] < rm["started"] + rm["seconds"] and rm["started"] >= manifest["sft"]["seconds"]
     assert (pipeline.Path(quick.out_root) / "report" / "logs" / "dpo.log").read_text().strip()
@@ -60,13 +61,20 @@ def test_stages_side_by_side_give_the_weights_of_one_at_a_time(quick, tmp_path):
         assert files and all((alone / f).read_bytes() == (beside / f).read_bytes() for f in files), name
 
 
-def test_schedule_by_hand():
+def test_schedule_by_hand(monkeypatch):
     eta = {"sft": 10, "rm": 5, "bon": 1, "dpo": 8, "ppo": 3}
     needs = {name: STAGES[name].needs for name in eta}
     assert pipeline.schedule(eta, needs, jobs=1) == 27  # one after another
-    assert pipeline.schedule(eta, needs, jobs=2) == 19  # rm, dpo at 10; bon at 15; ppo at 16 (dpo still runs)
-    assert pipeline.schedule(eta, needs, jobs=3) == 18  # bon and ppo both at 15
-    assert pipeline.schedule({"ppo": 3}, needs, jobs=2, running={"rm": 4}) == 7  # ppo waits for the running RM
+    # side by side at 0.6 speed each: rm, dpo at 10; rm done at 10 + 5/0.6, dpo 3 to go; bon beside it, done
+    # 1/0.6 later (dpo 2 to go); ppo beside dpo until dpo is done 2/0.6 later (ppo 1 to go), then alone
+    assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(10 + 5 / 0.6 + 1 / 0.6 + 2 / 0.6 + 1)
+    # three at once share the same 1.2: bon and ppo start together when rm is done, at 0.4 each beside dpo
+    assert pipeline.schedule(eta, needs, jobs=3) == pytest.approx(10 + 5 / 0.6 + 1 / 0.4 + 2 / 0.6)
+    monkeypatch.setattr(pipeline, "SHARED", 0.5)  # no gain from running side by side: as long as one at a time
+    assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(27)
+    monkeypatch.setattr(pipeline, "SHARED", 1.0)  # a free second machine: the critical path
+    assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(19)  # rm, dpo at 10; bon at 15; ppo at 16
+    assert pipeline.schedule({"ppo": 3}, needs, jobs=2, running={"rm": 4}) == pytest.approx(7)  # ppo waits for rm
 
 
 def reasons(cfg, manifest=None):
