@@ -244,11 +244,12 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+def batch_indices(n: int, batch_size: int, step: int, seed: int, flag: str = "--batch_size") -> list[int]:
     """The global batch of step `step`: a seeded permutation per epoch, so the data position is a pure
-    function of the step and resuming needs no loader state."""
+    function of the step and resuming needs no loader state. `flag` names the batch size in the error."""
     per_epoch = n // batch_size
-    assert per_epoch > 0, f"batch_size {batch_size} is larger than the dataset ({n} examples)"
+    if per_epoch == 0:
+        raise SystemExit(f"{flag}={batch_size}: larger than the data ({n} examples); use at most {n}")
     epoch, i = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     return perm[i * batch_size:(i + 1) * batch_size].tolist()

@@ -84,6 +84,12 @@ def test_a_bad_flag_stops_before_anything_is_written(tmp_path, script, kw, match
     assert not (tmp_path / "no_data").exists() and not Path(f"{out}.lock").exists()
 
 
+def test_a_batch_larger_than_the_data_names_the_flag(tiny_run, tmp_path):
+    n = len(read_jsonl(tiny_run / "data" / "sft.jsonl", "sft"))
+    with pytest.raises(SystemExit, match=f"--batch_size={n + 1}: larger than the data \\({n} examples\\); use at most {n}"):
+        train_sft.main(sft(tiny_run, tmp_path / "out", batch_size=n + 1))
+
+
 def test_evaluate_and_the_benchmarks_check_their_flags(tmp_path):
     with pytest.raises(SystemExit, match="--n=0: must be > 0"):
         evaluate.main(evaluate.Config(n=0))
