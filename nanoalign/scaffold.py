@@ -69,7 +69,8 @@ class Dist:
 def setup(seed: int, device: str = "auto") -> Dist:
     """Start the process group under torchrun, pick the device, seed. Every rank seeds identically here so
     that models are built with the same initial weights; per-rank seeds (seed + 100003·rank, N detail 6)
-    are for sampling and are derived by the caller."""
+    are for sampling and are derived by the caller. One process-wide side effect: on the CPU, `keep_cpu_heap`
+    changes glibc's malloc thresholds for the whole process."""
     world, rank = world_size(), int(os.environ.get("RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
