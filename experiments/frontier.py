@@ -57,7 +57,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -71,8 +71,7 @@ from nanoalign import helpdesk, rlaif  # noqa: E402
 from nanoalign.checkpoint import load_model  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
-from nanoalign.evaluate import write_json  # noqa: E402
-from nanoalign.experiment import mean_se, logged, print_claims  # noqa: E402
+from nanoalign.experiment import finish, logged, mean_se, quick  # noqa: E402
 from nanoalign.losses import dpo_loss  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
 
@@ -423,9 +422,7 @@ def plot(helpdesk_runs: list[dict], oracle_runs: list[dict], out: Path) -> list[
 def main(cfg: Config) -> dict:
     t_start = time.time()
     # 1. the config and the inputs, checked before anything is written
-    if cfg.quick:
-        cfg = replace(cfg, **QUICK)
-        print(f"--quick=True: {QUICK}")
+    cfg = quick(cfg, QUICK)
     check_config(cfg, positive="n_prompts max_new_tokens eval_max_new_tokens batch_size dpo_steps dpo_lr ppo_updates "
                                "ppo_rollout ppo_lr kl_horizon rm_epochs rm_norm pft_steps pft_lr curve_points n_eval "
                                "oracle_pairs oracle_iters seeds", nonneg="ppo_beta", choices={"labels": ("bt", "gold")})
@@ -469,11 +466,7 @@ def main(cfg: Config) -> dict:
     found = claims(helpdesk_runs, oracle_runs, edges)
     result = {"config": asdict(cfg), "helpdesk": helpdesk_runs, "oracle": oracle_runs, "claims": found,
               "plots": plot(helpdesk_runs, oracle_runs, out), "time_s": time.time() - t_start}
-    write_json(out / "results.json", result)
-    print(f"\n{tables(helpdesk_runs, oracle_runs)}\n")
-    print_claims(found)
-    print(f"\n{cfg.seeds} seeds in {result['time_s'] / 60:.1f} min; {out / 'results.json'}")
-    return result
+    return finish(out, result, tables(helpdesk_runs, oracle_runs), found, cfg.seeds)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy
@@ -79,9 +79,8 @@ import train_rm  # noqa: E402
 from nanoalign.checkpoint import cut_trunk, load_model, load_reward_model  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import n_rankings, read_jsonl, read_rankings, write_jsonl  # noqa: E402
-from nanoalign.evaluate import (best_of_n_curve, gao_fit, linear_fit, sample_pool,  # noqa: E402
-                                write_json)
-from nanoalign.experiment import int_list, mean_se, logged, print_claims  # noqa: E402
+from nanoalign.evaluate import best_of_n_curve, gao_fit, linear_fit, sample_pool  # noqa: E402
+from nanoalign.experiment import finish, int_list, logged, mean_se, quick  # noqa: E402
 from nanoalign.model import read_meta  # noqa: E402
 from nanoalign.sampling import reward_scores  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
@@ -372,9 +371,7 @@ def finite(x):
 def main(cfg: Config) -> dict:
     t_start = time.time()
     # 1. the config and the inputs, checked before anything is written
-    if cfg.quick:
-        cfg = replace(cfg, **QUICK)
-        print(f"--quick=True: {QUICK}")
+    cfg = quick(cfg, QUICK)
     check_config(cfg, positive="batch_size pool_prompts pool_size max_new_tokens ppo_updates ppo_rollout ppo_lr seeds",
                  nonneg="test_rankings")
     sizes, ns, ppo = int_list(cfg, "sizes"), int_list(cfg, "n_pairs"), proxies(cfg.ppo_proxies)
@@ -439,13 +436,8 @@ def main(cfg: Config) -> dict:
               "pool": {"sft_gold": gold_norm[0], "sft_gold_std": gold_norm[1], "distinct_per_prompt": distinct},
               "summary": summ, "claims": found, "runs": runs, "plots": plots(summ, cfg, out),
               "time_s": time.time() - t_start}
-    write_json(out / "results.json", finite(result))
-    print(f"\n{tables(summ)}\n")
-    print(f"gold is normalised under the SFT policy: (gold - {gold_norm[0]:.3f}) / {gold_norm[1]:.3f}; each proxy "
-          f"likewise on its pool scores\n")
-    print_claims(found)
-    print(f"\n{len(runs)} seeds in {result['time_s'] / 60:.1f} min; {out / 'results.json'}")
-    return result
+    return finish(out, finite(result), f"{tables(summ)}\n\ngold is normalised under the SFT policy: (gold - "
+                  f"{gold_norm[0]:.3f}) / {gold_norm[1]:.3f}; each proxy likewise on its pool scores", found, len(runs))
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ from nanoalign.checkpoint import load_model  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.constitution import option_ids, read_constitution  # noqa: E402
 from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
-from nanoalign.evaluate import write_json  # noqa: E402
-from nanoalign.experiment import mean_se, logged, print_claims  # noqa: E402
+from nanoalign.experiment import finish, logged, mean_se  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
 
 
@@ -321,13 +320,8 @@ def main(cfg: Config) -> dict:
     result = {"config": asdict(cfg), "runs": runs, "claims": found, "time_s": time.time() - t_start,
               "human_label_agreement": mean_se([r["human_label_agreement"] for r in runs]),
               "pairs_per_seed": [r["pairs"] for r in runs]}
-    write_json(out / "results.json", result)
-    print(f"\n{table(runs, cfg)}\n")
-    print(f"labels drawn like the world's human ones (σ(κ Δgold)) would agree with gold "
-          f"{result['human_label_agreement'][0]:.3f} on these pairs\n")
-    print_claims(found)
-    print(f"\n{len(runs)} seeds in {result['time_s'] / 60:.1f} min; {out / 'results.json'}")
-    return result
+    return finish(out, result, f"{table(runs, cfg)}\n\nlabels drawn like the world's human ones (σ(κ Δgold)) would "
+                  f"agree with gold {result['human_label_agreement'][0]:.3f} on these pairs", found, len(runs))
 
 
 if __name__ == "__main__":

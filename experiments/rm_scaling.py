@@ -51,7 +51,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -60,8 +60,8 @@ import train_rm  # noqa: E402
 from nanoalign.checkpoint import cut_trunk  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import n_rankings, read_rankings, write_jsonl  # noqa: E402
-from nanoalign.evaluate import linear_fit, write_json  # noqa: E402
-from nanoalign.experiment import int_list, mean_se, logged, print_claims  # noqa: E402
+from nanoalign.evaluate import linear_fit  # noqa: E402
+from nanoalign.experiment import finish, int_list, logged, mean_se, quick  # noqa: E402
 from nanoalign.model import read_meta  # noqa: E402
 
 ARMS = {  # --batching name -> train_rm.py's (--data, --loss)
@@ -288,9 +288,7 @@ def plots(summ: dict, cfg: Config, params: dict, ceiling: float, out: Path) -> l
 def main(cfg: Config) -> dict:
     t_start = time.time()
     # 1. the config and the inputs, checked before anything is written
-    if cfg.quick:
-        cfg = replace(cfg, **QUICK)
-        print(f"--quick=True: {QUICK}")
+    cfg = quick(cfg, QUICK)
     check_config(cfg, positive="batching_pairs batching_epochs batching_size batch_size seeds", nonneg="test_rankings")
     sizes, ns = int_list(cfg, "sizes"), int_list(cfg, "n_pairs")
     if sorted(set(sizes)) != sizes or sorted(set(ns)) != ns:
@@ -341,11 +339,7 @@ def main(cfg: Config) -> dict:
     result = {"config": asdict(cfg), "trunk_params": params, "bayes_ceiling": ceiling, "realised_ceiling": realised,
               "summary": summ, "reliability": reliability, "claims": found, "runs": runs,
               "plots": plots(summ, cfg, params, ceiling, out), "time_s": time.time() - t_start}
-    write_json(out / "results.json", result)
-    print(f"\n{tables(summ, cfg, k, params, ceiling, realised, reliability)}\n")
-    print_claims(found)
-    print(f"\n{len(runs)} seeds in {result['time_s'] / 60:.1f} min; {out / 'results.json'}")
-    return result
+    return finish(out, result, tables(summ, cfg, k, params, ceiling, realised, reliability), found, len(runs))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,21 @@
-"""What the reproductions in experiments/ share: comma-separated integer flags, means with their standard errors,
-a log that is printed and kept, and the published claims printed PASS or FAIL as measured."""
+"""What the reproductions in experiments/ share: the --quick smoke run, comma-separated integer flags, means with
+their standard errors, a log that is printed and kept, and the end of a run: results.json, the tables and the
+published claims printed PASS or FAIL as measured."""
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
-from nanoalign.evaluate import standard_error
+from nanoalign.evaluate import standard_error, write_json
+
+
+def quick(cfg, values: dict):
+    """cfg, or with --quick=True cfg with `values` in the fields they name: a smoke run in seconds, whose numbers
+    mean nothing."""
+    if not cfg.quick:
+        return cfg
+    print(f"--quick=True: {values}")
+    return replace(cfg, **values)
 
 
 def int_list(cfg, name: str) -> list[int]:
@@ -40,3 +51,13 @@ def print_claims(claims: list[dict]) -> None:
     """Each claim {"claim", "pass", "measured"} on one line: PASS or FAIL, the claim, what was measured."""
     for c in claims:
         print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['claim']}: {c['measured']}")
+
+
+def finish(out, result: dict, tables: str, claims: list[dict], seeds: int) -> dict:
+    """The end of a reproduction: result written to out/results.json, then its tables, each claim PASS or FAIL,
+    and the time it took (result["time_s"])."""
+    write_json(Path(out) / "results.json", result)
+    print(f"\n{tables}\n")
+    print_claims(claims)
+    print(f"\n{seeds} seeds in {result['time_s'] / 60:.1f} min; {Path(out) / 'results.json'}")
+    return result

@@ -1,15 +1,17 @@
 """The reproductions' shared helpers (nanoalign/experiment.py)."""
 
+import json
 from dataclasses import dataclass
 
 import pytest
 
-from nanoalign.experiment import int_list, logged, mean_se, print_claims
+from nanoalign.experiment import finish, int_list, logged, mean_se, print_claims, quick
 
 
 @dataclass
 class Flags:
     n_pairs: str = "250,500,1000"
+    quick: bool = False
 
 
 def test_int_list_parses_increasing_positive_integers_or_names_the_flag():
@@ -37,3 +39,18 @@ def test_print_claims(capsys):
     print_claims([{"claim": "a holds", "pass": True, "measured": "+0.1"},
                   {"claim": "b holds", "pass": False, "measured": "-0.2"}])
     assert capsys.readouterr().out == "PASS  a holds: +0.1\nFAIL  b holds: -0.2\n"
+
+
+def test_quick_replaces_the_fields_it_names_only_when_asked(capsys):
+    assert quick(Flags(), {"n_pairs": "8"}) == Flags()
+    assert quick(Flags(quick=True), {"n_pairs": "8"}) == Flags("8", True)
+    assert "--quick=True: {'n_pairs': '8'}" in capsys.readouterr().out
+
+
+def test_finish_writes_results_then_prints_tables_claims_and_time(tmp_path, capsys):
+    result = {"time_s": 90.0, "x": [1, 2]}
+    claims = [{"claim": "it rises", "pass": True, "measured": "+1"}]
+    assert finish(tmp_path, result, "| a | b |", claims, seeds=3) is result
+    assert json.loads((tmp_path / "results.json").read_text()) == result
+    said = capsys.readouterr().out
+    assert said.index("| a | b |") < said.index("PASS  it rises: +1") < said.index("3 seeds in 1.5 min")
