@@ -29,20 +29,18 @@ read at the last kept token instead of the EOS.
 
 import time
 from dataclasses import asdict, dataclass, replace
-from itertools import combinations
 from pathlib import Path
 
 import torch
 
-from nanoalign import helpdesk
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, collate, encode_example, ensure_world, read_jsonl, require_soft_labels
-from nanoalign.evaluate import calibration, sample_answers, write_json
+from nanoalign.data import batch_indices, encode_example, ensure_world, read_jsonl, require_soft_labels
+from nanoalign.evaluate import pairwise_hits, ranked_above, reward_model_metrics, sample_answers, write_json
 from nanoalign.losses import (best_of_k_loss, kwise_ranking_loss, plackett_luce_loss, reward_normalisation,
                               soft_bradley_terry_loss)
 from nanoalign.model import GPT
-from nanoalign.sampling import reward_scores
+from nanoalign.sampling import group_rewards, reward_scores
 from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_sum, Logger, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
                                 world_size, wrap_model)
@@ -97,58 +95,6 @@ def check_same_k(groups: list[dict]) -> int:
             raise ValueError(f"{g['where']}: field 'responses' has {len(g['rows'])} answers, the file's first "
                              f"record {K}; use one K per file")
     return K
-
-
-def group_rewards(model, groups: list[dict], pad_id: int, device, rows_per_forward: int) -> torch.Tensor:
-    """Rewards of N groups of K answers -> [N, K]. The N*K rows go through the model sorted by length, in
-    chunks of `rows_per_forward`, so that each chunk pads to similar lengths: on the helpdesk rankings the
-    padded tokens fall from 2.1x to 1.2x the real ones (each prompt has a long answer, so smaller batches
-    alone do not help). The read-out ignores padding, so the chunking changes no reward."""
-    rows = [row for g in groups for row in g["rows"]]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    chunks = []
-    for s in range(0, len(rows), rows_per_forward):
-        batch = collate([rows[i] for i in order[s:s + rows_per_forward]], pad_id)
-        chunks.append(reward_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
-    rewards = torch.cat(chunks)[torch.tensor(order, device=device).argsort()]  # [N*K], back in record order
-    return rewards.view(len(groups), -1)  # [N, K]
-
-
-def ranked_above(ranking: torch.Tensor) -> torch.Tensor:
-    """ranking [N, K], indices best first -> [N, K, K], True where answer i is ranked above answer j."""
-    rank = ranking.argsort(-1)  # [N, K], 0 = best
-    return rank[:, :, None] < rank[:, None, :]
-
-
-def pairwise_hits(scores: torch.Tensor, above: torch.Tensor) -> tuple[float, float, float]:
-    """Pairs (i above j) that scores [N, K] order alike, 1 each and 1/2 on a tie
-    -> (hits, summed margin s_i - s_j, number of pairs)."""
-    diff = (scores[:, :, None] - scores[:, None, :]).double()  # [N, K, K]: s_i - s_j
-    hits = (diff > 0).double() + 0.5 * (diff == 0).double()
-    return (hits * above).sum().item(), (diff * above).sum().item(), above.sum().item()
-
-
-def held_out(model, groups: list[dict], pad_id: int, device, rows_per_forward: int) -> dict:
-    """The measures over all C(K,2) pairs of each held-out ranking: accuracy, log-loss (the K-wise loss), calibration
-    error and reliability table of P(i above j) = σ(r_i - r_j), all against the noisy labels; with gold scores
-    recorded, the Bayes and realised ceilings and the accuracy against the gold order."""
-    rewards = group_rewards(model, groups, pad_id, device, rows_per_forward).cpu()  # [N, K]
-    ranking = torch.tensor([g["ranking"] for g in groups])
-    above = ranked_above(ranking)  # [N, K, K]
-    hits, _, n_pairs = pairwise_hits(rewards, above)
-    i, j = torch.triu_indices(*above.shape[1:], 1)  # each pair once: P(answer i above answer j), i < j
-    reliability = calibration(torch.sigmoid(rewards[:, i] - rewards[:, j]).flatten(), above[:, i, j].flatten())
-    result = {"accuracy": hits / n_pairs, "calibration_error": reliability["error"]}
-    if all(g["gold"] is not None for g in groups):
-        gold = torch.tensor([g["gold"] for g in groups], dtype=torch.float64)  # [N, K]
-        result["bayes_ceiling"] = helpdesk.bayes_ceiling(pair for g in gold.tolist() for pair in combinations(g, 2))
-        hits, _, _ = pairwise_hits(gold, above)  # labels that agree with the gold order
-        result["realised_ceiling"] = hits / n_pairs
-        hits, _, n_gold = pairwise_hits(rewards, gold[:, :, None] > gold[:, None, :])  # gold ties skipped
-        result["accuracy_vs_gold"] = hits / n_gold
-    result.update({"n_pairs": int(n_pairs), "loss": kwise_ranking_loss(rewards, ranking).item(),
-                   "reliability": reliability["table"]})
-    return result
 
 
 def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_steps: int, cfg: Config,
@@ -240,7 +186,7 @@ def main(cfg: Config) -> dict:
         if evaluate:  # every rank takes part in the sharded forwards; the logger writes rank 0's copy
             model.eval()
             with torch.no_grad():
-                held = held_out(model, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward)
+                held = reward_model_metrics(model, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward)
             model.train()
             metrics.update({"eval/loss": held["loss"], "eval/accuracy": held["accuracy"]})
         if step % cfg.log_interval == 0 or step == max_steps or evaluate:
@@ -275,7 +221,7 @@ def main(cfg: Config) -> dict:
                 print(f"\n> {p}\n{a}\n[normalised reward {r:+.2f}]")
 
             # 6b. held-out accuracy over all C(K,2) pairs of each ranking, against the noisy labels and gold
-            result = held_out(rm, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward)
+            result = reward_model_metrics(rm, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward)
             result.update({"train_loss": metrics["loss"], "reward_norm": {"gain": gain, "bias": bias}})
         print("\neval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
                           if k != "reliability"})

@@ -11,22 +11,24 @@ plus "gold_se" (the standard error of gold over the prompts), "length" (mean res
 "samples" (the first 3 prompts, each with its answer and the judge's verdict) and, against a reference policy,
 "kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures" and "gain_vs_sft_se" (the standard error of the
 paired gold difference gold - sft_gold). During training, the scripts' --eval_interval logs `curve_point`s.
+A reward model is measured on held-out rankings by `reward_model_metrics` (train_rm.py's eval.json).
 """
 
 import json
 import os
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import torch
 
-from nanoalign import gold_judge
+from nanoalign import gold_judge, helpdesk
 from nanoalign.checkpoint import load_model, load_reward_model
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import check_prompts, read_jsonl
 from nanoalign.logprobs import token_logps
-from nanoalign.losses import best_of_n_kl, best_of_n_pool, token_kl
-from nanoalign.sampling import reward_scores, sample
+from nanoalign.losses import best_of_n_kl, best_of_n_pool, kwise_ranking_loss, token_kl
+from nanoalign.sampling import group_rewards, reward_scores, sample
 
 
 @dataclass
@@ -211,6 +213,43 @@ def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: in
                 "win_rate_vs_sft": win_rate(gold[range(len(pick)), pick].tolist(), gold[:, -1].tolist()),
                 "samples": shown_samples(prompts, chosen)}
     return best_of_n_curve(proxy, gold), selected
+
+
+def ranked_above(ranking: torch.Tensor) -> torch.Tensor:
+    """ranking [N, K], indices best first -> [N, K, K], True where answer i is ranked above answer j."""
+    rank = ranking.argsort(-1)  # [N, K], 0 = best
+    return rank[:, :, None] < rank[:, None, :]
+
+
+def pairwise_hits(scores: torch.Tensor, above: torch.Tensor) -> tuple[float, float, float]:
+    """Pairs (i above j) that scores [N, K] order alike, 1 each and 1/2 on a tie
+    -> (hits, summed margin s_i - s_j, number of pairs)."""
+    diff = (scores[:, :, None] - scores[:, None, :]).double()  # [N, K, K]: s_i - s_j
+    hits = (diff > 0).double() + 0.5 * (diff == 0).double()
+    return (hits * above).sum().item(), (diff * above).sum().item(), above.sum().item()
+
+
+def reward_model_metrics(model, groups: list[dict], pad_id: int, device, rows_per_forward: int) -> dict:
+    """The measures over all C(K,2) pairs of each held-out ranking: accuracy, log-loss (the K-wise loss), calibration
+    error and reliability table of P(i above j) = σ(r_i - r_j), all against the noisy labels; with gold scores
+    recorded, the Bayes and realised ceilings and the accuracy against the gold order."""
+    rewards = group_rewards(model, groups, pad_id, device, rows_per_forward).cpu()  # [N, K]
+    ranking = torch.tensor([g["ranking"] for g in groups])
+    above = ranked_above(ranking)  # [N, K, K]
+    hits, _, n_pairs = pairwise_hits(rewards, above)
+    i, j = torch.triu_indices(*above.shape[1:], 1)  # each pair once: P(answer i above answer j), i < j
+    reliability = calibration(torch.sigmoid(rewards[:, i] - rewards[:, j]).flatten(), above[:, i, j].flatten())
+    result = {"accuracy": hits / n_pairs, "calibration_error": reliability["error"]}
+    if all(g["gold"] is not None for g in groups):
+        gold = torch.tensor([g["gold"] for g in groups], dtype=torch.float64)  # [N, K]
+        result["bayes_ceiling"] = helpdesk.bayes_ceiling(pair for g in gold.tolist() for pair in combinations(g, 2))
+        hits, _, _ = pairwise_hits(gold, above)  # labels that agree with the gold order
+        result["realised_ceiling"] = hits / n_pairs
+        hits, _, n_gold = pairwise_hits(rewards, gold[:, :, None] > gold[:, None, :])  # gold ties skipped
+        result["accuracy_vs_gold"] = hits / n_gold
+    result.update({"n_pairs": int(n_pairs), "loss": kwise_ranking_loss(rewards, ranking).item(),
+                   "reliability": reliability["table"]})
+    return result
 
 
 def gao_fit(kl: list[float], score: list[float], form: str = "bon") -> dict:

@@ -10,7 +10,7 @@ filtering makes the samples come from a distribution other than the one whose lo
 import torch
 import torch.nn.functional as F
 
-from nanoalign.data import left_pad
+from nanoalign.data import collate, left_pad
 from nanoalign.logprobs import token_logps, widen
 from nanoalign.losses import last_token_values, unpack
 from nanoalign.model import GPT, KVCache
@@ -35,6 +35,21 @@ def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Ten
     gain and bias: skipping them silently changes what the KL coefficient means (Ziegler et al. 2019 §2)."""
     values = widen(model(input_ids, attention_mask=attention_mask, output="scalar"))  # [B, T]
     return gain * last_token_values(values, attention_mask) + bias
+
+
+def group_rewards(model, groups: list[dict], pad_id: int, device, rows_per_forward: int) -> torch.Tensor:
+    """Rewards of N groups of K answers -> [N, K]. The N*K rows go through the model sorted by length, in
+    chunks of `rows_per_forward`, so that each chunk pads to similar lengths: on the helpdesk rankings the
+    padded tokens fall from 2.1x to 1.2x the real ones (each prompt has a long answer, so smaller batches
+    alone do not help). The read-out ignores padding, so the chunking changes no reward."""
+    rows = [row for g in groups for row in g["rows"]]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    chunks = []
+    for s in range(0, len(rows), rows_per_forward):
+        batch = collate([rows[i] for i in order[s:s + rows_per_forward]], pad_id)
+        chunks.append(reward_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+    rewards = torch.cat(chunks)[torch.tensor(order, device=device).argsort()]  # [N*K], back in record order
+    return rewards.view(len(groups), -1)  # [N, K]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

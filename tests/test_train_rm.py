@@ -14,7 +14,8 @@ import train_rm
 from nanoalign.checkpoint import load_model, load_reward_model
 from nanoalign.data import collate, left_pad, read_jsonl
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.sampling import reward_scores
+from nanoalign.evaluate import pairwise_hits, ranked_above
+from nanoalign.sampling import group_rewards, reward_scores
 from conftest import run_killed_at, tiny_sft_records, torchrun
 
 K = 3
@@ -129,7 +130,7 @@ def test_length_sorted_chunks_change_no_reward(tiny_run, prefs_dir):
     groups = [train_rm.encode_group(tok, r, model.config.block_size)
               for r in read_jsonl(prefs_dir / "prefs_test.jsonl", "prefs")]
     with torch.no_grad():
-        one, *chunked = (train_rm.group_rewards(model, groups, tok.pad_id, torch.device("cpu"), n) for n in (99, 5, 1))
+        one, *chunked = (group_rewards(model, groups, tok.pad_id, torch.device("cpu"), n) for n in (99, 5, 1))
     assert one.shape == (8, K)
     for rewards in chunked:
         torch.testing.assert_close(rewards, one, atol=1e-5, rtol=0)
@@ -137,12 +138,12 @@ def test_length_sorted_chunks_change_no_reward(tiny_run, prefs_dir):
 
 def test_pairwise_hits_counts_each_ranked_pair_once_and_half_a_tie():
     ranking = torch.tensor([[2, 0, 1], [0, 1, 2]])  # best first
-    above = train_rm.ranked_above(ranking)
+    above = ranked_above(ranking)
     pairs = {(i, j) for i in range(3) for j in range(3) if above[0, i, j]}
     assert pairs == {(2, 0), (2, 1), (0, 1)} and above[1].tolist() == [[0, 1, 1], [0, 0, 1], [0, 0, 0]]
     scores = torch.tensor([[0.5, 0.5, 2.0], [1.0, 3.0, 0.0]])
     # row 0: 2>0 hit, 2>1 hit, 0~1 tie; row 1: 0<1 miss, 0>2 hit, 1>2 hit
-    hits, margins, n = train_rm.pairwise_hits(scores, above)
+    hits, margins, n = pairwise_hits(scores, above)
     assert (hits, n) == (2 + 0.5 + 0 + 1 + 1, 6)
     assert margins == pytest.approx((1.5 + 1.5 + 0.0) + (-2.0 + 1.0 + 3.0))
 
