@@ -48,14 +48,19 @@ def sft_loss(logps: Tensor, mask: Tensor, n_tokens: float | None = None) -> Tens
 # ----- reward model -------------------------------------------------------------------------------------
 
 
+def bradley_terry_nll(delta: Tensor) -> Tensor:
+    """Bradley-Terry's negative log-likelihood of "first beats second" from the reward gap Δ = r_first - r_second,
+    elementwise: -log σ(Δ) = softplus(-Δ) (Bradley & Terry 1952). Every pairwise loss below is built on it."""
+    return F.softplus(-delta)
+
+
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float | None = None) -> Tensor:
     """Pairwise Bradley-Terry loss -log sigma(r_c - r_r - m) = softplus(r_r - r_c + m), mean over pairs.
 
     InstructGPT Eq. 1 at K = 2; DPO Eqs. 1-2; the optional margin as in TRL's RewardTrainer.
     r_chosen, r_rejected [P] scalar rewards; margin [P] or a float.
     """
-    delta = r_chosen - r_rejected - (0.0 if margin is None else margin)
-    return F.softplus(-delta).mean()
+    return bradley_terry_nll(r_chosen - r_rejected - (0.0 if margin is None else margin)).mean()
 
 
 def kwise_ranking_loss(rewards: Tensor, ranking: Tensor) -> Tensor:
@@ -66,7 +71,7 @@ def kwise_ranking_loss(rewards: Tensor, ranking: Tensor) -> Tensor:
     """
     rank = torch.argsort(ranking, dim=-1)  # [N, K]: rank of each candidate, 0 = best
     above = rank[:, :, None] < rank[:, None, :]  # [N, K, K]: i ranked above j
-    pair_losses = F.softplus(rewards[:, None, :] - rewards[:, :, None])  # [N, K, K]: softplus(r_j - r_i)
+    pair_losses = bradley_terry_nll(rewards[:, :, None] - rewards[:, None, :])  # [N, K, K]: -log σ(r_i - r_j)
     K = rewards.shape[-1]
     return (pair_losses * above).sum((1, 2)).mean() / (K * (K - 1) / 2)
 
@@ -96,7 +101,7 @@ def soft_bradley_terry_loss(r_first: Tensor, r_second: Tensor, p: Tensor) -> Ten
     reward gap, -[p log sigma(Δ) + (1-p) log sigma(-Δ)], mean. p = 1 is the hard loss; the minimiser is
     Δ* = log(p / (1-p)), so the gap stays bounded. r_first, r_second, p [P]."""
     delta = r_first - r_second
-    return (p * F.softplus(-delta) + (1 - p) * F.softplus(delta)).mean()
+    return (p * bradley_terry_nll(delta) + (1 - p) * bradley_terry_nll(-delta)).mean()
 
 
 # ----- DPO family ---------------------------------------------------------------------------------------
