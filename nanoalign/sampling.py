@@ -103,7 +103,7 @@ def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: in
     length = min(-(-(P + max_new_tokens) // 64) * 64, model.config.block_size) if compile else P + max_new_tokens
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
         next(model.parameters()).dtype
-    cache = _static_cache(model.config, B, length, device, dtype) if compile else \
+    cache = static_decoder(model).cache(model.config, B, length, device, dtype) if compile else \
         KVCache(model.config, B, length, device, dtype=dtype)
     eager = torch.compiler.set_stance("force_eager")  # compiled blocks would recompile for every length
     last = F.pad(torch.ones(B, 1, dtype=torch.bool, device=device), (P - 1, 0))  # [B, P]: the LM head only there
@@ -148,18 +148,29 @@ def _decode(model, token, mask, positions, cache):
     return model(token, attention_mask=mask, position_ids=positions, kv_cache=cache)[:, -1]
 
 
-_COMPILED, _CACHES = {}, {}
+class StaticDecoder:
+    """What `sample(compile=True)` keeps between rollouts, held by the model it serves (`static_decoder`), so that
+    it goes when the model goes: the compiled decode step, and one static KV cache per shape, reused by every
+    rollout of that shape (a captured CUDA graph is bound to the addresses of the buffers it writes, so fresh
+    buffers each call would mean a fresh capture each call)."""
+
+    def __init__(self):
+        self.step, self.caches = None, {}
+
+    def cache(self, config, B: int, length: int, device, dtype) -> KVCache:
+        key = (B, length, str(device), dtype)
+        if key not in self.caches:
+            self.caches[key] = KVCache(config, B, length, device, dtype=dtype)
+        cache = self.caches[key]
+        cache.length, cache.static = 0, False  # slots past the prompt are masked until written
+        return cache
 
 
-def _static_cache(config, B: int, length: int, device, dtype) -> KVCache:
-    """One cache per shape, reused by every rollout of that shape: a captured CUDA graph is bound to the
-    addresses of the buffers it writes, so fresh buffers each call would mean a fresh capture each call."""
-    key = (config.n_layer, config.n_head, config.n_embd, B, length, str(device), dtype)
-    if key not in _CACHES:
-        _CACHES[key] = KVCache(config, B, length, device, dtype=dtype)
-    cache = _CACHES[key]
-    cache.length, cache.static = 0, False  # slots past the prompt are masked until written
-    return cache
+def static_decoder(model: GPT) -> StaticDecoder:
+    """The model's StaticDecoder, made on first use (a plain attribute: not a parameter, buffer or submodule)."""
+    if "_static_decoder" not in model.__dict__:
+        model.__dict__["_static_decoder"] = StaticDecoder()
+    return model.__dict__["_static_decoder"]
 
 
 @torch.no_grad()
@@ -168,10 +179,10 @@ def decode_step(model: GPT, token: torch.Tensor, mask: torch.Tensor, positions: 
     """One compiled decode step on a static cache: token, positions [B, 1], mask [B, max_len] -> logits [B, V].
     Shapes are fixed for a whole rollout, so it compiles once per (batch, cache length); on CUDA the graph
     is captured and replayed (mode "reduce-overhead"), removing the per-kernel launch cost."""
-    kind = token.device.type
-    if kind not in _COMPILED:
-        mode = "reduce-overhead" if kind == "cuda" else None
-        _COMPILED[kind] = torch.compile(_decode, fullgraph=True, dynamic=False, mode=mode)
-    if kind == "cuda":
+    decoder = static_decoder(model)
+    if decoder.step is None:
+        mode = "reduce-overhead" if token.device.type == "cuda" else None
+        decoder.step = torch.compile(_decode, fullgraph=True, dynamic=False, mode=mode)
+    if token.device.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
-    return _COMPILED[kind](model, token, mask, positions, cache)
+    return decoder.step(model, token, mask, positions, cache)

@@ -6,7 +6,7 @@ import torch
 
 from nanoalign.logprobs import token_logps
 from nanoalign.model import GPT, GPTConfig, KVCache
-from nanoalign.sampling import decode_step, sample
+from nanoalign.sampling import decode_step, sample, static_decoder
 from nanoalign.scaffold import Dist, wrap_model
 
 CPU = Dist(0, 1, torch.device("cpu"))
@@ -82,3 +82,12 @@ def test_compiled_static_decode_matches_eager_sampling():
     cache.slot.fill_(7)
     step = decode_step(model, ids[:, -1:], mask, torch.tensor([[7]]), cache)
     assert torch.allclose(step, model(ids)[:, -1], atol=1e-5)
+
+    # the compiled step and the per-shape caches live on the model: none in the module, none in its weights
+    decoder = static_decoder(model)
+    assert decoder.step is not None and [key[:2] for key in decoder.caches] == [(3, 64)]  # 6 + 40 tokens -> 64
+    sample(model, prompts, 40, eos_id=7, pad_id=0, generator=torch.Generator().manual_seed(3), compile=True)
+    assert len(decoder.caches) == 1  # the same shape reuses its cache
+    other = GPT(model.config)
+    assert static_decoder(other) is not decoder and not static_decoder(other).caches
+    assert set(model.state_dict()) == set(other.state_dict())
