@@ -42,7 +42,7 @@ from nanoalign.evaluate import calibration, sample_answers, write_json
 from nanoalign.losses import (best_of_k_loss, kwise_ranking_loss, plackett_luce_loss, reward_normalisation,
                               soft_bradley_terry_loss)
 from nanoalign.model import GPT
-from nanoalign.sampling import reward_scores
+from nanoalign.sampling import join, reward_scores
 from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_sum, Logger, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
                                 world_size, wrap_model)
@@ -264,12 +264,10 @@ def main(cfg: Config) -> dict:
             prompts = [train[i]["prompt"] for i in order.tolist()]
             answers, batches = sample_answers(policy, tok, prompts, cfg.max_new_tokens, cfg.temperature,
                                               seed=cfg.seed)
-            scores = torch.cat([reward_scores(rm, torch.cat([b["prompt_ids"], b["response_ids"]], 1),
-                                              torch.cat([b["prompt_mask"], b["response_mask"]], 1))
-                                for b in batches])  # [n_norm], the sampler's own tokens, as PPO scores them
+            rows = [join(b, tok) for b in batches]  # the sampler's own tokens, as PPO scores them
+            scores = torch.cat([reward_scores(rm, r.ids, r.attn) for r in rows])  # [n_norm]
             # PPO replaces the score of an answer without EOS by a penalty: only finished answers are scored
-            finished = torch.cat([((b["response_ids"] == tok.eos_id) & b["response_mask"].bool()).any(-1)
-                                  for b in batches])
+            finished = torch.cat([r.has_eos for r in rows])
             gain, bias = reward_normalisation(scores[finished] if finished.any() else scores)
             for p, a, r in list(zip(prompts, answers, (gain * scores + bias).tolist()))[:3]:
                 print(f"\n> {p}\n{a}\n[normalised reward {r:+.2f}]")

@@ -26,7 +26,7 @@ from nanoalign.config import check_config, parse_config
 from nanoalign.data import check_prompts, read_jsonl
 from nanoalign.logprobs import token_logps
 from nanoalign.losses import best_of_n_kl, best_of_n_pool, token_kl
-from nanoalign.sampling import reward_scores, sample
+from nanoalign.sampling import join, reward_scores, sample
 
 
 @dataclass
@@ -59,8 +59,7 @@ def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: 
         ids = [tok.encode_prompt(p) for p in prompts[s:s + batch_size]]
         g = [torch.Generator(device=device).manual_seed(seed * 100003 + i) for i in range(s, s + len(ids))]
         out = sample(model, ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature, generator=g)
-        for row, m in zip(out["response_ids"].tolist(), out["response_mask"].tolist()):
-            answers.append(tok.decode([t for t, keep in zip(row, m) if keep]))
+        answers += join(out, tok).answers
         batches.append(out)
     model.train(was_training)
     return answers, batches
@@ -72,9 +71,8 @@ def reference_kl(model, reference, batches: list[dict], temperature: float = 1.0
     `kl` = mean Σ_t exact per-token KL (terms >= 0, low variance), `kl_k1` = mean Σ_t (log π - log π_ref)."""
     exact, k1 = [], []
     for out in batches:
-        ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)  # [B, P+N]
-        attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
-        mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:]  # [B, P+N-1]
+        rows = join(out)
+        ids, attn, mask = rows.ids, rows.attn, rows.mask  # [B, P+N], [B, P+N], [B, P+N-1]
         logits, ref_logits = (m(ids, attention_mask=attn)[:, :-1] for m in (model, reference))
         exact.append((token_kl(logits, ref_logits, temperature) * mask).sum(-1))
         labels = ids[:, 1:]
@@ -170,9 +168,9 @@ def sample_pool(model, tok, prompts: list, n: int, max_new_tokens: int = 96, tem
     for p in prompts:
         out = sample(model, [tok.encode_prompt(p)] * n, max_new_tokens, tok.eos_id, tok.pad_id,
                      temperature=temperature, generator=g)
-        rows.append((torch.cat([out["prompt_ids"], out["response_ids"]], 1),
-                     torch.cat([out["prompt_mask"], out["response_mask"]], 1)))
-        answers.append([tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])])
+        pool = join(out, tok)
+        rows.append((pool.ids, pool.attn))
+        answers.append(pool.answers)
         gold.append(torch.tensor([gold_judge.judge(p, a)["gold"] for a in answers[-1]]))
     return rows, answers, torch.stack(gold)
 
