@@ -43,9 +43,9 @@ from nanoalign.losses import (best_of_k_loss, kwise_ranking_loss, plackett_luce_
                               soft_bradley_terry_loss)
 from nanoalign.model import GPT
 from nanoalign.sampling import join, reward_scores
-from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_sum, Logger, lr_at,
-                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
-                                world_size, wrap_model)
+from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_backward, global_sum, Logger,
+                                lr_at, make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup,
+                                teardown, world_size, wrap_model)
 
 
 @dataclass
@@ -169,11 +169,10 @@ def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_st
             loss = best_of_k_loss(rewards, ranking)
         else:
             loss = plackett_luce_loss(rewards, ranking)
-        # the losses are means over this micro-batch's prompts: re-weight to a mean over the global batch,
-        # times the world size because FSDP averages gradients over ranks (as train_sft.py)
-        loss = loss * len(micro) / cfg.batch_size * ctx.world
-        loss.backward()
-        loss_sum += loss.item() / ctx.world
+        # the losses are means over this micro-batch's prompts: re-weight to a mean over the global batch
+        loss = loss * len(micro) / cfg.batch_size
+        global_backward(loss, ctx)
+        loss_sum += loss.item()
         h, m, n = pairwise_hits(rewards.detach(), ranked_above(ranking))
         hits, margins, n_pairs = hits + h, margins + m, n_pairs + n
         tokens += sum(len(ids) for g in micro for ids, _ in g["rows"])

@@ -10,7 +10,8 @@ eval.json is the contract every stage writes:
 plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included),
 "samples" (the first 3 prompts, each with its answer and the judge's verdict) and, against a reference policy,
 "kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures" and "gain_vs_sft_se" (the standard error of the
-paired gold difference gold - sft_gold). During training, the scripts' --eval_interval logs `curve_point`s.
+paired gold difference gold - sft_gold). During training, the scripts' --eval_interval logs `curve_point`s;
+at the end of a run `finish` writes eval.json.
 """
 
 import json
@@ -153,6 +154,29 @@ def curve_point(model, reference, tok, data_dir, n: int, max_new_tokens: int, te
     metrics, _, _ = evaluate_policy(model, tok, data_dir, n, max_new_tokens, temperature, seed=seed,
                                     reference=reference, baseline=False)
     return {f"eval/{k}": metrics[k] for k in ("gold", "gold_se", "kl", "kl_k1")}
+
+
+VS_REFERENCE = ("gold", "sft_gold", "failures", "sft_failures", "kl", "win_rate_vs_sft")  # finish's summary
+
+
+def finish(model, tok, ctx, out_dir, data_dir, n: int, max_new_tokens: int, temperature: float, seed: int,
+           reference=None, summary: tuple = VS_REFERENCE, result: dict | None = None) -> dict:
+    """A policy run's epilogue, after its final checkpoint is in out_dir: rank 0 answers the first n held-out
+    prompts (`evaluate_policy`) with the trained model (read back from out_dir when it is sharded over ranks),
+    against the reference when given (a model, or a checkpoint directory read here), prints 4 answers, writes
+    out_dir/eval.json and prints the `summary` keys -> the eval dict (`result`, or {}, off rank 0 or with n = 0)."""
+    if n <= 0 or not ctx.master:
+        return result if result is not None else {}
+    policy = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device)
+    if isinstance(reference, (str, Path)):
+        reference = load_model(reference, tok)[0].to(ctx.device).eval()
+    result, prompts, answers = evaluate_policy(policy, tok, data_dir, n, max_new_tokens, temperature, seed=seed,
+                                               reference=reference)
+    for p, a in list(zip(prompts, answers))[:4]:
+        print(f"\n> {p}\n{a}")
+    write_json(Path(out_dir) / "eval.json", result)
+    print("\neval:", {k: result.get(k) for k in summary})
+    return result
 
 
 @torch.no_grad()

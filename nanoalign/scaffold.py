@@ -4,8 +4,8 @@ and logging.
 
 One multi-process path: under `torchrun` the scaffold starts NCCL (GPU) or gloo (CPU) and shards with FSDP2;
 as a plain script it does neither. Loss normalisation under accumulation and sharding: every script divides
-its summed loss by the *global* count (tokens, pairs) and multiplies by the world size, because FSDP2 averages
-gradients over ranks; then 1 process and N processes take the same step.
+its summed loss by the *global* count (tokens, pairs) and multiplies by the world size (`global_backward`), because
+FSDP2 averages gradients over ranks; then 1 process and N processes take the same step.
 """
 
 import contextlib
@@ -175,6 +175,12 @@ def accumulate(model, items: list, size: int):
         if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(k == len(starts) - 1)
         yield items[s:s + size]
+
+
+def global_backward(loss: torch.Tensor, ctx: Dist) -> None:
+    """Backward on a loss summed over this rank's rows and divided by the global count (tokens, pairs, prompts),
+    times the world size: FSDP2 averages gradients over ranks, so 1 and N processes take the same step."""
+    (loss * ctx.world).backward()
 
 
 # ----- optimizer ----------------------------------------------------------------------------------------
