@@ -263,6 +263,17 @@ def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, me
         write_checkpoint(out_dir, model_state, meta, tok, (optim_state, rng), kids)
 
 
+def save_final(out_dir, model, tok, ctx: Dist, meta: dict, children: dict | None = None) -> None:
+    """A finished run's plain checkpoint, meta as its config.json (no optimizer or RNG state: nothing to resume):
+    every rank gathers the full state, rank 0 writes; children {name: model}, critics, in out_dir/name in the
+    same commit, each with meta's fields but its own "model" and "kind"."""
+    state = full_state(model)
+    kids = {name: (full_state(child), {**meta, "model": dataclasses.asdict(child.config), "kind": "critic"}, None)
+            for name, child in (children or {}).items()}
+    if ctx.master:
+        write_checkpoint(out_dir, state, meta, tok, children=kids or None)
+
+
 def resume(out_dir, model, optimizer) -> int:
     """Restore the optimizer moments and the RNG state written by `save_resumable`; returns the step. A checkpoint
     write that a kill interrupted is first finished or undone (`recover`)."""
