@@ -31,12 +31,12 @@ import torch
 from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_meta
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl, require_soft_labels
-from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
+from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_sum, Logger, lr_at, make_optimizer,
-                                micro_batch, optimizer_step, resume, save_resumable, setup, teardown, world_size,
-                                wrap_model)
+from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, Logger,
+                                lr_at, make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup,
+                                teardown, world_size, wrap_model)
 
 
 @dataclass
@@ -110,8 +110,7 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
             label_smoothing=smoothing[micro], chosen_lengths=lengths[:len(micro)],
             rejected_lengths=lengths[len(micro):], simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
-        # summed over pairs / global pairs, x world: FSDP averages gradients over ranks (scaffold docstring)
-        (losses.sum() / cfg.batch_size * ctx.world).backward()
+        global_backward(losses.sum() / cfg.batch_size, ctx)  # summed over pairs / the global batch's pairs
         stats = {"loss": losses.detach(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                  "rewards/margins": chosen_rewards - rejected_rewards, "rewards/chosen": chosen_rewards,
                  "rewards/rejected": rejected_rewards, "logps/chosen": policy_chosen.detach(),
@@ -213,18 +212,10 @@ def main(cfg: Config) -> dict:
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:  # with the window of steps not yet logged
             save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics, {"log_window": window})
 
-    # 7. evaluate policy and SFT reference on the same held-out prompts and seed: gold, failures, KL, win rate
-    result = {"train_loss": metrics.get("loss")}
-    if cfg.n_eval > 0 and ctx.master:
-        eval_model = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device)
-        reference = load_model(cfg.init_from, tok)[0].to(ctx.device).eval()
-        result, prompts, answers = evaluate_policy(eval_model, tok, data_dir, cfg.n_eval, cfg.max_new_tokens,
-                                                   cfg.temperature, seed=cfg.seed, reference=reference)
-        for p, a in list(zip(prompts, answers))[:4]:
-            print(f"\n> {p}\n{a}")
-        write_json(out_dir / "eval.json", result)
-        print("\neval:", {k: result.get(k) for k in ("gold", "sft_gold", "failures", "sft_failures", "kl",
-                                                      "win_rate_vs_sft")})
+    # 7. evaluate policy and SFT reference (read back from --init_from) on the same held-out prompts and seed:
+    #    gold, failures, KL, win rate
+    result = finish(model, tok, ctx, out_dir, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature, cfg.seed,
+                    reference=cfg.init_from, result={"train_loss": metrics.get("loss")})
     teardown()
     return result
 

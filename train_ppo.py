@@ -17,12 +17,11 @@ One update, top to bottom (Ziegler et al. 2019; "The N implementation details of
   5. PPO epochs clipped surrogate + clipped value loss over shuffled minibatches
   6. log        RM reward, gold, KL k1/k2/k3, β, entropy, clipfrac, approx-KL, value loss, explained variance,
                 the seconds spent in rollout (1), scoring (2-4) and training (5)
-Under torchrun each rank samples a contiguous share of the global rollout (whole prompts, so RLOO/GRPO groups stay
-on one rank) with one generator per episode, so the rollout is the same for any world size; the policy and a
-separate critic are sharded with FSDP2, their weights gathered once for the whole rollout; the frozen reference
-and reward model are forward-only, so every rank keeps an unsharded replica. Whitening, the loss normalisation
-(summed ÷ global tokens × world, the scaffold's convention), the gold normalisation, β and the logs use
-statistics over all ranks: 1 and N processes take the same steps.
+Under torchrun the policy and a separate critic are sharded with FSDP2, their weights gathered once for the whole
+rollout; the frozen reference and reward model are forward-only, so every rank keeps an unsharded replica. Which
+episodes each rank samples (whole prompts, one generator per episode), its rows of each minibatch, and the sums,
+means and variances over all ranks (whitening, the loss and gold normalisations, β, the logs) are
+nanoalign/rollout.py's: 1 and N processes sample the same episodes and take the same steps.
 Departures: no micro-batching (each minibatch is one forward and backward; the reference recipes accumulate
 gradients over micro-batches, which at these sizes would change nothing but speed); RLOO and GRPO are
 aggregated per token like PPO (the loss is a mean over the minibatch's response tokens, where the RLOO and
@@ -37,22 +36,21 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from nanoalign import gold_judge
-from nanoalign.checkpoint import load_model, load_reward_model, read_meta, write_checkpoint
+from nanoalign.checkpoint import load_model, load_reward_model, read_meta
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, check_prompts, read_jsonl
-from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
-from nanoalign.logprobs import token_logps
+from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
                               unpack, whiten)
-from nanoalign.sampling import reward_scores, sample
-from nanoalign.scaffold import (claim_out_dir, curve_point_due, full_state, gathered, global_sum, Logger,
-                                make_optimizer, optimizer_step, resume, save_resumable, setup, teardown, world_size,
+from nanoalign.rollout import (all_sum, global_mean, global_total, global_var, minibatches, rank_share,
+                               row_generators)
+from nanoalign.sampling import join, reward_scores, sample, scored_forward, token_values
+from nanoalign.scaffold import (claim_out_dir, curve_point_due, gathered, global_backward, Logger, make_optimizer,
+                                optimizer_step, resume, save_final, save_resumable, setup, teardown, world_size,
                                 wrap_model)
-
 
 @dataclass
 class Config:
@@ -97,47 +95,6 @@ class Config:
     seed: int = 1234  # data order and sampling
 
 
-def forward(model, ids, attn, mask, temperature, with_values):
-    """Per-token log-probs of the response tokens [B, T-1] (zero elsewhere), their logits packed [N, V] (the LM
-    head runs only where a response token is scored), and values [B, T-1] read at the position whose logits
-    score the token, so values and log-probs align (N detail 15). mask [B, T-1]: the response tokens."""
-    scored = mask.bool()
-    at = F.pad(scored, (0, 1))  # [B, T]: logits at t score token t+1
-    if with_values:
-        logits, values = model(ids, attention_mask=attn, output="both", logits_at=at)
-        values = values[:, :-1]
-    else:
-        logits, values = model(ids, attention_mask=attn, logits_at=at), None
-    return unpack(token_logps(logits, ids[:, 1:][scored], temperature), scored), logits, values
-
-
-def row_generators(seed: int, update: int, rows: range, rollout_size: int, device) -> list:
-    """One sampling generator per episode (global row of the rollout), seeded from (seed, update, row): an
-    episode's answer is the same for any world size and whichever rows share its batch (N detail 6's
-    seed + 100003·rank, per episode)."""
-    return [torch.Generator(device=device).manual_seed(seed + 100003 * (update * rollout_size + row)) for row in rows]
-
-
-def minibatches(rows: int, n: int, seed: int, ctx) -> list[torch.Tensor]:
-    """This rank's rows of each of n minibatches. Each run of n consecutive global rows is dealt at random over
-    the n minibatches, one row to each, by the same draw on every rank: a minibatch holds the same episodes for
-    any world size, and each rank's `rows` (a multiple of n) split evenly over the minibatches."""
-    deal = torch.rand(rows * ctx.world // n, n, generator=torch.Generator().manual_seed(seed)).argsort(-1)
-    mine = deal.flatten()[ctx.rank * rows:(ctx.rank + 1) * rows]  # the minibatch of each of this rank's rows
-    return [(mine == j).nonzero()[:, 0] for j in range(n)]
-
-
-def global_mean(x: torch.Tensor, ctx) -> float:
-    """Mean of x's entries over every rank's entries."""
-    return global_sum(x.sum().item(), ctx) / global_sum(x.numel(), ctx)
-
-
-def global_var(x: torch.Tensor, ctx) -> float:
-    """Unbiased variance of x's entries over every rank's entries (torch.var's convention), in two passes."""
-    mean = global_mean(x, ctx)
-    return global_sum(((x - mean) ** 2).sum().item(), ctx) / (global_sum(x.numel(), ctx) - 1)
-
-
 @dataclass
 class Rollout:
     """One update's episodes on this rank: prompt + response tokens and what the sampler knows of them."""
@@ -150,109 +107,110 @@ class Rollout:
 
 
 def rollout(policy, tok, prompts: list, cfg: Config, ctx, update: int) -> Rollout:
-    """Step 1: this update's prompts, each samples_per_prompt times; this rank samples its contiguous share of
-    the global rollout with the policy's weights gathered once (no collective per decode step)."""
-    n_prompts, rows = cfg.rollout_size // cfg.samples_per_prompt, cfg.rollout_size // ctx.world
-    share = range(ctx.rank * rows, (ctx.rank + 1) * rows)  # this rank's rows of the global rollout
+    """Step 1: this update's prompts, each samples_per_prompt times, a prompt's samples adjacent; this rank samples
+    its share, each episode with its own generator, the policy's weights gathered once (no collective per step)."""
+    n_prompts, k = cfg.rollout_size // cfg.samples_per_prompt, cfg.samples_per_prompt
     batch = [prompts[i] for i in batch_indices(len(prompts), n_prompts, update, cfg.seed)]
     encoded = [tok.encode_prompt(p) for p in batch]
-    # the global batch's longest prompt bounds the answer length on every rank, as in one process
+    # the whole rollout's longest prompt bounds the answer length on every rank, as in one process
     max_new_tokens = min(cfg.max_new_tokens, policy.config.block_size - max(map(len, encoded)))
-    batch = [p for p in batch for _ in range(cfg.samples_per_prompt)][share.start:share.stop]
-    encoded = [e for e in encoded for _ in range(cfg.samples_per_prompt)][share.start:share.stop]
+    rows = rank_share(cfg.rollout_size, ctx)
+    batch, encoded = ([x for x in xs for _ in range(k)][rows.start:rows.stop] for xs in (batch, encoded))
     policy.eval()
     with gathered(policy):
         out = sample(policy, encoded, max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
-                     generator=row_generators(cfg.seed, update, share, cfg.rollout_size, ctx.device))
-    ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
-    attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
-    mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:].float()
-    answers = [tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])]
-    has_eos = ((out["response_ids"] == tok.eos_id) & out["response_mask"].bool()).any(-1)
-    return Rollout(batch, answers, ids, attn, mask, has_eos)
+                     generator=row_generators(cfg.seed, update, rows, cfg.rollout_size, ctx.device))
+    seqs = join(out, tok)
+    return Rollout(batch, seqs.answers, seqs.ids, seqs.attn, seqs.mask, seqs.has_eos)
+
+
+STATS = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")  # minibatch_loss's parts, logged as ppo/...
+
+
+def minibatch_loss(policy, critic, mb: dict, n_tokens: float, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5 on one minibatch, mb its rows of ppo_update's episodes: the clipped surrogate, the entropy bonus
+    and with GAE the clipped value loss (the policy's value head, or the separate critic), each summed over the
+    response tokens ÷ n_tokens, the whole minibatch's over all ranks -> (loss, the STATS, detached)."""
+    uses_critic = cfg.advantage == "gae"
+    logps, logits, values = scored_forward(policy, mb["ids"], mb["attn"], mb["mask"], cfg.temperature,
+                                           values=uses_critic and critic is None)
+    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logps, mb["old_logps"], mb["advantages"], mb["mask"],
+                                                   cfg.clip_eps, n_tokens)
+    entropy = masked_mean(unpack(token_entropy(logits, cfg.temperature), mb["mask"].bool()), mb["mask"], n_tokens)
+    loss, vf_loss = pg_loss - cfg.entropy_coef * entropy, torch.zeros((), device=logps.device)
+    if uses_critic:
+        if critic is not None:
+            values = token_values(critic, mb["ids"], mb["attn"])
+        vf_loss, _ = ppo_value_loss(values, mb["old_values"], mb["returns"], mb["mask"], cfg.clip_eps_value, n_tokens)
+        loss = loss + cfg.vf_coef * vf_loss
+    return loss, torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, entropy]).detach()
 
 
 def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimizer, critic_opt, beta: float,
                gold_norm, cfg: Config, ctx, update: int) -> tuple[dict, tuple | None]:
     """Steps 2-5 on one rollout: score it, price the KL, estimate advantages, and take the PPO epochs.
-    reward = (rm, gain, bias); critic is None for the value head (or RLOO / GRPO). Returns the update's
-    metrics (step 6) and the gold normalisation (fitted on the first rollout when --reward=gold)."""
+    reward = (rm, gain, bias); critic is None for the value head (or RLOO / GRPO). Sums, means and variances are
+    over every rank's episodes (nanoalign/rollout.py). Returns the update's metrics (step 6) and the gold
+    normalisation (fitted on the first rollout when --reward=gold)."""
     t0, ids, attn, mask = time.time(), roll.ids, roll.attn, roll.mask
     uses_critic = cfg.advantage == "gae"
-    head = uses_critic and critic is None  # values from the policy's own scalar head
-    all_sum = lambda t: global_sum(t, ctx)  # statistics over every rank's tokens
+    head = uses_critic and critic is None  # values from the policy's own scalar head, in the policy's forward
+    all_ranks = all_sum(ctx)  # x -> x summed over every rank's episodes (x in one process)
 
     # 2. score: normalised RM (or gold) at the last real token; no EOS -> the penalty replaces it
     gold = torch.tensor([gold_judge.judge(p, a)["gold"] for p, a in zip(roll.prompts, roll.answers)],
                         dtype=torch.float64, device=ctx.device)
+    rm, gain, bias = reward
     with torch.no_grad():
-        rm, gain, bias = reward
         rm_scores = reward_scores(rm, ids, attn, gain, bias)  # [B]
-    if cfg.reward == "gold":
-        if gold_norm is None:  # SFT-policy samples: mean 0, std 1, as the RM's normalisation
-            gold_norm = reward_normalisation(gold, all_sum)
-        scores = gold_norm[0] * gold + gold_norm[1]
-    else:
-        scores = rm_scores
+    if cfg.reward == "gold" and gold_norm is None:  # SFT-policy samples: mean 0, std 1, as the RM's normalisation
+        gold_norm = reward_normalisation(gold, all_ranks)
+    scores = gold_norm[0] * gold + gold_norm[1] if cfg.reward == "gold" else rm_scores
     scores = torch.where(roll.has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
 
     # 3. KL penalty: old and reference log-probs from the training forward, at the sampling temperature
     with torch.no_grad():
-        old_logps, _, old_values = forward(policy, ids, attn, mask, cfg.temperature, head)
+        old_logps, _, old_values = scored_forward(policy, ids, attn, mask, cfg.temperature, values=head)
         if critic is not None:
-            old_values = critic(ids, attention_mask=attn, output="scalar")[:, :-1]
-        ref_logps, _, _ = forward(reference, ids, attn, mask, cfg.temperature, False)
+            old_values = token_values(critic, ids, attn)
+        ref_logps, _, _ = scored_forward(reference, ids, attn, mask, cfg.temperature)
     kl = kl_estimate(old_logps, ref_logps, cfg.kl_estimator)  # [B, T-1]; 0 off the response, where both are 0
     rewards = per_token_rewards(scores, kl, mask, beta)
     if cfg.whiten_rewards:
-        rewards = whiten(rewards, mask, shift_mean=False, all_sum=all_sum)
+        rewards = whiten(rewards, mask, shift_mean=False, all_sum=all_ranks)
 
     # 4. advantages: GAE with the critic, or RLOO / GRPO baselines from the other samples of the prompt
+    episodes = {"ids": ids, "attn": attn, "mask": mask, "old_logps": old_logps}
     if uses_critic:
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask, all_sum=all_sum)
+        episodes.update(advantages=whiten(advantages, mask, all_sum=all_ranks), old_values=old_values, returns=returns)
     else:
         seq_returns = rewards.sum(-1).view(-1, cfg.samples_per_prompt)  # s - β Σ kl, per answer
         fn = rloo_advantages if cfg.advantage == "rloo" else grpo_advantages
-        advantages = fn(seq_returns).view(-1, 1) * mask  # the same advantage on every token of an answer
+        episodes["advantages"] = fn(seq_returns).view(-1, 1) * mask  # the same advantage on every token of an answer
 
     t_score = time.time()
     # 5. PPO epochs over shuffled minibatches, the learning rate annealed linearly to 0 (N detail 5)
     policy.train()
-    lr_frac = 1 - update / cfg.n_updates
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")}
+    lr_frac, stats = 1 - update / cfg.n_updates, []
     for epoch in range(cfg.ppo_epochs):
         for mb in minibatches(len(ids), cfg.minibatches, cfg.seed + update * 97 + epoch, ctx):
-            n_tokens = global_sum(mask[mb].sum().item(), ctx)  # the global minibatch's response tokens
-            logps, logits, values = forward(policy, ids[mb], attn[mb], mask[mb], cfg.temperature, head)
-            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logps, old_logps[mb], advantages[mb], mask[mb],
-                                                           cfg.clip_eps, n_tokens)
-            entropy = masked_mean(unpack(token_entropy(logits, cfg.temperature), mask[mb].bool()), mask[mb],
-                                  n_tokens)
-            loss = pg_loss - cfg.entropy_coef * entropy
-            vf_loss = torch.zeros((), device=ctx.device)
-            if uses_critic:
-                if critic is not None:
-                    values = critic(ids[mb], attention_mask=attn[mb], output="scalar")[:, :-1]
-                vf_loss, _ = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], cfg.clip_eps_value,
-                                            n_tokens)
-                loss = loss + cfg.vf_coef * vf_loss
-            (loss * ctx.world).backward()  # x world: FSDP averages gradients over ranks (scaffold docstring)
+            batch = {key: v[mb] for key, v in episodes.items()}
+            loss, parts = minibatch_loss(policy, critic, batch, global_total(batch["mask"], ctx), cfg)
+            global_backward(loss, ctx)
             where = f"update {update + 1}, epoch {epoch + 1}"
-            terms = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item()}
+            terms = {"pg_loss": parts[0].item(), "vf_loss": parts[1].item()}  # checked finite before each step
             optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms)
             if critic is not None:
                 optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip, f"{where} (critic)", terms)
-            parts = torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, entropy]).detach()  # shares of the means
-            for k, v in zip(stats, global_sum(parts, ctx).tolist()):
-                stats[k].append(v)
+            stats.append(all_ranks(parts).tolist())  # this rank's shares of the minibatch's means, summed
 
     # 6. metrics: means over the whole rollout (every rank's episodes)
     seq_kl = {k: global_mean((kl_estimate(old_logps, ref_logps, k) * mask).sum(-1), ctx) for k in ("k1", "k2", "k3")}
     metrics = {"objective/score": global_mean(scores, ctx), "objective/rm_score": global_mean(rm_scores, ctx),
                "objective/gold": global_mean(gold, ctx),
                "objective/kl": seq_kl["k1"], "objective/kl_k2": seq_kl["k2"], "objective/kl_k3": seq_kl["k3"],
-               "objective/beta": beta, **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
+               "objective/beta": beta, **{f"ppo/{k}": sum(v) / len(v) for k, v in zip(STATS, zip(*stats))},
                "response/length": global_mean(mask.sum(-1), ctx),
                "response/eos_rate": global_mean(roll.has_eos.float(), ctx),
                "time/score": t_score - t0, "time/train": time.time() - t_score}
@@ -349,32 +307,19 @@ def main(cfg: Config) -> dict:
         metrics.update(point)
         t0 += t_eval  # the throughput counts training time only
         if (update + 1) % cfg.log_interval == 0 or point:
-            logger.log(update + 1, metrics, global_sum(roll.mask.sum().item(), ctx) / (time.time() - t0))
+            logger.log(update + 1, metrics, global_total(roll.mask, ctx) / (time.time() - t0))
         if (update + 1) % cfg.ckpt_interval == 0 and update + 1 < cfg.n_updates:
             save_resumable(cfg.out_dir, policy, optimizer, tok, ctx, cfg, update + 1, metrics,
                            {"ppo": {"beta": beta, "gold_norm": gold_norm}},
                            {"critic": (critic, critic_opt)} if critic is not None else None)
 
-    # 7. save (the full state gathered on every rank, written by rank 0; a separate critic in out_dir/critic);
-    #    rank 0 evaluates on held-out prompts against the SFT reference (a full copy of the policy read back
-    #    when sharded) and writes eval.json
+    # 7. save the policy (a separate critic in out_dir/critic); evaluate it on held-out prompts against the SFT
+    #    reference, write eval.json
     meta = {"model": asdict(policy.config), "kind": "policy", "run": asdict(cfg), "step": cfg.n_updates,
             "metrics": metrics}
-    state, critic_state = full_state(policy), full_state(critic) if critic is not None else None
-    if ctx.master:
-        critic_meta = {**meta, "model": asdict(critic.config), "kind": "critic"} if critic is not None else None
-        write_checkpoint(cfg.out_dir, state, meta, tok,
-                         children={"critic": (critic_state, critic_meta, None)} if critic is not None else None)
-    result = {}
-    if cfg.n_eval > 0 and ctx.master:
-        eval_policy = policy if ctx.world == 1 else load_model(cfg.out_dir, tok)[0].to(ctx.device)
-        result, eval_prompts, eval_answers = evaluate_policy(eval_policy, tok, cfg.data_dir, cfg.n_eval,
-                                                             cfg.eval_max_new_tokens, cfg.temperature, seed=cfg.seed,
-                                                             reference=reference)
-        for p, a in list(zip(eval_prompts, eval_answers))[:4]:
-            print(f"\n> {p}\n{a}")
-        write_json(f"{cfg.out_dir}/eval.json", result)
-        print("\neval:", {k: result[k] for k in ("gold", "sft_gold", "failures", "sft_failures", "kl", "win_rate_vs_sft")})
+    save_final(cfg.out_dir, policy, tok, ctx, meta, {"critic": critic} if critic is not None else None)
+    result = finish(policy, tok, ctx, cfg.out_dir, cfg.data_dir, cfg.n_eval, cfg.eval_max_new_tokens,
+                    cfg.temperature, cfg.seed, reference=reference)
     teardown()
     return result
 

@@ -40,10 +40,10 @@ from nanoalign.evaluate import pairwise_hits, ranked_above, reward_model_metrics
 from nanoalign.losses import (best_of_k_loss, kwise_ranking_loss, plackett_luce_loss, reward_normalisation,
                               soft_bradley_terry_loss)
 from nanoalign.model import GPT
-from nanoalign.sampling import group_rewards, reward_scores
-from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_sum, Logger, lr_at,
-                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
-                                world_size, wrap_model)
+from nanoalign.sampling import group_rewards, join, reward_scores
+from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_backward, global_sum, Logger,
+                                lr_at, make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup,
+                                teardown, world_size, wrap_model)
 
 
 @dataclass
@@ -115,11 +115,10 @@ def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_st
             loss = best_of_k_loss(rewards, ranking)
         else:
             loss = plackett_luce_loss(rewards, ranking)
-        # the losses are means over this micro-batch's prompts: re-weight to a mean over the global batch,
-        # times the world size because FSDP averages gradients over ranks (as train_sft.py)
-        loss = loss * len(micro) / cfg.batch_size * ctx.world
-        loss.backward()
-        loss_sum += loss.item() / ctx.world
+        # the losses are means over this micro-batch's prompts: re-weight to a mean over the global batch
+        loss = loss * len(micro) / cfg.batch_size
+        global_backward(loss, ctx)
+        loss_sum += loss.item()
         h, m, n = pairwise_hits(rewards.detach(), ranked_above(ranking))
         hits, margins, n_pairs = hits + h, margins + m, n_pairs + n
         tokens += sum(len(ids) for g in micro for ids, _ in g["rows"])
@@ -210,12 +209,10 @@ def main(cfg: Config) -> dict:
             prompts = [train[i]["prompt"] for i in order.tolist()]
             answers, batches = sample_answers(policy, tok, prompts, cfg.max_new_tokens, cfg.temperature,
                                               seed=cfg.seed)
-            scores = torch.cat([reward_scores(rm, torch.cat([b["prompt_ids"], b["response_ids"]], 1),
-                                              torch.cat([b["prompt_mask"], b["response_mask"]], 1))
-                                for b in batches])  # [n_norm], the sampler's own tokens, as PPO scores them
+            rows = [join(b, tok) for b in batches]  # the sampler's own tokens, as PPO scores them
+            scores = torch.cat([reward_scores(rm, r.ids, r.attn) for r in rows])  # [n_norm]
             # PPO replaces the score of an answer without EOS by a penalty: only finished answers are scored
-            finished = torch.cat([((b["response_ids"] == tok.eos_id) & b["response_mask"].bool()).any(-1)
-                                  for b in batches])
+            finished = torch.cat([r.has_eos for r in rows])
             gain, bias = reward_normalisation(scores[finished] if finished.any() else scores)
             for p, a, r in list(zip(prompts, answers, (gain * scores + bias).tolist()))[:3]:
                 print(f"\n> {p}\n{a}\n[normalised reward {r:+.2f}]")

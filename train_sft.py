@@ -21,13 +21,13 @@ from pathlib import Path
 from nanoalign.checkpoint import load_model
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_example, ensure_world, read_jsonl
-from nanoalign.evaluate import check_eval_prompts, evaluate_policy, write_json
+from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_sum, Logger, lr_at,
-                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
-                                world_size, wrap_model)
+from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, Logger,
+                                lr_at, make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup,
+                                teardown, world_size, wrap_model)
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -75,10 +75,9 @@ def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Conf
         if w > 0:  # the loss mask becomes a weight per token: 1 on the response, w on the prompt
             batch["loss_mask"] = batch["loss_mask"] + w * (batch["attention_mask"] - batch["loss_mask"])
         logps = model_logps(model, **batch)  # [B, T-1], zero where the weight is
-        # FSDP averages gradients over ranks: scale by the world size so the sum is the global token mean
-        loss = sft_loss(logps, batch["loss_mask"][:, 1:], n_tokens) * ctx.world
-        loss.backward()
-        loss_sum += loss.item() / ctx.world
+        loss = sft_loss(logps, batch["loss_mask"][:, 1:], n_tokens)  # this micro-batch's share of the global mean
+        global_backward(loss, ctx)
+        loss_sum += loss.item()
         tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
     grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": loss_sum})
@@ -150,16 +149,9 @@ def main(cfg: Config) -> dict:
 
     # 6. evaluate on held-out prompts with the gold judge (against the --init_from model with --eval_interval);
     #    print a few answers
-    result = {"train_loss": metrics.get("loss")}
-    if cfg.n_eval > 0 and ctx.master:
-        eval_model = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device)
-        result, prompts, answers = evaluate_policy(eval_model, tok, data_dir, cfg.n_eval, cfg.max_new_tokens,
-                                                   cfg.temperature, seed=cfg.seed + 100003 * ctx.rank,
-                                                   reference=reference)
-        for p, a in list(zip(prompts, answers))[:4]:
-            print(f"\n> {p}\n{a}")
-        write_json(out_dir / "eval.json", result)
-        print("\neval:", {k: result[k] for k in ("gold", "demo_gold", "failures")})
+    result = finish(model, tok, ctx, out_dir, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature, cfg.seed,
+                    reference=reference, summary=("gold", "demo_gold", "failures"),
+                    result={"train_loss": metrics.get("loss")})
     teardown()
     return result
 

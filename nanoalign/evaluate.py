@@ -10,8 +10,9 @@ eval.json is the contract every stage writes:
 plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included),
 "samples" (the first 3 prompts, each with its answer and the judge's verdict) and, against a reference policy,
 "kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures" and "gain_vs_sft_se" (the standard error of the
-paired gold difference gold - sft_gold). During training, the scripts' --eval_interval logs `curve_point`s.
-A reward model is measured on held-out rankings by `reward_model_metrics` (train_rm.py's eval.json).
+paired gold difference gold - sft_gold). During training, the scripts' --eval_interval logs `curve_point`s;
+at the end of a run `finish` writes eval.json. A reward model is measured on held-out rankings by
+`reward_model_metrics` (train_rm.py's eval.json).
 """
 
 import json
@@ -28,7 +29,7 @@ from nanoalign.config import check_config, parse_config
 from nanoalign.data import check_prompts, read_jsonl
 from nanoalign.logprobs import token_logps
 from nanoalign.losses import best_of_n_kl, best_of_n_pool, kwise_ranking_loss, token_kl
-from nanoalign.sampling import group_rewards, reward_scores, sample
+from nanoalign.sampling import group_rewards, join, reward_scores, sample
 
 
 @dataclass
@@ -61,8 +62,7 @@ def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: 
         ids = [tok.encode_prompt(p) for p in prompts[s:s + batch_size]]
         g = [torch.Generator(device=device).manual_seed(seed * 100003 + i) for i in range(s, s + len(ids))]
         out = sample(model, ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature, generator=g)
-        for row, m in zip(out["response_ids"].tolist(), out["response_mask"].tolist()):
-            answers.append(tok.decode([t for t, keep in zip(row, m) if keep]))
+        answers += join(out, tok).answers
         batches.append(out)
     model.train(was_training)
     return answers, batches
@@ -74,9 +74,8 @@ def reference_kl(model, reference, batches: list[dict], temperature: float = 1.0
     `kl` = mean Σ_t exact per-token KL (terms >= 0, low variance), `kl_k1` = mean Σ_t (log π - log π_ref)."""
     exact, k1 = [], []
     for out in batches:
-        ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)  # [B, P+N]
-        attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
-        mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:]  # [B, P+N-1]
+        rows = join(out)
+        ids, attn, mask = rows.ids, rows.attn, rows.mask  # [B, P+N], [B, P+N], [B, P+N-1]
         logits, ref_logits = (m(ids, attention_mask=attn)[:, :-1] for m in (model, reference))
         exact.append((token_kl(logits, ref_logits, temperature) * mask).sum(-1))
         labels = ids[:, 1:]
@@ -159,6 +158,29 @@ def curve_point(model, reference, tok, data_dir, n: int, max_new_tokens: int, te
     return {f"eval/{k}": metrics[k] for k in ("gold", "gold_se", "kl", "kl_k1")}
 
 
+VS_REFERENCE = ("gold", "sft_gold", "failures", "sft_failures", "kl", "win_rate_vs_sft")  # finish's summary
+
+
+def finish(model, tok, ctx, out_dir, data_dir, n: int, max_new_tokens: int, temperature: float, seed: int,
+           reference=None, summary: tuple = VS_REFERENCE, result: dict | None = None) -> dict:
+    """A policy run's epilogue, after its final checkpoint is in out_dir: rank 0 answers the first n held-out
+    prompts (`evaluate_policy`) with the trained model (read back from out_dir when it is sharded over ranks),
+    against the reference when given (a model, or a checkpoint directory read here), prints 4 answers, writes
+    out_dir/eval.json and prints the `summary` keys -> the eval dict (`result`, or {}, off rank 0 or with n = 0)."""
+    if n <= 0 or not ctx.master:
+        return result if result is not None else {}
+    policy = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device)
+    if isinstance(reference, (str, Path)):
+        reference = load_model(reference, tok)[0].to(ctx.device).eval()
+    result, prompts, answers = evaluate_policy(policy, tok, data_dir, n, max_new_tokens, temperature, seed=seed,
+                                               reference=reference)
+    for p, a in list(zip(prompts, answers))[:4]:
+        print(f"\n> {p}\n{a}")
+    write_json(Path(out_dir) / "eval.json", result)
+    print("\neval:", {k: result.get(k) for k in summary})
+    return result
+
+
 @torch.no_grad()
 def sample_pool(model, tok, prompts: list, n: int, max_new_tokens: int = 96, temperature: float = 1.0,
                 seed: int = 0) -> tuple[list[tuple], list[list[str]], torch.Tensor]:
@@ -172,9 +194,9 @@ def sample_pool(model, tok, prompts: list, n: int, max_new_tokens: int = 96, tem
     for p in prompts:
         out = sample(model, [tok.encode_prompt(p)] * n, max_new_tokens, tok.eos_id, tok.pad_id,
                      temperature=temperature, generator=g)
-        rows.append((torch.cat([out["prompt_ids"], out["response_ids"]], 1),
-                     torch.cat([out["prompt_mask"], out["response_mask"]], 1)))
-        answers.append([tok.decode(r[m.bool()].tolist()) for r, m in zip(out["response_ids"], out["response_mask"])])
+        pool = join(out, tok)
+        rows.append((pool.ids, pool.attn))
+        answers.append(pool.answers)
         gold.append(torch.tensor([gold_judge.judge(p, a)["gold"] for a in answers[-1]]))
     return rows, answers, torch.stack(gold)
 

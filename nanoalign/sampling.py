@@ -1,11 +1,14 @@
 """The one sampler (batched, KV-cached, temperature / top-k / top-p, stopping at EOS) and the scorers of what it
-produced: per-token log-probs under a model at a temperature, and the normalised reward-model score.
+produced: per-token log-probs (and values) under a model at a temperature, and the normalised reward-model score;
+`join` turns the sampler's output into the prompt + response rows they read.
 
 It serves SFT samples, PPO rollouts, best-of-N, AI-feedback judging and evaluation. Prompts are left-padded
 so that every row's next token sits in the last column; a row that has emitted EOS receives PAD (masked out)
 until all rows are done. For exact sampling (PPO, KL) keep top_k = 0 and top_p = 1 (N detail 4): any
 filtering makes the samples come from a distribution other than the one whose log-probs are scored.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,15 +19,35 @@ from nanoalign.losses import last_token_values, unpack
 from nanoalign.model import GPT, KVCache
 
 
+def scored_forward(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
+                   temperature: float = 1.0, values: bool = False) -> tuple:
+    """The one log-prob path: per-token log-probs of each row's own tokens where `scored` is set, zero elsewhere.
+    input_ids, attention_mask [B, T], scored [B, T-1] (aligned with `input_ids[:, 1:]`, e.g. PPO's response
+    mask) -> (log-probs [B, T-1]; their logits packed [N, V], for the entropy; with values=True the scalar head's
+    values [B, T-1], else None). The LM head runs only where a token is scored, so no [B, T, V] logits exist at
+    all; values[:, t] is read at the position whose logits score token t+1, so values and log-probs align
+    (N detail 15), from the same forward."""
+    scored = scored.bool()
+    at = F.pad(scored, (0, 1))  # [B, T]: logits at t score token t+1
+    if values:
+        logits, vals = model(input_ids, attention_mask=attention_mask, output="both", logits_at=at)
+        vals = vals[:, :-1]
+    else:
+        logits, vals = model(input_ids, attention_mask=attention_mask, logits_at=at), None  # [N, V]
+    return unpack(token_logps(logits, input_ids[:, 1:][scored], temperature), scored), logits, vals
+
+
 def model_logps(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs of each row's own tokens, zero outside `loss_mask` (the response):
-    input_ids, attention_mask, loss_mask [B, T] -> [B, T-1], aligned with `input_ids[:, 1:]`.
-    The LM head runs only where a response token is scored, so no [B, T, V] logits exist at all.
-    The one log-prob path for SFT, DPO and the AI judge; sum over the last dim for S(y|x)."""
-    scored = loss_mask[:, 1:].bool()  # [B, T-1]: logits at t score token t+1
-    logits = model(input_ids, attention_mask=attention_mask, logits_at=F.pad(scored, (0, 1)))  # [N, V]
-    return unpack(token_logps(logits, input_ids[:, 1:][scored], temperature), scored)
+    """`scored_forward`'s log-probs with a loss mask [B, T] over the tokens themselves (`data.collate`'s):
+    input_ids, attention_mask, loss_mask [B, T] -> [B, T-1], zero outside `loss_mask` (the response).
+    For SFT, DPO and the AI judge; sum over the last dim for S(y|x)."""
+    return scored_forward(model, input_ids, attention_mask, loss_mask[:, 1:], temperature)[0]
+
+
+def token_values(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A value model's values [B, T-1], aligned as `scored_forward`'s (read where token t+1's logits are)."""
+    return model(input_ids, attention_mask=attention_mask, output="scalar")[:, :-1]
 
 
 def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, gain: float = 1.0,
@@ -142,6 +165,29 @@ def sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: in
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "response_ids": torch.stack(tokens, 1), "response_mask": torch.stack(alive, 1).long(),
             "response_logps": torch.stack(logps, 1).masked_fill(~torch.stack(alive, 1), 0.0)}
+
+
+@dataclass
+class Sequences:
+    """The sampler's prompts and responses joined into one row each (`join`)."""
+    ids: torch.Tensor  # [B, P+N] prompt (left-padded) + response (PAD after EOS)
+    attn: torch.Tensor  # [B, P+N] 1 on real tokens
+    mask: torch.Tensor  # [B, P+N-1] float, 1 where ids[:, 1:] is a response token (its EOS included)
+    answers: list | None  # [B] decoded responses (with a tokenizer)
+    has_eos: torch.Tensor | None  # [B] bool, the answer stopped by itself (with a tokenizer)
+
+
+def join(out: dict, tok=None) -> Sequences:
+    """`sample`'s output -> prompt + response rows as every scorer reads them (`reward_scores`, `scored_forward`,
+    the reference KL); with the tokenizer also the decoded answers and which of them ended with EOS."""
+    ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
+    mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:].float()
+    if tok is None:
+        return Sequences(ids, attn, mask, None, None)
+    real = out["response_mask"].bool()
+    answers = [tok.decode(r[m].tolist()) for r, m in zip(out["response_ids"], real)]
+    return Sequences(ids, attn, mask, answers, ((out["response_ids"] == tok.eos_id) & real).any(-1))
 
 
 def _decode(model, token, mask, positions, cache):

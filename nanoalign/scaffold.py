@@ -4,8 +4,8 @@ and logging.
 
 One multi-process path: under `torchrun` the scaffold starts NCCL (GPU) or gloo (CPU) and shards with FSDP2;
 as a plain script it does neither. Loss normalisation under accumulation and sharding: every script divides
-its summed loss by the *global* count (tokens, pairs) and multiplies by the world size, because FSDP2 averages
-gradients over ranks; then 1 process and N processes take the same step.
+its summed loss by the *global* count (tokens, pairs) and multiplies by the world size (`global_backward`), because
+FSDP2 averages gradients over ranks; then 1 process and N processes take the same step.
 """
 
 import contextlib
@@ -178,6 +178,12 @@ def accumulate(model, items: list, size: int):
         yield items[s:s + size]
 
 
+def global_backward(loss: torch.Tensor, ctx: Dist) -> None:
+    """Backward on a loss summed over this rank's rows and divided by the global count (tokens, pairs, prompts),
+    times the world size: FSDP2 averages gradients over ranks, so 1 and N processes take the same step."""
+    (loss * ctx.world).backward()
+
+
 # ----- optimizer ----------------------------------------------------------------------------------------
 
 
@@ -256,6 +262,17 @@ def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, me
     if ctx.master:
         meta = {"model": dataclasses.asdict(model.config), "kind": kind, **run, "metrics": metrics, **(extra or {})}
         write_checkpoint(out_dir, model_state, meta, tok, (optim_state, rng), kids)
+
+
+def save_final(out_dir, model, tok, ctx: Dist, meta: dict, children: dict | None = None) -> None:
+    """A finished run's plain checkpoint, meta as its config.json (no optimizer or RNG state: nothing to resume):
+    every rank gathers the full state, rank 0 writes; children {name: model}, critics, in out_dir/name in the
+    same commit, each with meta's fields but its own "model" and "kind"."""
+    state = full_state(model)
+    kids = {name: (full_state(child), {**meta, "model": dataclasses.asdict(child.config), "kind": "critic"}, None)
+            for name, child in (children or {}).items()}
+    if ctx.master:
+        write_checkpoint(out_dir, state, meta, tok, children=kids or None)
 
 
 def resume(out_dir, model, optimizer) -> int:

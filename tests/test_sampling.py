@@ -114,3 +114,28 @@ def test_model_logps_score_the_sampled_tokens_at_the_sampling_temperature():
                 expected = (model(torch.tensor([seq]))[0, -1] / temperature).log_softmax(-1)[y]
             assert abs(scored[b, P + t - 1].item() - expected.item()) < 1e-5
             seq.append(y)
+
+
+def test_join_gives_the_rows_every_scorer_reads():
+    """`join`: prompt + response in one row, attention on the real tokens, the response mask aligned with
+    ids[:, 1:]; with a tokenizer the answers decoded from the real response tokens and whether each has EOS."""
+    from nanoalign.sampling import join
+
+    class Tok:
+        eos_id = EOS
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    out = sample(tiny_model(), [[5, 6, 7], [9], [4, 4]], 10, eos_id=EOS, pad_id=PAD,
+                 generator=torch.Generator().manual_seed(2))  # the seed gives both kinds of answer
+    rows, plain = join(out, Tok()), join(out)
+    P = out["prompt_ids"].shape[1]
+    for b in range(3):
+        real = [t for t, m in zip(out["response_ids"][b].tolist(), out["response_mask"][b].tolist()) if m]
+        assert rows.ids[b].tolist() == out["prompt_ids"][b].tolist() + out["response_ids"][b].tolist()
+        assert rows.attn[b].tolist() == out["prompt_mask"][b].tolist() + out["response_mask"][b].tolist()
+        assert rows.mask[b].tolist() == [0.0] * (P - 1) + out["response_mask"][b].float().tolist()
+        assert rows.answers[b] == " ".join(map(str, real)) and rows.has_eos[b].item() == (EOS in real)
+    assert 0 < rows.has_eos.sum() < 3  # answers that stopped and answers cut at the limit
+    assert plain.answers is None and plain.has_eos is None and torch.equal(plain.mask, rows.mask)

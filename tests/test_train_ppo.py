@@ -22,7 +22,8 @@ from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.data import batch_indices
 from nanoalign.evaluate import curve_point
 from nanoalign.losses import gae, kl_estimate, per_token_rewards, ppo_policy_loss, ppo_value_loss, whiten
-from nanoalign.sampling import reward_scores, sample
+from nanoalign.rollout import row_generators
+from nanoalign.sampling import join, reward_scores, sample, scored_forward
 from nanoalign.scaffold import Dist, gathered, setup, teardown, wrap_model
 
 
@@ -52,10 +53,8 @@ def ppo_dirs(tiny_run, tmp_path_factory):
 def rollout(model, tok, temperature=0.7, n=8):
     out = sample(model, [tok.encode_prompt(f"Where is my lamp, order #{1000 + i}?") for i in range(n)], 10,
                  tok.eos_id, tok.pad_id, temperature=temperature, generator=torch.Generator().manual_seed(0))
-    ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
-    attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
-    mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:].float()
-    return ids, attn, mask
+    rows = join(out)
+    return rows.ids, rows.attn, rows.mask
 
 
 def test_rollout_samples_each_row_at_the_temperature_and_marks_the_answers_that_stopped(ppo_dirs):
@@ -70,7 +69,7 @@ def test_rollout_samples_each_row_at_the_temperature_and_marks_the_answers_that_
     limit = policy.config.block_size - max(map(len, encoded))
     assert limit < cfg.max_new_tokens  # the context, not --max_new_tokens, bounds the answers here
     out = sample(policy, encoded, limit, tok.eos_id, tok.pad_id, temperature=0.7,
-                 generator=train_ppo.row_generators(cfg.seed, 2, range(6), 6, torch.device("cpu")))
+                 generator=row_generators(cfg.seed, 2, range(6), 6, torch.device("cpu")))
     assert roll.prompts == [p for p in batch for _ in range(2)]
     assert roll.ids[:, -out["response_ids"].shape[1]:].tolist() == out["response_ids"].tolist()
     for b in range(6):
@@ -86,27 +85,26 @@ def test_first_ratio_is_one_against_the_sampler(tiny_run):
     policy, tok = load_model(tiny_run / "init", scalar_head=True)
     out = sample(policy.eval(), [tok.encode_prompt(f"Where is my lamp, order #{1000 + i}?") for i in range(8)], 10,
                  tok.eos_id, tok.pad_id, temperature=0.7, generator=torch.Generator().manual_seed(0))
-    ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
-    attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
-    mask = torch.cat([torch.zeros_like(out["prompt_mask"]), out["response_mask"]], 1)[:, 1:].float()
+    rows = join(out)
+    ids, attn, mask = rows.ids, rows.attn, rows.mask
     policy.train()
     mb = torch.tensor([5, 1, 6])
-    new, _, _ = train_ppo.forward(policy, ids[mb], attn[mb], mask[mb], 0.7, True)
+    new, _, _ = scored_forward(policy, ids[mb], attn[mb], mask[mb], 0.7, values=True)
     sampled = out["response_logps"][mb][out["response_mask"][mb].bool()]
     assert torch.allclose(new[mask[mb].bool()], sampled, atol=1e-5)
     # and the test can fail: at temperature 1 the same tokens have other log-probs
-    at_one, _, _ = train_ppo.forward(policy, ids[mb], attn[mb], mask[mb], 1.0, True)
+    at_one, _, _ = scored_forward(policy, ids[mb], attn[mb], mask[mb], 1.0, values=True)
     assert not torch.allclose(at_one[mask[mb].bool()], sampled, atol=1e-3)
 
 
 def test_values_and_logps_align_with_the_scored_token(tiny_run):
-    """forward()[t-1] pairs the log-prob of token t with the value read at position t-1, the position whose
+    """scored_forward()[t-1] pairs the log-prob of token t with the value read at position t-1, the position whose
     logits score it (N detail 15): checked against a plain full forward, position by position."""
     policy, tok = load_model(tiny_run / "init", scalar_head=True)
     with torch.no_grad():
         policy.scalar_head.weight.normal_()
     ids, attn, mask = rollout(policy.eval(), tok)
-    logps, _, values = train_ppo.forward(policy, ids, attn, mask, 0.7, True)
+    logps, _, values = scored_forward(policy, ids, attn, mask, 0.7, values=True)
     with torch.no_grad():
         logits, scalar = policy(ids, attention_mask=attn, output="both")
     for b in range(len(ids)):
@@ -158,13 +156,13 @@ def test_adaptive_beta_moves_toward_the_target(ppo_dirs, tmp_path):
 def ppo_step_losses(policy, reference, ids, attn, mask, scores):
     """Steps 3-5 of train_ppo with a fixed score per row: KL penalty, GAE, whitening, the two losses."""
     with torch.no_grad():
-        old, _, old_values = train_ppo.forward(policy, ids, attn, mask, 0.7, True)
-        ref, _, _ = train_ppo.forward(reference, ids, attn, mask, 0.7, False)
+        old, _, old_values = scored_forward(policy, ids, attn, mask, 0.7, values=True)
+        ref, _, _ = scored_forward(reference, ids, attn, mask, 0.7, values=False)
     kl = kl_estimate(old, ref) * mask
     rewards = per_token_rewards(scores, kl, mask, 0.1)
     advantages, returns = gae(rewards, old_values * mask, mask, 1.0, 0.95)
     advantages = whiten(advantages, mask)
-    logps, _, values = train_ppo.forward(policy, ids, attn, mask, 0.7, True)
+    logps, _, values = scored_forward(policy, ids, attn, mask, 0.7, values=True)
     pg, _, _ = ppo_policy_loss(logps - 0.01, old, advantages, mask)  # a shifted policy, so the loss is not trivial
     vf, _ = ppo_value_loss(values + 0.05, old_values, returns, mask)
     return torch.stack([kl.sum(), rewards.sum(), pg, vf])

@@ -15,7 +15,7 @@ from nanoalign.checkpoint import load_model, load_reward_model
 from nanoalign.data import collate, left_pad, read_jsonl
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.evaluate import pairwise_hits, ranked_above
-from nanoalign.sampling import group_rewards, reward_scores
+from nanoalign.sampling import group_rewards, join, reward_scores
 from conftest import run_killed_at, tiny_sft_records, torchrun
 
 K = 3
@@ -172,9 +172,9 @@ def test_consumer_reproduces_the_normalisation(rm_run):
     model, tok, gain, bias = load_reward_model(rm_run["out"])
     assert json.loads((rm_run["out"] / "config.json").read_text())["reward_norm"] == {"gain": gain, "bias": bias}
     with torch.no_grad():
-        scores = [torch.cat([reward_scores(model, torch.cat([b["prompt_ids"], b["response_ids"]], 1),
-                                           torch.cat([b["prompt_mask"], b["response_mask"]], 1), g, c)
-                             for b in rm_run["batches"]]) for g, c in ((gain, bias), (1.0, 0.0))]
+        rows = [join(b) for b in rm_run["batches"]]  # prompt + response, as PPO's rollout scores them
+        scores = [torch.cat([reward_scores(model, r.ids, r.attn, g, c) for r in rows])
+                  for g, c in ((gain, bias), (1.0, 0.0))]
     normalised, raw = scores
     assert len(normalised) == 12
     assert abs(normalised.mean().item()) < 1e-5 and abs(normalised.std(correction=0).item() - 1) < 1e-5
