@@ -45,7 +45,7 @@ from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
                               unpack, whiten)
-from nanoalign.rollout import (all_sum, global_mean, global_total, global_var, minibatches, rank_share,
+from nanoalign.rollout import (all_sum, deal_minibatches, global_mean, global_total, global_var, rank_share,
                                row_generators)
 from nanoalign.sampling import join, reward_scores, sample, scored_forward, token_values
 from nanoalign.scaffold import (claim_out_dir, curve_point_due, gathered, global_backward, Logger, make_optimizer,
@@ -110,7 +110,8 @@ def rollout(policy, tok, prompts: list, cfg: Config, ctx, update: int) -> Rollou
     """Step 1: this update's prompts, each samples_per_prompt times, a prompt's samples adjacent; this rank samples
     its share, each episode with its own generator, the policy's weights gathered once (no collective per step)."""
     n_prompts, k = cfg.rollout_size // cfg.samples_per_prompt, cfg.samples_per_prompt
-    batch = [prompts[i] for i in batch_indices(len(prompts), n_prompts, update, cfg.seed)]
+    batch = [prompts[i] for i in batch_indices(len(prompts), n_prompts, update, cfg.seed,
+                                                  "--rollout_size / --samples_per_prompt, the prompts per update")]
     encoded = [tok.encode_prompt(p) for p in batch]
     # the whole rollout's longest prompt bounds the answer length on every rank, as in one process
     max_new_tokens = min(cfg.max_new_tokens, policy.config.block_size - max(map(len, encoded)))
@@ -194,7 +195,7 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
     policy.train()
     lr_frac, stats = 1 - update / cfg.n_updates, []
     for epoch in range(cfg.ppo_epochs):
-        for mb in minibatches(len(ids), cfg.minibatches, cfg.seed + update * 97 + epoch, ctx):
+        for mb in deal_minibatches(len(ids), cfg.minibatches, cfg.seed + update * 97 + epoch, ctx):
             batch = {key: v[mb] for key, v in episodes.items()}
             loss, parts = minibatch_loss(policy, critic, batch, global_total(batch["mask"], ctx), cfg)
             global_backward(loss, ctx)

@@ -27,7 +27,7 @@ def row_generators(seed: int, update: int, rows: range, rollout_size: int, devic
     return [torch.Generator(device=device).manual_seed(seed + 100003 * (update * rollout_size + row)) for row in rows]
 
 
-def minibatches(rows: int, n: int, seed: int, ctx) -> list[torch.Tensor]:
+def deal_minibatches(rows: int, n: int, seed: int, ctx) -> list[torch.Tensor]:
     """This rank's rows of each of n minibatches. Each run of n consecutive global rows is dealt at random over
     the n minibatches, one row to each, by the same draw on every rank: a minibatch holds the same episodes for
     any world size, and each rank's `rows` (a multiple of n) split evenly over the minibatches."""

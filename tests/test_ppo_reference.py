@@ -17,7 +17,7 @@ import torch
 
 import train_ppo
 from hand import clip_and_adamw
-from nanoalign.rollout import minibatches
+from nanoalign.rollout import deal_minibatches
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.scaffold import Dist, make_optimizer
 
@@ -151,7 +151,7 @@ def reference_update(models, roll, cfg, beta, update, adam):
     lr_frac = 1 - update / cfg.n_updates
     logged = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")}
     for epoch in range(cfg.ppo_epochs):
-        for mb in minibatches(B, cfg.minibatches, cfg.seed + update * 97 + epoch, CTX):
+        for mb in deal_minibatches(B, cfg.minibatches, cfg.seed + update * 97 + epoch, CTX):
             mb = mb.tolist()
             n = sum(len(old[b]) for b in mb)
             pg = vf = ent = clipped_tokens = half_sq = 0.0
@@ -300,7 +300,7 @@ def test_every_row_in_exactly_one_minibatch_per_epoch(rows, n, world):
     for seed in (0, 1):
         seen = []
         for rank in range(world):
-            parts = minibatches(rows // world, n, seed, Dist(rank, world, torch.device("cpu")))
+            parts = deal_minibatches(rows // world, n, seed, Dist(rank, world, torch.device("cpu")))
             assert len(parts) == n and {len(p) for p in parts} == {rows // world // n}
             seen += [(j, rank * (rows // world) + i) for j, p in enumerate(parts) for i in p.tolist()]
         assert sorted(row for _, row in seen) == list(range(rows))
