@@ -114,11 +114,6 @@ def split_prompts(seed, n_train: int, n_test: int) -> tuple[list[str], list[str]
     return train, test
 
 
-def make_prompts(n: int, seed: int) -> list[str]:
-    """n prompts, intents drawn uniformly, deterministic in seed."""
-    return list(islice(prompt_stream(seed), n))
-
-
 # ---------------------------------------------------------------------------- reading a prompt back
 
 @dataclass(frozen=True)

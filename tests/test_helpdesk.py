@@ -2,7 +2,7 @@
 import json
 import math
 import random
-from itertools import combinations
+from itertools import combinations, islice
 
 import pytest
 
@@ -39,10 +39,10 @@ def test_every_sampled_prompt_reads_back_as_its_intent():
             assert 3 <= len(prompt.split()) <= 40, prompt
 
 
-def test_make_prompts_is_deterministic_and_mixes_intents():
-    prompts = helpdesk.make_prompts(700, seed=3)
-    assert prompts == helpdesk.make_prompts(700, seed=3)
-    assert prompts != helpdesk.make_prompts(700, seed=4)
+def test_prompt_stream_is_deterministic_and_mixes_intents():
+    prompts = list(islice(helpdesk.prompt_stream(3), 700))
+    assert prompts == list(islice(helpdesk.prompt_stream(3), 700))
+    assert prompts != list(islice(helpdesk.prompt_stream(4), 700))
     counts = {intent: 0 for intent in helpdesk.INTENTS}
     for prompt in prompts:
         counts[helpdesk.intent_of(prompt)] += 1
@@ -254,7 +254,7 @@ def test_concise_penalises_length_and_repeats():
 
 def good_answers(n, seed):
     rng = random.Random(seed)
-    prompts = helpdesk.make_prompts(n, seed)
+    prompts = list(islice(helpdesk.prompt_stream(seed), n))
     return [(p, helpdesk.compose(p, rng, "correct", rng.choice(("polite", "none")), "polite")) for p in prompts]
 
 

@@ -4,6 +4,7 @@ log-probs, order averaging, label modes, the measurements, the judging corpus, a
 import json
 import math
 import random
+from itertools import islice
 
 import pytest
 import torch
@@ -154,7 +155,7 @@ def test_garble_makes_policy_like_failures():
 def rlaif_world(tiny_run, tmp_path_factory):
     """prompts.jsonl and prompts_test.jsonl of helpdesk prompts beside the tiny SFT data."""
     root = tmp_path_factory.mktemp("rlaif")
-    prompts = helpdesk.make_prompts(12, seed=3)
+    prompts = list(islice(helpdesk.prompt_stream(3), 12))
     for name, rows in (("prompts.jsonl", prompts[:10]), ("prompts_test.jsonl", prompts[10:])):
         (root / name).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
     return root

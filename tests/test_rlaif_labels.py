@@ -4,6 +4,7 @@ numbers, and a two-seed run end to end on a tiny world and tiny models."""
 import json
 import random
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def tiny_world(tmp_path_factory):
     """Helpdesk prompts for labelling and PPO, held-out demonstrations, and held-out gold-scored rankings."""
     root = tmp_path_factory.mktemp("t4")
     rng = random.Random(0)
-    prompts = helpdesk.make_prompts(14, seed=4)
+    prompts = list(islice(helpdesk.prompt_stream(4), 14))
     rows = {"prompts.jsonl": [{"prompt": p} for p in prompts[:10]],
             "sft_test.jsonl": [{"prompt": p, "completion": helpdesk.demonstration(p, rng)} for p in prompts[10:]],
             "prefs_test.jsonl": []}
