@@ -72,6 +72,7 @@ class Config:
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
     seed: int = 1234  # data order and evaluation sampling (policy and reference alike)
 
 
@@ -111,7 +112,7 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
             label_smoothing=smoothing[micro], chosen_lengths=lengths[:len(micro)],
             rejected_lengths=lengths[len(micro):], simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
         # summed over pairs / global pairs, x world: FSDP averages gradients over ranks (scaffold docstring)
-        (losses.sum() / cfg.batch_size * ctx.world).backward()
+        ctx.scaled(losses.sum() / cfg.batch_size * ctx.world).backward()
         stats = {"loss": losses.detach(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                  "rewards/margins": chosen_rewards - rejected_rewards, "rewards/chosen": chosen_rewards,
                  "rewards/rejected": rejected_rewards, "logps/chosen": policy_chosen.detach(),
@@ -119,7 +120,8 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
         sums = {name: sums.get(name, 0.0) + v.sum().item() for name, v in stats.items()}
         tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": sums["loss"]})
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": sums["loss"]},
+                               ctx.scaler)
     return {**{name: global_sum(v, ctx) / cfg.batch_size for name, v in sums.items()},
             "lr": lr, "grad_norm": grad_norm}, tokens
 
@@ -137,7 +139,7 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, preference pairs
-    ctx = setup(cfg.seed, cfg.device)
+    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     claim_out_dir(out_dir, ctx)  # one run per out_dir
     pairs_path = data_dir / cfg.pairs_file
@@ -150,7 +152,7 @@ def main(cfg: Config) -> dict:
     # 2. policy from --init_from (or out_dir on resume); the reference is the --init_from model, frozen
     model, tok = load_model(out_dir if cfg.resume else cfg.init_from)
     step = 0  # set by resume() below
-    reference = load_model(cfg.init_from, tok)[0].to(ctx.device).eval().requires_grad_(False)
+    reference = load_model(cfg.init_from, tok)[0].to(ctx.device, ctx.dtype).eval().requires_grad_(False)
     max_len = cfg.max_len or model.config.block_size
     if ctx.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters; max_len {max_len}"
@@ -216,8 +218,8 @@ def main(cfg: Config) -> dict:
     # 7. evaluate policy and SFT reference on the same held-out prompts and seed: gold, failures, KL, win rate
     result = {"train_loss": metrics.get("loss")}
     if cfg.n_eval > 0 and ctx.master:
-        eval_model = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device)
-        reference = load_model(cfg.init_from, tok)[0].to(ctx.device).eval()
+        eval_model = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device, ctx.dtype)
+        reference = load_model(cfg.init_from, tok)[0].to(ctx.device, ctx.dtype).eval()
         result, prompts, answers = evaluate_policy(eval_model, tok, data_dir, cfg.n_eval, cfg.max_new_tokens,
                                                    cfg.temperature, seed=cfg.seed, reference=reference)
         for p, a in list(zip(prompts, answers))[:4]:

@@ -94,6 +94,7 @@ class Config:
     ckpt_interval: int = 20  # updates between resumable checkpoints (the final one is the plain policy)
     compile: bool = False  # torch.compile each transformer block
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
     seed: int = 1234  # data order and sampling
 
 
@@ -237,12 +238,13 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
                 vf_loss, _ = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], cfg.clip_eps_value,
                                             n_tokens)
                 loss = loss + cfg.vf_coef * vf_loss
-            (loss * ctx.world).backward()  # x world: FSDP averages gradients over ranks (scaffold docstring)
+            ctx.scaled(loss * ctx.world).backward()  # x world: FSDP averages gradients over ranks (scaffold docstring)
             where = f"update {update + 1}, epoch {epoch + 1}"
             terms = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item()}
-            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms)
+            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms, ctx.scaler)
             if critic is not None:
-                optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip, f"{where} (critic)", terms)
+                optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip, f"{where} (critic)", terms,
+                               ctx.scaler)
             parts = torch.stack([pg_loss, vf_loss, clipfrac, approx_kl, entropy]).detach()  # shares of the means
             for k, v in zip(stats, global_sum(parts, ctx).tolist()):
                 stats[k].append(v)
@@ -273,9 +275,10 @@ def load_models(cfg: Config, ctx) -> tuple:
     if head and not cfg.resume:
         policy.reset_scalar_head(std=0.0)
     policy = wrap_model(policy, ctx, cfg.compile)
-    reference = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device).eval().requires_grad_(False)
+    reference = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device, ctx.dtype)
+    reference.eval().requires_grad_(False)
     rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
-    rm.to(ctx.device).eval().requires_grad_(False)
+    rm.to(ctx.device, ctx.dtype).eval().requires_grad_(False)
     critic = None
     if uses_critic and cfg.critic == "separate" and cfg.resume:  # written beside the policy, in the same commit
         critic = load_model(f"{cfg.out_dir}/critic", tok, scalar_head=True, kinds=("critic",))[0]
@@ -317,7 +320,7 @@ def check_rollout(cfg: Config, world: int) -> None:
 def main(cfg: Config) -> dict:
     # 0. the config; processes and models
     check_rollout(cfg, world_size())
-    ctx = setup(cfg.seed, cfg.device)
+    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
     claim_out_dir(cfg.out_dir, ctx)  # one run per out_dir
     policy, tok, reference, reward, critic = load_models(cfg, ctx)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)
@@ -367,7 +370,7 @@ def main(cfg: Config) -> dict:
                          children={"critic": (critic_state, critic_meta, None)} if critic is not None else None)
     result = {}
     if cfg.n_eval > 0 and ctx.master:
-        eval_policy = policy if ctx.world == 1 else load_model(cfg.out_dir, tok)[0].to(ctx.device)
+        eval_policy = policy if ctx.world == 1 else load_model(cfg.out_dir, tok)[0].to(ctx.device, ctx.dtype)
         result, eval_prompts, eval_answers = evaluate_policy(eval_policy, tok, cfg.data_dir, cfg.n_eval,
                                                              cfg.eval_max_new_tokens, cfg.temperature, seed=cfg.seed,
                                                              reference=reference)

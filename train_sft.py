@@ -60,6 +60,7 @@ class Config:
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
     seed: int = 1234  # model init and data order; sampling uses seed + 100003 * rank
 
 
@@ -77,11 +78,12 @@ def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Conf
         logps = model_logps(model, **batch)  # [B, T-1], zero where the weight is
         # FSDP averages gradients over ranks: scale by the world size so the sum is the global token mean
         loss = sft_loss(logps, batch["loss_mask"][:, 1:], n_tokens) * ctx.world
-        loss.backward()
+        ctx.scaled(loss).backward()
         loss_sum += loss.item() / ctx.world
         tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": loss_sum})
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": loss_sum},
+                               ctx.scaler)
     return {"loss": global_sum(loss_sum, ctx), "lr": lr, "grad_norm": grad_norm}, tokens
 
 
@@ -99,7 +101,7 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
-    ctx = setup(cfg.seed, cfg.device)
+    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     claim_out_dir(out_dir, ctx)  # one run per out_dir
     ensure_world(data_dir, "sft.jsonl", cfg.seed, ctx)
@@ -118,7 +120,7 @@ def main(cfg: Config) -> dict:
     if ctx.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
     # the gold-vs-KL points measure the KL against the model fine-tuning started from
-    reference = load_model(cfg.init_from, tok)[0].to(ctx.device).eval() if cfg.eval_interval else None
+    reference = load_model(cfg.init_from, tok)[0].to(ctx.device, ctx.dtype).eval() if cfg.eval_interval else None
     model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
 
     # 3. demonstrations -> token ids; loss on the response tokens (+ EOS) only
@@ -152,7 +154,7 @@ def main(cfg: Config) -> dict:
     #    print a few answers
     result = {"train_loss": metrics.get("loss")}
     if cfg.n_eval > 0 and ctx.master:
-        eval_model = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device)
+        eval_model = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device, ctx.dtype)
         result, prompts, answers = evaluate_policy(eval_model, tok, data_dir, cfg.n_eval, cfg.max_new_tokens,
                                                    cfg.temperature, seed=cfg.seed + 100003 * ctx.rank,
                                                    reference=reference)

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from nanoalign.checkpoint import hold_lock, read_meta, read_resume_state, recover, write_checkpoint
 from nanoalign.evaluate import curve_point
+from nanoalign.precision import LossScaler, loss_scaler, prepare, run_dtype
 
 # ----- batch split ----------------------------------------------------------------------------------
 
@@ -60,28 +61,36 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    dtype: torch.dtype = torch.float32  # of the run's forwards, --dtype (nanoalign.precision)
+    scaler: LossScaler | None = None  # fp16's loss scaler
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on: multiplied by the loss scale under fp16, else the loss itself."""
+        return loss if self.scaler is None else self.scaler.scale_loss(loss)
 
-def setup(seed: int, device: str = "auto") -> Dist:
-    """Start the process group under torchrun, pick the device, seed. Every rank seeds identically here so
-    that models are built with the same initial weights; per-rank seeds (seed + 100003·rank, N detail 6)
-    are for sampling and are derived by the caller."""
+
+def setup(seed: int, device: str = "auto", dtype: str = "fp32") -> Dist:
+    """Start the process group under torchrun, pick the device and the precision (--dtype, refused here where it
+    is unsupported: `precision.run_dtype`), seed. Every rank seeds identically here so that models are built with
+    the same initial weights; per-rank seeds (seed + 100003·rank, N detail 6) are for sampling and are derived by
+    the caller."""
     world, rank = world_size(), int(os.environ.get("RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
+    compute = run_dtype(dtype, torch.device(device), world)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device == "cpu":
         keep_cpu_heap()
     torch.manual_seed(seed)
-    return Dist(rank, world, torch.device(device))
+    return Dist(rank, world, torch.device(device), compute, loss_scaler(compute))
 
 
 def keep_cpu_heap() -> None:
@@ -132,12 +141,15 @@ def global_sum(x, ctx: Dist):
 def wrap_model(model: torch.nn.Module, ctx: Dist, compile: bool = False,
                activation_checkpointing: bool = False) -> torch.nn.Module:
     """Compile each block in place, shard each block, then the root (embeddings, tied head, final norm).
-    Activation checkpointing keeps only each block's input for backward and recomputes the rest.
-    Build the optimizer only afterwards: sharding turns parameters into DTensors."""
-    model.to(ctx.device)
+    Activation checkpointing keeps only each block's input for backward and recomputes the rest. The run's
+    --dtype is applied first (`precision.prepare`): bf16 parameters are sharded as they are, their gradients
+    summed over ranks in fp32. Build the optimizer only afterwards: sharding turns parameters into DTensors."""
+    prepare(model.to(ctx.device), ctx.dtype)
     model.checkpoint_blocks = activation_checkpointing
     if ctx.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    elif ctx.dtype == torch.bfloat16:
+        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()  # fp32 on CPU keeps the parity tests tight
     for block in model.transformer.h:
@@ -199,13 +211,18 @@ def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr: float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "", losses: dict | None = None) -> float:
+def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "", losses: dict | None = None,
+                   scaler: LossScaler | None = None) -> float:
     """Set the learning rate, clip the global gradient norm, step, zero the gradients; returns the norm.
     A non-finite gradient norm (over all ranks) or loss term stops the run here, before the step: the weights
     stay as they were and nothing is written, so the last checkpoint in out_dir is the last good one.
-    where: the step, for the error ("step 17"); losses: {name: float} this step's loss terms."""
+    where: the step, for the error ("step 17"); losses: {name: float} this step's loss terms. scaler: fp16's
+    (`Dist.scaler`): the gradients are unscaled first, and non-finite ones with finite losses are an overflow
+    of the scaling: the step is skipped, weights and moments unchanged, and the norm (inf or NaN) returned."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if scaler is not None:
+        scaler.unscale_(model.parameters())
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
@@ -213,12 +230,16 @@ def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "
     terms = {**(losses or {}), "grad_norm": norm}
     if not all(math.isfinite(v) for v in terms.values()):
         optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.overflowed(losses or {}):
+            return norm
         shown = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
         raise FloatingPointError(f"{where or 'a step'}: non-finite training values ({shown}); stopped before "
                                  f"the update, nothing written: the last checkpoint is the last good one (a lower "
                                  f"--lr, or --grad_clip, may help)")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.stepped()
     return norm
 
 
