@@ -1,6 +1,7 @@
 """Checkpoints: safetensors + JSON, never pickles, committed atomically.
 
-    out_dir/model.safetensors   weights (the tied lm_head dropped: safetensors refuses shared memory)
+    out_dir/model.safetensors   weights in fp32 for any --dtype (bf16 widens exactly); the tied lm_head dropped
+                                (safetensors refuses shared memory)
     out_dir/config.json         {"model": GPTConfig, "kind", "run": run config, "tokenizer_hash", "step",
                                 "metrics"}, reward models also {"reward_norm": {"gain", "bias"}}
     out_dir/tokenizer.json      the tokenizer the weights were trained with

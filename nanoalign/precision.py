@@ -17,6 +17,7 @@ overflow test would have to agree over ranks).
 """
 
 import math
+import types
 
 import torch
 
@@ -42,9 +43,13 @@ def prepare(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     if dtype == torch.bfloat16:
         model.to(dtype)
     elif dtype == torch.float16:
-        device_type = next(model.parameters()).device.type
-        model.forward = torch.autocast(device_type, dtype=torch.float16)(model.forward)
+        model.forward = types.MethodType(_fp16_forward, model)  # a bound method: a deepcopy rebinds it to the copy
     return model
+
+
+def _fp16_forward(self, *args, **kwargs):
+    with torch.autocast(next(self.parameters()).device.type, dtype=torch.float16):
+        return type(self).forward(self, *args, **kwargs)
 
 
 def loss_scaler(dtype: torch.dtype):
