@@ -423,3 +423,17 @@ def test_fp16_autocast_path_on_cpu_matches_fp32_and_skips_overflows(tiny_run):
     assert high[:n + 1] == [high[0]] * (n + 1) and high[-1] < 0.85 * high[0]  # no update until the scale fits
     print(f"fp16 vs fp32: loss {max(abs(a - b) / a for a, b in zip(fp32, fp16)):.2e} relative; from 2^22: "
           f"steps skipped {skipped}, loss {high[n]:.3f} -> {high[-1]:.3f}")
+
+
+def test_bf16_feedback_model_judges_like_fp32(judge_dir):
+    """nanoalign.rlaif's comparison log-odds (a KV-cached query pass, then both options) from a bf16 feedback
+    model: those of fp32 to within a fifth of their spread across the queries (measured: 1e-3 apart, spread
+    0.029), so the bf16 judge ranks comparisons as the fp32 one does."""
+    from nanoalign import constitution, rlaif
+    model, tok = load_model(judge_dir)
+    queries = [constitution.query(f"Where is my {item}, order #{1000 + i}?", "Choose the kinder answer.",
+                                  "It ships tomorrow.", "Go away.") for i, item in enumerate(["lamp", "fan"] * 3)]
+    fp32 = rlaif.option_logits(model.eval(), tok, queries)
+    bf16 = rlaif.option_logits(model.to(torch.bfloat16), tok, queries)
+    print(f"feedback log-odds bf16 vs fp32: {(bf16 - fp32).abs().max():.2e} apart, spread {fp32.std():.2e}")
+    assert 0 < (bf16 - fp32).abs().max() < 0.2 * fp32.std()
