@@ -26,7 +26,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_dtype(name: str, device: torch.device, world: int = 1) -> torch.dtype:
-    """--dtype=name on `device` with `world` processes -> the dtype of the run's forwards; a combination that
+    """--dtype=name on `device` with `world` processes -> the dtype of the run's forwards, fp32 being torch's
+    default dtype (float32 unless a test set float64: models are then cast to nothing else); a combination that
     is not supported is refused with a one-line error naming the flag (before anything is written)."""
     if name not in DTYPES:
         raise SystemExit(f"--dtype={name}: expected one of {', '.join(DTYPES)}")
@@ -35,7 +36,7 @@ def run_dtype(name: str, device: torch.device, world: int = 1) -> torch.dtype:
                          "which the CPU runs natively, or fp32")
     if name == "fp16" and world > 1:
         raise SystemExit(f"--dtype=fp16 is single-process only ({world} processes): use --dtype=bf16 under torchrun")
-    return DTYPES[name]
+    return torch.get_default_dtype() if name == "fp32" else DTYPES[name]
 
 
 def prepare(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
