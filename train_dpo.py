@@ -32,11 +32,12 @@ from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl, require_soft_labels
 from nanoalign.evaluate import check_eval_prompts, finish
+from nanoalign.logger import Logger
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, Logger,
-                                lr_at, make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup,
-                                teardown, world_size, wrap_model)
+from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
+                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
+                                world_size, wrap_model)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Config:
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
     seed: int = 1234  # data order and evaluation sampling (policy and reference alike)
 
 
@@ -118,7 +120,8 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
         sums = {name: sums.get(name, 0.0) + v.sum().item() for name, v in stats.items()}
         tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": sums["loss"]})
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": sums["loss"]},
+                               ctx.scaler)
     return {**{name: global_sum(v, ctx) / cfg.batch_size for name, v in sums.items()},
             "lr": lr, "grad_norm": grad_norm}, tokens
 
@@ -136,7 +139,7 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, preference pairs
-    ctx = setup(cfg.seed, cfg.device)
+    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     claim_out_dir(out_dir, ctx)  # one run per out_dir
     pairs_path = data_dir / cfg.pairs_file
@@ -149,7 +152,7 @@ def main(cfg: Config) -> dict:
     # 2. policy from --init_from (or out_dir on resume); the reference is the --init_from model, frozen
     model, tok = load_model(out_dir if cfg.resume else cfg.init_from)
     step = 0  # set by resume() below
-    reference = load_model(cfg.init_from, tok)[0].to(ctx.device).eval().requires_grad_(False)
+    reference = load_model(cfg.init_from, tok)[0].to(ctx.device, ctx.dtype).eval().requires_grad_(False)
     max_len = cfg.max_len or model.config.block_size
     if ctx.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters; max_len {max_len}"

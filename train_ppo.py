@@ -42,13 +42,14 @@ from nanoalign.checkpoint import load_model, load_reward_model, read_meta
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, check_prompts, read_jsonl
 from nanoalign.evaluate import check_eval_prompts, finish
+from nanoalign.logger import Logger
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
                               unpack, whiten)
 from nanoalign.rollout import (all_sum, deal_minibatches, global_mean, global_total, global_var, rank_share,
                                row_generators)
 from nanoalign.sampling import join, reward_scores, sample, scored_forward, token_values
-from nanoalign.scaffold import (claim_out_dir, curve_point_due, gathered, global_backward, Logger, make_optimizer,
+from nanoalign.scaffold import (claim_out_dir, curve_point_due, gathered, global_backward, make_optimizer,
                                 optimizer_step, resume, save_final, save_resumable, setup, teardown, world_size,
                                 wrap_model)
 
@@ -92,6 +93,7 @@ class Config:
     ckpt_interval: int = 20  # updates between resumable checkpoints (the final one is the plain policy)
     compile: bool = False  # torch.compile each transformer block
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
     seed: int = 1234  # data order and sampling
 
 
@@ -201,9 +203,10 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
             global_backward(loss, ctx)
             where = f"update {update + 1}, epoch {epoch + 1}"
             terms = {"pg_loss": parts[0].item(), "vf_loss": parts[1].item()}  # checked finite before each step
-            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms)
+            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms, ctx.scaler)
             if critic is not None:
-                optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip, f"{where} (critic)", terms)
+                optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip, f"{where} (critic)", terms,
+                               ctx.scaler)
             stats.append(all_ranks(parts).tolist())  # this rank's shares of the minibatch's means, summed
 
     # 6. metrics: means over the whole rollout (every rank's episodes)
@@ -232,9 +235,10 @@ def load_models(cfg: Config, ctx) -> tuple:
     if head and not cfg.resume:
         policy.reset_scalar_head(std=0.0)
     policy = wrap_model(policy, ctx, cfg.compile)
-    reference = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device).eval().requires_grad_(False)
+    reference = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device, ctx.dtype)
+    reference.eval().requires_grad_(False)
     rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
-    rm.to(ctx.device).eval().requires_grad_(False)
+    rm.to(ctx.device, ctx.dtype).eval().requires_grad_(False)
     critic = None
     if uses_critic and cfg.critic == "separate" and cfg.resume:  # written beside the policy, in the same commit
         critic = load_model(f"{cfg.out_dir}/critic", tok, scalar_head=True, kinds=("critic",))[0]
@@ -276,7 +280,7 @@ def check_rollout(cfg: Config, world: int) -> None:
 def main(cfg: Config) -> dict:
     # 0. the config; processes and models
     check_rollout(cfg, world_size())
-    ctx = setup(cfg.seed, cfg.device)
+    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
     claim_out_dir(cfg.out_dir, ctx)  # one run per out_dir
     policy, tok, reference, reward, critic = load_models(cfg, ctx)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)

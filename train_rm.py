@@ -37,13 +37,14 @@ from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, encode_example, ensure_world, read_jsonl, require_soft_labels
 from nanoalign.evaluate import pairwise_hits, ranked_above, reward_model_metrics, sample_answers, write_json
+from nanoalign.logger import Logger
 from nanoalign.losses import (best_of_k_loss, kwise_ranking_loss, plackett_luce_loss, reward_normalisation,
                               soft_bradley_terry_loss)
 from nanoalign.model import GPT
 from nanoalign.sampling import group_rewards, join, reward_scores
-from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_backward, global_sum, Logger,
-                                lr_at, make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup,
-                                teardown, world_size, wrap_model)
+from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_backward, global_sum, lr_at,
+                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
+                                world_size, wrap_model)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Config:
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
     seed: int = 1234  # head init and data order; sampling for normalisation uses seed
 
 
@@ -123,7 +125,7 @@ def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_st
         hits, margins, n_pairs = hits + h, margins + m, n_pairs + n
         tokens += sum(len(ids) for g in micro for ids, _ in g["rows"])
     lr = lr_at(step - 1, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step}", {"loss": loss_sum})
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step}", {"loss": loss_sum}, ctx.scaler)
     n_pairs = global_sum(n_pairs, ctx)
     return {"loss": global_sum(loss_sum, ctx), "rewards/accuracies": global_sum(hits, ctx) / n_pairs,
             "rewards/margins": global_sum(margins, ctx) / n_pairs, "lr": lr, "grad_norm": grad_norm}, tokens
@@ -138,7 +140,7 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
-    ctx = setup(cfg.seed, cfg.device)
+    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     claim_out_dir(out_dir, ctx)  # one run per out_dir
     ensure_world(data_dir, "prefs.jsonl", cfg.seed, ctx)
@@ -200,11 +202,11 @@ def main(cfg: Config) -> dict:
     if ctx.master:
         rm = GPT(model.config)
         rm.load_state_dict(model_state)
-        rm.to(ctx.device).eval()
+        rm.to(ctx.device, ctx.dtype).eval()
         with torch.no_grad():
             # 6a. SFT samples on random training prompts (the policy PPO starts from) -> gain, bias with
             # gain * r + bias at mean 0, std 1 on exactly this sample (Ziegler §2; OAI-19 normalize_after)
-            policy = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device)
+            policy = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device, ctx.dtype)
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_norm]
             prompts = [train[i]["prompt"] for i in order.tolist()]
             answers, batches = sample_answers(policy, tok, prompts, cfg.max_new_tokens, cfg.temperature,

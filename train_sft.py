@@ -22,12 +22,13 @@ from nanoalign.checkpoint import load_model
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, collate, encode_example, ensure_world, read_jsonl
 from nanoalign.evaluate import check_eval_prompts, finish
+from nanoalign.logger import Logger
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, Logger,
-                                lr_at, make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup,
-                                teardown, world_size, wrap_model)
+from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
+                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
+                                world_size, wrap_model)
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -60,6 +61,7 @@ class Config:
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
     seed: int = 1234  # model init and data order; sampling uses seed + 100003 * rank
 
 
@@ -80,7 +82,8 @@ def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Conf
         loss_sum += loss.item()
         tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": loss_sum})
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": loss_sum},
+                               ctx.scaler)
     return {"loss": global_sum(loss_sum, ctx), "lr": lr, "grad_norm": grad_norm}, tokens
 
 
@@ -98,7 +101,7 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
-    ctx = setup(cfg.seed, cfg.device)
+    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     claim_out_dir(out_dir, ctx)  # one run per out_dir
     ensure_world(data_dir, "sft.jsonl", cfg.seed, ctx)
@@ -117,7 +120,7 @@ def main(cfg: Config) -> dict:
     if ctx.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
     # the gold-vs-KL points measure the KL against the model fine-tuning started from
-    reference = load_model(cfg.init_from, tok)[0].to(ctx.device).eval() if cfg.eval_interval else None
+    reference = load_model(cfg.init_from, tok)[0].to(ctx.device, ctx.dtype).eval() if cfg.eval_interval else None
     model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
 
     # 3. demonstrations -> token ids; loss on the response tokens (+ EOS) only

@@ -1,16 +1,18 @@
-"""The fixed DPO workload on the CPU, against the machine's own fp32 matmul throughput.
+"""The fixed DPO workload on the CPU, against the machine's own matmul throughput in the same dtype.
 
     python bench/dpo_throughput.py              # both modes, each in its own process (its own peak RSS)
     python bench/dpo_throughput.py --mode=live  # one mode
+    python bench/dpo_throughput.py --dtype=bf16 # the same workload in bf16 -> bench/dpo_throughput_bf16.json
 
 GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocabulary 4096, context 256; prompt 64, chosen 64, rejected
-64 tokens (random ids); 8 pairs per optimizer step; fp32; β 0.1; AdamW lr 1e-5; 5 warm-up steps, 20 timed. The
-step is train_dpo.py's (bench/common.py: one concatenated forward, sigmoid loss, clip, AdamW). `live` runs the
-frozen reference forward each step; `cached` reads reference log-probs computed beforehand, the reference then
-deleted, as train_dpo.py's disk cache does. FLOPs: 3× forward for the policy + 1× for a live reference over the
-2·(64 + 64) tokens of each pair, the LM head at the 2·64 scored positions only, as it runs (bench/common.py).
-Ratio = achieved ÷ the fp32 2048³ matmul's sustained GFLOP/s, measured just before and just after the timed
-steps and averaged (bench/common.py); the ratio to its fastest single call is printed too.
+64 tokens (random ids); 8 pairs per optimizer step; fp32, or with --dtype=bf16 weights, gradients, AdamW moments
+and matmuls in bf16 (the scripts' --dtype=bf16, nanoalign.precision); β 0.1; AdamW lr 1e-5; 5 warm-up steps, 20
+timed. The step is train_dpo.py's (bench/common.py: one concatenated forward, sigmoid loss, clip, AdamW). `live`
+runs the frozen reference forward each step; `cached` reads reference log-probs computed beforehand, the reference
+then deleted, as train_dpo.py's disk cache does. FLOPs: 3× forward for the policy + 1× for a live reference over
+the 2·(64 + 64) tokens of each pair, the LM head at the 2·64 scored positions only, as it runs (bench/common.py).
+Ratio = achieved ÷ the 2048³ matmul's sustained GFLOP/s in the run's dtype, measured just before and just after
+the timed steps and averaged (bench/common.py); the ratio to its fastest single call is printed too.
 """
 
 import json
@@ -37,12 +39,14 @@ class Config:
     response: int = 64
     warmup: int = 5
     steps: int = 20
-    out: str = "bench/dpo_throughput.json"
+    dtype: str = "fp32"  # fp32 | bf16
+    out: str = ""  # "" = bench/dpo_throughput.json (fp32) or bench/dpo_throughput_bf16.json
 
 
 def run_mode(cfg: Config) -> dict:
     mc = GPTConfig(block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=256)
-    ctx = setup(0, "cpu")  # seeds; keeps freed memory in the process (scaffold.keep_cpu_heap), as the scripts do
+    # seeds; keeps freed memory in the process (scaffold.keep_cpu_heap), as the scripts do; wrap_model casts to bf16
+    ctx = setup(0, "cpu", cfg.dtype)
     policy = wrap_model(GPT(mc), ctx, cfg.compile)
     reference = wrap_model(GPT(mc), ctx, cfg.compile).eval().requires_grad_(False)
     optimizer = make_optimizer(policy, 1e-5, 0.0)
@@ -54,7 +58,7 @@ def run_mode(cfg: Config) -> dict:
         with torch.no_grad():
             cached = [model_logps(reference, **b).sum(-1) for b in batches]
         reference = None
-    before = matmul_gflops()
+    before = matmul_gflops(dtype=ctx.dtype)
     reset_peak_rss()  # the peak of the training loop only, not of building the cache
     work = iter(zip(batches, cached or [None] * len(batches)))
 
@@ -64,13 +68,13 @@ def run_mode(cfg: Config) -> dict:
 
     dt = timed(step, cfg.warmup, cfg.steps, "cpu")
     rss = peak_rss_mb()  # before the matmuls' own buffers
-    after = matmul_gflops()
+    after = matmul_gflops(dtype=ctx.dtype)
     sustained, best = (before[0] + after[0]) / 2, max(before[1], after[1])  # either side of the loop: drift cancels
     T, rows = cfg.prompt + cfg.response, 2 * cfg.pairs
     passes = 3 + (1 if cfg.mode == "live" else 0)  # policy forward + backward, reference forward
     gflops = passes * forward_flops(mc, T, rows * T, rows * cfg.response) / dt / 1e9
-    return {"mode": cfg.mode, "compile": cfg.compile, "pairs_per_s": cfg.pairs / dt, "step_s": dt,
-            "achieved_gflops": gflops, "matmul_gflops": sustained, "ratio": gflops / sustained,
+    return {"mode": cfg.mode, "dtype": cfg.dtype, "compile": cfg.compile, "pairs_per_s": cfg.pairs / dt,
+            "step_s": dt, "achieved_gflops": gflops, "matmul_gflops": sustained, "ratio": gflops / sustained,
             "matmul_best_gflops": best, "ratio_to_best": gflops / best,
             "peak_rss_mb": rss, "machine": machine()}
 
@@ -88,10 +92,10 @@ def main(cfg: Config) -> None:
         proc = subprocess.run([sys.executable, __file__, f"--mode={mode}", *args], capture_output=True, text=True,
                               check=True)
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    write_json(cfg.out, results)
+    write_json(cfg.out or f"bench/dpo_throughput{'' if cfg.dtype == 'fp32' else '_' + cfg.dtype}.json", results)
     live, cached = results["live"], results["cached"]
-    print(f"dpo_throughput: live {live['pairs_per_s']:.2f} pairs/s, {live['achieved_gflops']:.1f} GFLOP/s = "
-          f"{live['ratio']:.2f} of matmul {live['matmul_gflops']:.1f} ({live['ratio_to_best']:.2f} of its best "
+    print(f"dpo_throughput ({cfg.dtype}): live {live['pairs_per_s']:.2f} pairs/s, {live['achieved_gflops']:.1f} "
+          f"GFLOP/s = {live['ratio']:.2f} of matmul {live['matmul_gflops']:.1f} ({live['ratio_to_best']:.2f} of its best "
           f"{live['matmul_best_gflops']:.1f}), peak RSS {live['peak_rss_mb']:.0f} MB | "
           f"cached {cached['pairs_per_s']:.2f} pairs/s ({cached['pairs_per_s'] / live['pairs_per_s']:.2f}x), "
           f"{cached['achieved_gflops']:.1f} GFLOP/s = {cached['ratio']:.2f}, peak RSS {cached['peak_rss_mb']:.0f} MB")

@@ -1,6 +1,7 @@
 """Checkpoints: safetensors + JSON, never pickles, committed atomically.
 
-    out_dir/model.safetensors   weights (the tied lm_head dropped: safetensors refuses shared memory)
+    out_dir/model.safetensors   weights in fp32 for any --dtype (bf16 widens exactly); the tied lm_head dropped
+                                (safetensors refuses shared memory)
     out_dir/config.json         {"model": GPTConfig, "kind", "run": run config, "tokenizer_hash", "step",
                                 "metrics"}, reward models also {"reward_norm": {"gain", "bias"}}
     out_dir/tokenizer.json      the tokenizer the weights were trained with
@@ -158,13 +159,20 @@ def _fault(point: str) -> None:
     """A named point of the checkpoint write; the fault-injection tests replace this to kill the writer there."""
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as a checkpoint stores it: on the CPU, bf16 and fp16 widened to fp32 (exactly), so that a --dtype=bf16
+    run's weights and moments read as fp32 code expects and a resumed run narrows them back bit for bit."""
+    t = t.detach().contiguous().cpu()
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
 
 
 def _write_files(path: Path, model_state: dict, meta: dict, tokenizer: Tokenizer, resume_state) -> None:
     path.mkdir(parents=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items() if k != "lm_head.weight"}
+    tensors = {k: _full(v) for k, v in model_state.items() if k != "lm_head.weight"}
     save_file(tensors, path / "model.safetensors")
     tokenizer.save(path / "tokenizer.json")
     meta = {**meta, "tokenizer_hash": tokenizer.hash}
@@ -273,7 +281,7 @@ def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
     flat = {}
     for name, entry in state["state"].items():
         for key, value in entry.items():
-            flat[f"optim/{name}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+            flat[f"optim/{name}/{key}"] = _full(torch.as_tensor(value))
     return flat, state["param_groups"]
 
 

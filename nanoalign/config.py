@@ -8,6 +8,8 @@ import types
 import typing
 from pathlib import Path
 
+from nanoalign.precision import DTYPES
+
 
 def parse_config(cls, argv=None):
     """Build the dataclass `cls` from `--key=value` arguments, converting each value to its field's type.
@@ -67,12 +69,15 @@ DEVICES = ("auto", "cpu", "cuda")
 def check_config(cfg, positive: str = "", nonneg: str = "", choices: dict | None = None) -> None:
     """Refuse a bad config before anything is created or opened for writing: the fields named in `positive`
     (space-separated) must be > 0, those in `nonneg` >= 0 (None passes: "not set"), each field of `choices`
-    one of its values, `device` (if any) one of DEVICES. The error names the flag and what it allows."""
+    one of its values, `device` (if any) one of DEVICES, `dtype` (if any) one of precision.DTYPES. The error
+    names the flag and what it allows."""
     for names, test, rule in ((positive, lambda v: v > 0, "> 0"), (nonneg, lambda v: v >= 0, ">= 0")):
         for name in names.split():
             value = getattr(cfg, name)
             if value is not None and not test(value):  # NaN fails both tests
                 raise SystemExit(f"--{name}={value}: must be {rule}")
-    for name, allowed in {**({"device": DEVICES} if hasattr(cfg, "device") else {}), **(choices or {})}.items():
+    implied = {name: allowed for name, allowed in (("device", DEVICES), ("dtype", tuple(DTYPES)))
+               if hasattr(cfg, name)}
+    for name, allowed in {**implied, **(choices or {})}.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name}={getattr(cfg, name)}: expected one of {', '.join(map(str, allowed))}")

@@ -29,6 +29,7 @@ from nanoalign.config import check_config, parse_config
 from nanoalign.data import check_prompts, read_jsonl
 from nanoalign.logprobs import token_logps
 from nanoalign.losses import best_of_n_kl, best_of_n_pool, kwise_ranking_loss, token_kl
+from nanoalign.precision import run_dtype
 from nanoalign.sampling import group_rewards, join, reward_scores, sample
 
 
@@ -47,6 +48,7 @@ class Config:
     n_bon: int = 100  # held-out prompts for the best-of-N curve
     select: int = 8  # the realised best-of-N policy in best_of_n.json["selected"]: gold, failures, win rate
     out: str = ""  # directory for eval.json and best_of_n.json ("" = the evaluated checkpoint's)
+    dtype: str = "fp32"  # fp32 | bf16: the models' weights while sampling and scoring (on the CPU)
 
 
 def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: float = 1.0,
@@ -169,9 +171,9 @@ def finish(model, tok, ctx, out_dir, data_dir, n: int, max_new_tokens: int, temp
     out_dir/eval.json and prints the `summary` keys -> the eval dict (`result`, or {}, off rank 0 or with n = 0)."""
     if n <= 0 or not ctx.master:
         return result if result is not None else {}
-    policy = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device)
+    policy = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device, ctx.dtype)
     if isinstance(reference, (str, Path)):
-        reference = load_model(reference, tok)[0].to(ctx.device).eval()
+        reference = load_model(reference, tok)[0].to(ctx.device, ctx.dtype).eval()
     result, prompts, answers = evaluate_policy(policy, tok, data_dir, n, max_new_tokens, temperature, seed=seed,
                                                reference=reference)
     for p, a in list(zip(prompts, answers))[:4]:
@@ -313,8 +315,10 @@ def main(cfg: Config) -> dict:
     if cfg.best_of_n and (cfg.best_of_n & (cfg.best_of_n - 1) or not cfg.reward_model or cfg.select >= cfg.best_of_n):
         raise SystemExit(f"--best_of_n={cfg.best_of_n} needs a power of 2, --reward_model, and --select below it "
                          f"(got --select={cfg.select}, --reward_model={cfg.reward_model!r})")
+    dtype = run_dtype(cfg.dtype, torch.device("cpu"))
     model, tok = load_model(cfg.checkpoint)  # a policy: a reward model or critic is refused here
-    reference = load_model(cfg.reference, tok)[0].eval() if cfg.reference else None
+    model = model.to(dtype)
+    reference = load_model(cfg.reference, tok)[0].to(dtype).eval() if cfg.reference else None
     out = Path(cfg.out or cfg.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     metrics, prompts, answers = evaluate_policy(model, tok, cfg.data_dir, cfg.n, cfg.max_new_tokens,
@@ -325,6 +329,7 @@ def main(cfg: Config) -> dict:
     print(json.dumps(metrics, indent=2))
     if cfg.best_of_n > 0:
         rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
+        rm = rm.to(dtype)
         rows, selected = best_of_n(model, tok, rm, gain, bias, prompts[:cfg.n_bon], cfg.best_of_n,
                                    cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.select)
         print(f"{'N':>4} {'KL':>6} {'proxy':>7} {'gold':>7}")

@@ -68,6 +68,7 @@ class Config:
     judge_prompt_loss: float = 0.1  # its loss on the query tokens: without it the verdict alone stays at chance
     seed: int = 1234  # prompts, sampling, principles drawn per comparison, the feedback model's training
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (CUDA): the models here and the feedback model's training
 
 
 # ----- preferences ----------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def train_judge(cfg: Config, principles: list[Principle]) -> None:
     subprocess.run([sys.executable, str(script), f"--data_dir={corpus}", f"--out_dir={cfg.judge}",
                     f"--block_size={cfg.judge_block_size}", f"--max_steps={cfg.judge_steps}", "--n_eval=0",
                     f"--prompt_loss_weight={cfg.judge_prompt_loss}",
-                    f"--seed={cfg.seed}", f"--device={cfg.device}"], check=True)
+                    f"--seed={cfg.seed}", f"--device={cfg.device}", f"--dtype={cfg.dtype}"], check=True)
 
 
 def sample_pairs(policy, tok, prompts: list, cfg: Config, source: str = "the policy") -> tuple[list[tuple], int]:
@@ -215,7 +216,8 @@ def main(cfg: Config) -> dict:
     if cfg.k < 2:
         raise SystemExit(f"--k={cfg.k}: need at least 2 answers per prompt to compare")
     principles = read_constitution(cfg.constitution or None)
-    device = setup(cfg.seed, cfg.device).device
+    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
+    device, dtype = ctx.device, ctx.dtype
 
     # 1. the feedback model (trained first if missing) and the policy's answers, k per training prompt
     judge = judge_tok = None
@@ -223,13 +225,13 @@ def main(cfg: Config) -> dict:
         if not (Path(cfg.judge) / "config.json").exists():
             train_judge(cfg, principles)
         judge, judge_tok = load_model(cfg.judge)
-        judge = judge.to(device).eval()
+        judge = judge.to(device, dtype).eval()
         option_ids(judge_tok, cfg.judge)  # options split differently fail here, before any sampling
     policy, tok = load_model(cfg.policy)
     prompts = [r["prompt"] for r in read_jsonl(Path(cfg.data_dir) / "prompts.jsonl", "prompts")]
     prompts = random.Random(cfg.seed).sample(prompts, min(cfg.n_prompts, len(prompts)))
     t0 = time.time()
-    pairs, n_all = sample_pairs(policy.to(device), tok, prompts, cfg, source=cfg.policy)
+    pairs, n_all = sample_pairs(policy.to(device, dtype), tok, prompts, cfg, source=cfg.policy)
     t_sample = time.time() - t0
     print(f"{len(pairs)} pairs from {len(prompts)} prompts x {cfg.k} answers ({t_sample:.0f}s; "
           f"{n_all - len(pairs)} left out: equal or empty answers)")

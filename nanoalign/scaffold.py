@@ -1,6 +1,6 @@
 """The training scaffold every script shares: processes and devices, the batch split, one run per out_dir,
-FSDP2 and compile, AdamW with warmup + cosine, the optimizer step (which stops a non-finite run), resume state
-and logging.
+FSDP2 and compile, the run's precision (`nanoalign.precision`), AdamW with warmup + cosine, the optimizer step
+(which stops a non-finite run) and resume state. The log is `nanoalign.logger`.
 
 One multi-process path: under `torchrun` the scaffold starts NCCL (GPU) or gloo (CPU) and shards with FSDP2;
 as a plain script it does neither. Loss normalisation under accumulation and sharding: every script divides
@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
-import json
 import math
 import os
 import time
@@ -26,6 +25,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from nanoalign.checkpoint import hold_lock, read_meta, read_resume_state, recover, write_checkpoint
 from nanoalign.evaluate import curve_point
+from nanoalign.precision import LossScaler, loss_scaler, prepare, run_dtype
 
 # ----- batch split ----------------------------------------------------------------------------------
 
@@ -60,29 +60,37 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    dtype: torch.dtype = torch.float32  # of the run's forwards, --dtype (nanoalign.precision)
+    scaler: LossScaler | None = None  # fp16's loss scaler
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on: multiplied by the loss scale under fp16, else the loss itself."""
+        return loss if self.scaler is None else self.scaler.scale_loss(loss)
 
-def setup(seed: int, device: str = "auto") -> Dist:
-    """Start the process group under torchrun, pick the device, seed. Every rank seeds identically here so
-    that models are built with the same initial weights; per-rank seeds (seed + 100003·rank, N detail 6)
-    are for sampling and are derived by the caller. One process-wide side effect: on the CPU, `keep_cpu_heap`
-    changes glibc's malloc thresholds for the whole process."""
+
+def setup(seed: int, device: str = "auto", dtype: str = "fp32") -> Dist:
+    """Start the process group under torchrun, pick the device and the precision (--dtype, refused here where it
+    is unsupported: `precision.run_dtype`), seed. Every rank seeds identically here so that models are built with
+    the same initial weights; per-rank seeds (seed + 100003·rank, N detail 6) are for sampling and are derived by
+    the caller. One process-wide side effect: on the CPU, `keep_cpu_heap` changes glibc's malloc thresholds for
+    the whole process."""
     world, rank = world_size(), int(os.environ.get("RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
+    compute = run_dtype(dtype, torch.device(device), world)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device == "cpu":
         keep_cpu_heap()
     torch.manual_seed(seed)
-    return Dist(rank, world, torch.device(device))
+    return Dist(rank, world, torch.device(device), compute, loss_scaler(compute))
 
 
 def keep_cpu_heap() -> None:
@@ -133,12 +141,15 @@ def global_sum(x, ctx: Dist):
 def wrap_model(model: torch.nn.Module, ctx: Dist, compile: bool = False,
                activation_checkpointing: bool = False) -> torch.nn.Module:
     """Compile each block in place, shard each block, then the root (embeddings, tied head, final norm).
-    Activation checkpointing keeps only each block's input for backward and recomputes the rest.
-    Build the optimizer only afterwards: sharding turns parameters into DTensors."""
-    model.to(ctx.device)
+    Activation checkpointing keeps only each block's input for backward and recomputes the rest. The run's
+    --dtype is applied first (`precision.prepare`): bf16 parameters are sharded as they are, their gradients
+    summed over ranks in fp32. Build the optimizer only afterwards: sharding turns parameters into DTensors."""
+    prepare(model.to(ctx.device), ctx.dtype)
     model.checkpoint_blocks = activation_checkpointing
     if ctx.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    elif ctx.dtype == torch.bfloat16:
+        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()  # fp32 on CPU keeps the parity tests tight
     for block in model.transformer.h:
@@ -181,7 +192,7 @@ def accumulate(model, items: list, size: int):
 def global_backward(loss: torch.Tensor, ctx: Dist) -> None:
     """Backward on a loss summed over this rank's rows and divided by the global count (tokens, pairs, prompts),
     times the world size: FSDP2 averages gradients over ranks, so 1 and N processes take the same step."""
-    (loss * ctx.world).backward()
+    ctx.scaled(loss * ctx.world).backward()  # under fp16 also times the loss scale (nanoalign.precision)
 
 
 # ----- optimizer ----------------------------------------------------------------------------------------
@@ -206,13 +217,18 @@ def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr: float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "", losses: dict | None = None) -> float:
+def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "", losses: dict | None = None,
+                   scaler: LossScaler | None = None) -> float:
     """Set the learning rate, clip the global gradient norm, step, zero the gradients; returns the norm.
     A non-finite gradient norm (over all ranks) or loss term stops the run here, before the step: the weights
     stay as they were and nothing is written, so the last checkpoint in out_dir is the last good one.
-    where: the step, for the error ("step 17"); losses: {name: float} this step's loss terms."""
+    where: the step, for the error ("step 17"); losses: {name: float} this step's loss terms. scaler: fp16's
+    (`Dist.scaler`): the gradients are unscaled first, and non-finite ones with finite losses are an overflow
+    of the scaling: the step is skipped, weights and moments unchanged, and the norm (inf or NaN) returned."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if scaler is not None:
+        scaler.unscale_(model.parameters())
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
@@ -220,12 +236,16 @@ def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "
     terms = {**(losses or {}), "grad_norm": norm}
     if not all(math.isfinite(v) for v in terms.values()):
         optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.overflowed(losses or {}):
+            return norm
         shown = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
         raise FloatingPointError(f"{where or 'a step'}: non-finite training values ({shown}); stopped before "
                                  f"the update, nothing written: the last checkpoint is the last good one (a lower "
                                  f"--lr, or --grad_clip, may help)")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.stepped()
     return norm
 
 
@@ -299,46 +319,3 @@ def curve_point_due(step: int, interval: int, last: int, model, reference, tok, 
     with gathered(model):
         point = curve_point(model, reference, tok, data_dir, n, max_new_tokens, temperature, seed)
     return point, time.time() - t0
-
-
-# ----- logging -----------------------------------------------------------------------------------------
-
-
-class Logger:
-    """Rank 0 prints one progress line per call and appends every metric to out_dir/log.jsonl."""
-
-    def __init__(self, out_dir, ctx: Dist, max_steps: int, resume_step: int = 0):
-        self.path = Path(out_dir) / "log.jsonl"
-        self.master, self.max_steps = ctx.master, max_steps
-        self.t0, self.step0 = time.time(), resume_step
-        if self.master:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = []
-            if resume_step and self.path.exists():  # drop lines logged after the checkpoint we resume from
-                lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-                for n, line in enumerate(lines, 1):
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        if n < len(lines):
-                            raise ValueError(f"{self.path}:{n}: damaged log line (not JSON) before the last one")
-                        print(f"{self.path}:{n}: dropped a torn last line (the run was killed while writing it)")
-                        continue
-                    if record["step"] <= resume_step:
-                        kept.append(line)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
-            tmp.replace(self.path)
-
-    def log(self, step: int, metrics: dict, tokens_per_s: float | None = None) -> None:
-        if not self.master:
-            return
-        elapsed = time.time() - self.t0
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "time": round(elapsed, 3), **metrics}) + "\n")
-        done = max(1, step - self.step0)
-        eta = elapsed / done * (self.max_steps - step)
-        shown = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        speed = f" | {tokens_per_s / 1e3:.1f}k tok/s" if tokens_per_s else ""
-        print(f"step {step:5d}/{self.max_steps} | {shown}{speed} | eta {int(eta) // 60}m{int(eta) % 60:02d}s",
-              flush=True)

@@ -90,15 +90,15 @@ def torchrun(script: str, cfg, nproc: int = 2) -> None:
 
 def run_killed_at(main, cfg, step: int, monkeypatch) -> None:
     """Run main(cfg) and kill it (KeyboardInterrupt) right after it logs `step`, as a crash would."""
-    import nanoalign.scaffold
-    real_log = nanoalign.scaffold.Logger.log
+    import nanoalign.logger
+    real_log = nanoalign.logger.Logger.log
 
     def dies(self, at, metrics, *args):
         real_log(self, at, metrics, *args)
         if at == step:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", dies)
+    monkeypatch.setattr(nanoalign.logger.Logger, "log", dies)
     with pytest.raises(KeyboardInterrupt):
         main(cfg)
-    monkeypatch.setattr(nanoalign.scaffold.Logger, "log", real_log)
+    monkeypatch.setattr(nanoalign.logger.Logger, "log", real_log)

@@ -20,6 +20,13 @@ def test_dpo_throughput_runs(tmp_path):
         assert result[mode]["mode"] == mode and 0 < result[mode]["ratio"] and result[mode]["peak_rss_mb"] > 0
 
 
+def test_dpo_throughput_runs_in_bf16(tmp_path):
+    result = run_bench("dpo_throughput.py", tmp_path, "--compile=False", "--warmup=1", "--steps=1", "--pairs=2",
+                       "--dtype=bf16")
+    for mode in ("live", "cached"):
+        assert result[mode]["dtype"] == "bf16" and 0 < result[mode]["ratio"]
+
+
 def test_generate_runs(tmp_path):
     result = run_bench("generate.py", tmp_path, "--repeats=1", "--batch=2", "--new_tokens=4")
     assert result["vs_no_cache"] > 0 and result["hf_generate_tokens_per_s"] > 0

@@ -30,7 +30,8 @@ from nanoalign.checkpoint import (hold_lock, load_model, load_reward_model, read
                                   write_checkpoint)
 from nanoalign.data import read_jsonl
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.scaffold import Dist, Logger, micro_batch
+from nanoalign.logger import Logger
+from nanoalign.scaffold import Dist, micro_batch
 
 
 def sft(tiny_run, out, **kw):
