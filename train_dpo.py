@@ -91,7 +91,7 @@ def sequence_logps(model, seqs: list, pad_id: int, device, batch_size: int = 64)
 
 
 def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, step: int, cfg: Config,
-             ctx) -> tuple[dict, int]:
+             proc) -> tuple[dict, int]:
     """One optimizer step on this rank's `rows` (pair indices): per micro-batch, chosen and rejected in ONE
     forward (as the DPO authors' concatenated forward), the losses summed over pairs / the global batch, then
     AdamW. pairs = (seqs, chosen, rejected, smoothing, pad_id) from main; ref_logps [N sequences] when cached,
@@ -100,7 +100,7 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
     sums, tokens = {}, 0
     for micro in accumulate(model, rows, cfg.micro_batch_size):
         c, r = [chosen[i] for i in micro], [rejected[i] for i in micro]
-        batch = {key: v.to(ctx.device) for key, v in collate([seqs[i] for i in c + r], pad_id).items()}
+        batch = {key: v.to(proc.device) for key, v in collate([seqs[i] for i in c + r], pad_id).items()}
         policy_chosen, policy_rejected = model_logps(model, **batch).sum(-1).chunk(2)  # [P] each
         if ref_logps is not None:
             ref_chosen, ref_rejected = ref_logps[c], ref_logps[r]
@@ -112,7 +112,7 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
             label_smoothing=smoothing[micro], chosen_lengths=lengths[:len(micro)],
             rejected_lengths=lengths[len(micro):], simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
-        global_backward(losses.sum() / cfg.batch_size, ctx)  # summed over pairs / the global batch's pairs
+        global_backward(losses.sum() / cfg.batch_size, proc)  # summed over pairs / the global batch's pairs
         stats = {"loss": losses.detach(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                  "rewards/margins": chosen_rewards - rejected_rewards, "rewards/chosen": chosen_rewards,
                  "rewards/rejected": rejected_rewards, "logps/chosen": policy_chosen.detach(),
@@ -121,8 +121,8 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
         tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
     grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": sums["loss"]},
-                               ctx.scaler)
-    return {**{name: global_sum(v, ctx) / cfg.batch_size for name, v in sums.items()},
+                               proc.scaler)
+    return {**{name: global_sum(v, proc) / cfg.batch_size for name, v in sums.items()},
             "lr": lr, "grad_norm": grad_norm}, tokens
 
 
@@ -139,9 +139,9 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, preference pairs
-    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
+    proc = setup(cfg.seed, cfg.device, cfg.dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
-    claim_out_dir(out_dir, ctx)  # one run per out_dir
+    claim_out_dir(out_dir, proc)  # one run per out_dir
     pairs_path = data_dir / cfg.pairs_file
     records = read_jsonl(pairs_path)  # schema detected: pairs, or HH text read as pairs
     if "chosen" not in records[0]:
@@ -152,19 +152,19 @@ def main(cfg: Config) -> dict:
     # 2. policy from --init_from (or out_dir on resume); the reference is the --init_from model, frozen
     model, tok = load_model(out_dir if cfg.resume else cfg.init_from)
     step = 0  # set by resume() below
-    reference = load_model(cfg.init_from, tok)[0].to(ctx.device, ctx.dtype).eval().requires_grad_(False)
+    reference = load_model(cfg.init_from, tok)[0].to(proc.device, proc.dtype).eval().requires_grad_(False)
     max_len = cfg.max_len or model.config.block_size
-    if ctx.master:
+    if proc.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters; max_len {max_len}"
               + (" (inherited)" if cfg.max_len is None else ""))
-    model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
+    model = wrap_model(model, proc, cfg.compile, cfg.activation_checkpointing)
 
     # 3. pairs -> distinct token sequences; each pair points at its chosen and its rejected row
     seqs, chosen, rejected = encode_pairs(tok, records, max_len)
     check_eval_prompts(tok, data_dir, cfg.n_eval, model.config.block_size)
     # cDPO soft labels: a pair's own "p" (AI feedback) or the global label_smoothing
-    smoothing = torch.tensor([1 - r.get("p", 1 - cfg.label_smoothing) for r in records], device=ctx.device)
-    if ctx.master:
+    smoothing = torch.tensor([1 - r.get("p", 1 - cfg.label_smoothing) for r in records], device=proc.device)
+    if proc.master:
         print(f"{len(records)} pairs, {len(seqs)} distinct sequences, "
               f"{cfg.max_steps * cfg.batch_size / len(records):.2f} epochs")
 
@@ -173,16 +173,16 @@ def main(cfg: Config) -> dict:
     if cfg.ref_cache:
         # keyed by what the log-probs depend on: the reference's weights and dtype, the token sequences
         # themselves (data, tokenizer, chat template and max_len all shape them) and the device type
-        key = content_hash(reference.state_dict(), repr(seqs), ctx.device.type)
+        key = content_hash(reference.state_dict(), repr(seqs), proc.device.type)
         cache = Path(cfg.cache_dir) / f"ref_logps-{key}.safetensors"
         t0, hit = time.time(), cache.exists()
-        if not ctx.master and ctx.world > 1:
+        if not proc.master and proc.world > 1:
             torch.distributed.barrier()  # rank 0 computes and writes first; the others then read its file
-        ref_logps = cached_tensors(cache, lambda: {"logps": sequence_logps(reference, seqs, tok.pad_id, ctx.device)})
-        ref_logps = ref_logps["logps"].to(ctx.device)  # [N sequences], fp32, as the policy's log-probs
-        if ctx.master and ctx.world > 1:
+        ref_logps = cached_tensors(cache, lambda: {"logps": sequence_logps(reference, seqs, tok.pad_id, proc.device)})
+        ref_logps = ref_logps["logps"].to(proc.device)  # [N sequences], fp32, as the policy's log-probs
+        if proc.master and proc.world > 1:
             torch.distributed.barrier()
-        if ctx.master:
+        if proc.master:
             print(f"reference log-probs {'read from' if hit else 'computed into'} {cache} in {time.time() - t0:.0f}s")
         if not cfg.eval_interval:
             reference = None  # the reference leaves memory (the gold-vs-KL points measure against it)
@@ -193,15 +193,15 @@ def main(cfg: Config) -> dict:
     if cfg.resume:
         step = resume(out_dir, model, optimizer)
         window = read_meta(out_dir).get("log_window", [])
-    logger = Logger(out_dir, ctx, cfg.max_steps, resume_step=step)
+    logger = Logger(out_dir, proc, cfg.max_steps, resume_step=step)
 
     # 6. train
     model.train()
     pairs = (seqs, chosen, rejected, smoothing, tok.pad_id)
     t_last, tokens_seen, metrics = time.time(), 0, {}
     while step < cfg.max_steps:
-        rows = batch_indices(len(records), cfg.batch_size, step, cfg.seed)[ctx.rank::ctx.world]
-        metrics, tokens = dpo_step(model, reference, ref_logps, optimizer, pairs, rows, step, cfg, ctx)
+        rows = batch_indices(len(records), cfg.batch_size, step, cfg.seed)[proc.rank::proc.world]
+        metrics, tokens = dpo_step(model, reference, ref_logps, optimizer, pairs, rows, step, cfg, proc)
         tokens_seen += tokens
         step += 1
         window.append(metrics)  # one pair batch is noisy: log the means over the interval
@@ -210,14 +210,14 @@ def main(cfg: Config) -> dict:
         t_last += t_eval  # the throughput counts training time only
         if step % cfg.log_interval == 0 or step == cfg.max_steps or point:
             logger.log(step, {**{name: sum(m[name] for m in window) / len(window) for name in metrics}, **point},
-                       tokens_seen * ctx.world / (time.time() - t_last))
+                       tokens_seen * proc.world / (time.time() - t_last))
             t_last, tokens_seen, window = time.time(), 0, []
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:  # with the window of steps not yet logged
-            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics, {"log_window": window})
+            save_resumable(out_dir, model, optimizer, tok, proc, cfg, step, metrics, {"log_window": window})
 
     # 7. evaluate policy and SFT reference (read back from --init_from) on the same held-out prompts and seed:
     #    gold, failures, KL, win rate
-    result = finish(model, tok, ctx, out_dir, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature, cfg.seed,
+    result = finish(model, tok, proc, out_dir, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature, cfg.seed,
                     reference=cfg.init_from, result={"train_loss": metrics.get("loss")})
     teardown()
     return result

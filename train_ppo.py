@@ -108,7 +108,7 @@ class Rollout:
     has_eos: torch.Tensor  # [B] bool: the answer stopped by itself
 
 
-def rollout(policy, tok, prompts: list, cfg: Config, ctx, update: int) -> Rollout:
+def rollout(policy, tok, prompts: list, cfg: Config, proc, update: int) -> Rollout:
     """Step 1: this update's prompts, each samples_per_prompt times, a prompt's samples adjacent; this rank samples
     its share, each episode with its own generator, the policy's weights gathered once (no collective per step)."""
     n_prompts, k = cfg.rollout_size // cfg.samples_per_prompt, cfg.samples_per_prompt
@@ -117,12 +117,12 @@ def rollout(policy, tok, prompts: list, cfg: Config, ctx, update: int) -> Rollou
     encoded = [tok.encode_prompt(p) for p in batch]
     # the whole rollout's longest prompt bounds the answer length on every rank, as in one process
     max_new_tokens = min(cfg.max_new_tokens, policy.config.block_size - max(map(len, encoded)))
-    rows = rank_share(cfg.rollout_size, ctx)
+    rows = rank_share(cfg.rollout_size, proc)
     batch, encoded = ([x for x in xs for _ in range(k)][rows.start:rows.stop] for xs in (batch, encoded))
     policy.eval()
     with gathered(policy):
         out = sample(policy, encoded, max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
-                     generator=row_generators(cfg.seed, update, rows, cfg.rollout_size, ctx.device))
+                     generator=row_generators(cfg.seed, update, rows, cfg.rollout_size, proc.device))
     seqs = join(out, tok)
     return Rollout(batch, seqs.answers, seqs.ids, seqs.attn, seqs.mask, seqs.has_eos)
 
@@ -150,7 +150,7 @@ def minibatch_loss(policy, critic, mb: dict, n_tokens: float, cfg: Config) -> tu
 
 
 def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimizer, critic_opt, beta: float,
-               gold_norm, cfg: Config, ctx, update: int) -> tuple[dict, tuple | None]:
+               gold_norm, cfg: Config, proc, update: int) -> tuple[dict, tuple | None]:
     """Steps 2-5 on one rollout: score it, price the KL, estimate advantages, and take the PPO epochs.
     reward = (rm, gain, bias); critic is None for the value head (or RLOO / GRPO). Sums, means and variances are
     over every rank's episodes (nanoalign/rollout.py). Returns the update's metrics (step 6) and the gold
@@ -158,11 +158,11 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
     t0, ids, attn, mask = time.time(), roll.ids, roll.attn, roll.mask
     uses_critic = cfg.advantage == "gae"
     head = uses_critic and critic is None  # values from the policy's own scalar head, in the policy's forward
-    all_ranks = all_sum(ctx)  # x -> x summed over every rank's episodes (x in one process)
+    all_ranks = all_sum(proc)  # x -> x summed over every rank's episodes (x in one process)
 
     # 2. score: normalised RM (or gold) at the last real token; no EOS -> the penalty replaces it
     gold = torch.tensor([gold_judge.judge(p, a)["gold"] for p, a in zip(roll.prompts, roll.answers)],
-                        dtype=torch.float64, device=ctx.device)
+                        dtype=torch.float64, device=proc.device)
     rm, gain, bias = reward
     with torch.no_grad():
         rm_scores = reward_scores(rm, ids, attn, gain, bias)  # [B]
@@ -197,34 +197,34 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
     policy.train()
     lr_frac, stats = 1 - update / cfg.n_updates, []
     for epoch in range(cfg.ppo_epochs):
-        for mb in deal_minibatches(len(ids), cfg.minibatches, cfg.seed + update * 97 + epoch, ctx):
+        for mb in deal_minibatches(len(ids), cfg.minibatches, cfg.seed + update * 97 + epoch, proc):
             batch = {key: v[mb] for key, v in episodes.items()}
-            loss, parts = minibatch_loss(policy, critic, batch, global_total(batch["mask"], ctx), cfg)
-            global_backward(loss, ctx)
+            loss, parts = minibatch_loss(policy, critic, batch, global_total(batch["mask"], proc), cfg)
+            global_backward(loss, proc)
             where = f"update {update + 1}, epoch {epoch + 1}"
             terms = {"pg_loss": parts[0].item(), "vf_loss": parts[1].item()}  # checked finite before each step
-            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms, ctx.scaler)
+            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms, proc.scaler)
             if critic is not None:
                 optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip, f"{where} (critic)", terms,
-                               ctx.scaler)
+                               proc.scaler)
             stats.append(all_ranks(parts).tolist())  # this rank's shares of the minibatch's means, summed
 
     # 6. metrics: means over the whole rollout (every rank's episodes)
-    seq_kl = {k: global_mean((kl_estimate(old_logps, ref_logps, k) * mask).sum(-1), ctx) for k in ("k1", "k2", "k3")}
-    metrics = {"objective/score": global_mean(scores, ctx), "objective/rm_score": global_mean(rm_scores, ctx),
-               "objective/gold": global_mean(gold, ctx),
+    seq_kl = {k: global_mean((kl_estimate(old_logps, ref_logps, k) * mask).sum(-1), proc) for k in ("k1", "k2", "k3")}
+    metrics = {"objective/score": global_mean(scores, proc), "objective/rm_score": global_mean(rm_scores, proc),
+               "objective/gold": global_mean(gold, proc),
                "objective/kl": seq_kl["k1"], "objective/kl_k2": seq_kl["k2"], "objective/kl_k3": seq_kl["k3"],
                "objective/beta": beta, **{f"ppo/{k}": sum(v) / len(v) for k, v in zip(STATS, zip(*stats))},
-               "response/length": global_mean(mask.sum(-1), ctx),
-               "response/eos_rate": global_mean(roll.has_eos.float(), ctx),
+               "response/length": global_mean(mask.sum(-1), proc),
+               "response/eos_rate": global_mean(roll.has_eos.float(), proc),
                "time/score": t_score - t0, "time/train": time.time() - t_score}
     if uses_critic:
         r_all, v_all = returns[mask.bool()], old_values[mask.bool()]
-        metrics["ppo/explained_variance"] = 1 - global_var(r_all - v_all, ctx) / global_var(r_all, ctx)
+        metrics["ppo/explained_variance"] = 1 - global_var(r_all - v_all, proc) / global_var(r_all, proc)
     return metrics, gold_norm
 
 
-def load_models(cfg: Config, ctx) -> tuple:
+def load_models(cfg: Config, proc) -> tuple:
     """Step 0: the policy, sharded, with a value head for --critic=head that starts at V ≡ 0 (N detail 11); the
     frozen reference and reward model (rm, gain, bias), forward-only and replicated on every rank; and a
     separate critic, sharded, initialised from the RM with its gain and bias folded into the head, so that V
@@ -234,21 +234,21 @@ def load_models(cfg: Config, ctx) -> tuple:
     policy, tok = load_model(cfg.out_dir if cfg.resume else cfg.init_from, scalar_head=head)
     if head and not cfg.resume:
         policy.reset_scalar_head(std=0.0)
-    policy = wrap_model(policy, ctx, cfg.compile)
-    reference = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device, ctx.dtype)
+    policy = wrap_model(policy, proc, cfg.compile)
+    reference = load_model(cfg.init_from, tok, scalar_head=False)[0].to(proc.device, proc.dtype)
     reference.eval().requires_grad_(False)
     rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
-    rm.to(ctx.device, ctx.dtype).eval().requires_grad_(False)
+    rm.to(proc.device, proc.dtype).eval().requires_grad_(False)
     critic = None
     if uses_critic and cfg.critic == "separate" and cfg.resume:  # written beside the policy, in the same commit
         critic = load_model(f"{cfg.out_dir}/critic", tok, scalar_head=True, kinds=("critic",))[0]
-        critic = wrap_model(critic, ctx, cfg.compile)
+        critic = wrap_model(critic, proc, cfg.compile)
     elif uses_critic and cfg.critic == "separate":
         critic = load_reward_model(cfg.reward_model, tok)[0]
         with torch.no_grad():
             critic.scalar_head.weight.mul_(gain)
             critic.scalar_head.bias.mul_(gain).add_(bias)
-        critic = wrap_model(critic, ctx, cfg.compile)
+        critic = wrap_model(critic, proc, cfg.compile)
     return policy, tok, reference, (rm, gain, bias), critic
 
 
@@ -280,9 +280,9 @@ def check_rollout(cfg: Config, world: int) -> None:
 def main(cfg: Config) -> dict:
     # 0. the config; processes and models
     check_rollout(cfg, world_size())
-    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
-    claim_out_dir(cfg.out_dir, ctx)  # one run per out_dir
-    policy, tok, reference, reward, critic = load_models(cfg, ctx)
+    proc = setup(cfg.seed, cfg.device, cfg.dtype)
+    claim_out_dir(cfg.out_dir, proc)  # one run per out_dir
+    policy, tok, reference, reward, critic = load_models(cfg, proc)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)
     critic_opt = make_optimizer(critic, cfg.critic_lr, 0.0, eps=cfg.adam_eps) if critic is not None else None
     records = read_jsonl(f"{cfg.data_dir}/prompts.jsonl", "prompts")
@@ -296,14 +296,14 @@ def main(cfg: Config) -> dict:
             resume(f"{cfg.out_dir}/critic", critic, critic_opt)
         state = read_meta(cfg.out_dir)["ppo"]
         beta, gold_norm = state["beta"], state["gold_norm"]
-    logger = Logger(cfg.out_dir, ctx, cfg.n_updates, resume_step=start)
+    logger = Logger(cfg.out_dir, proc, cfg.n_updates, resume_step=start)
 
     for update in range(start, cfg.n_updates):
         t0 = time.time()
-        roll = rollout(policy, tok, prompts, cfg, ctx, update)  # 1
+        roll = rollout(policy, tok, prompts, cfg, proc, update)  # 1
         t_rollout = time.time()
         metrics, gold_norm = ppo_update(roll, policy, critic, reference, reward, optimizer, critic_opt, beta,
-                                        gold_norm, cfg, ctx, update)  # 2-6
+                                        gold_norm, cfg, proc, update)  # 2-6
         metrics["time/rollout"] = t_rollout - t0
         if cfg.kl_target > 0:  # adapt β toward the KL target (Ziegler et al. 2019)
             beta = adaptive_kl_beta(beta, metrics["objective/kl"], cfg.kl_target, cfg.rollout_size, cfg.kl_horizon)
@@ -312,9 +312,9 @@ def main(cfg: Config) -> dict:
         metrics.update(point)
         t0 += t_eval  # the throughput counts training time only
         if (update + 1) % cfg.log_interval == 0 or point:
-            logger.log(update + 1, metrics, global_total(roll.mask, ctx) / (time.time() - t0))
+            logger.log(update + 1, metrics, global_total(roll.mask, proc) / (time.time() - t0))
         if (update + 1) % cfg.ckpt_interval == 0 and update + 1 < cfg.n_updates:
-            save_resumable(cfg.out_dir, policy, optimizer, tok, ctx, cfg, update + 1, metrics,
+            save_resumable(cfg.out_dir, policy, optimizer, tok, proc, cfg, update + 1, metrics,
                            {"ppo": {"beta": beta, "gold_norm": gold_norm}},
                            {"critic": (critic, critic_opt)} if critic is not None else None)
 
@@ -322,8 +322,8 @@ def main(cfg: Config) -> dict:
     #    reference, write eval.json
     meta = {"model": asdict(policy.config), "kind": "policy", "run": asdict(cfg), "step": cfg.n_updates,
             "metrics": metrics}
-    save_final(cfg.out_dir, policy, tok, ctx, meta, {"critic": critic} if critic is not None else None)
-    result = finish(policy, tok, ctx, cfg.out_dir, cfg.data_dir, cfg.n_eval, cfg.eval_max_new_tokens,
+    save_final(cfg.out_dir, policy, tok, proc, meta, {"critic": critic} if critic is not None else None)
+    result = finish(policy, tok, proc, cfg.out_dir, cfg.data_dir, cfg.n_eval, cfg.eval_max_new_tokens,
                     cfg.temperature, cfg.seed, reference=reference)
     teardown()
     return result

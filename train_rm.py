@@ -100,16 +100,16 @@ def check_same_k(groups: list[dict]) -> int:
 
 
 def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_steps: int, cfg: Config,
-            ctx) -> tuple[dict, int]:
+            proc) -> tuple[dict, int]:
     """One optimizer step (step counts from 1) on this rank's groups: per micro-batch the soft Bradley-Terry
     (--data=pairs), K-wise, Plackett-Luce or best-of-K loss, re-weighted to a mean over the global batch's prompts, then
     AdamW -> (metrics, with the pairwise accuracy and margin over every C(K,2) pair; tokens read here)."""
     loss_sum, hits, margins, n_pairs, tokens = 0.0, 0.0, 0.0, 0.0, 0
     for micro in accumulate(model, groups, cfg.micro_batch_size):
-        rewards = group_rewards(model, micro, pad_id, ctx.device, cfg.rows_per_forward)  # [N, K]
-        ranking = torch.tensor([g["ranking"] for g in micro], device=ctx.device)  # [N, K]
+        rewards = group_rewards(model, micro, pad_id, proc.device, cfg.rows_per_forward)  # [N, K]
+        ranking = torch.tensor([g["ranking"] for g in micro], device=proc.device)  # [N, K]
         if cfg.data == "pairs":  # column 0 is the chosen answer, p = P(chosen is better)
-            p = torch.tensor([g["p"] for g in micro], device=ctx.device)
+            p = torch.tensor([g["p"] for g in micro], device=proc.device)
             loss = soft_bradley_terry_loss(rewards[:, 0], rewards[:, 1], p)
         elif cfg.loss == "kwise":
             loss = kwise_ranking_loss(rewards, ranking)
@@ -119,16 +119,16 @@ def rm_step(model, optimizer, groups: list[dict], pad_id: int, step: int, max_st
             loss = plackett_luce_loss(rewards, ranking)
         # the losses are means over this micro-batch's prompts: re-weight to a mean over the global batch
         loss = loss * len(micro) / cfg.batch_size
-        global_backward(loss, ctx)
+        global_backward(loss, proc)
         loss_sum += loss.item()
         h, m, n = pairwise_hits(rewards.detach(), ranked_above(ranking))
         hits, margins, n_pairs = hits + h, margins + m, n_pairs + n
         tokens += sum(len(ids) for g in micro for ids, _ in g["rows"])
     lr = lr_at(step - 1, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step}", {"loss": loss_sum}, ctx.scaler)
-    n_pairs = global_sum(n_pairs, ctx)
-    return {"loss": global_sum(loss_sum, ctx), "rewards/accuracies": global_sum(hits, ctx) / n_pairs,
-            "rewards/margins": global_sum(margins, ctx) / n_pairs, "lr": lr, "grad_norm": grad_norm}, tokens
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step}", {"loss": loss_sum}, proc.scaler)
+    n_pairs = global_sum(n_pairs, proc)
+    return {"loss": global_sum(loss_sum, proc), "rewards/accuracies": global_sum(hits, proc) / n_pairs,
+            "rewards/margins": global_sum(margins, proc) / n_pairs, "lr": lr, "grad_norm": grad_norm}, tokens
 
 
 def main(cfg: Config) -> dict:
@@ -140,10 +140,10 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
-    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
+    proc = setup(cfg.seed, cfg.device, cfg.dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
-    claim_out_dir(out_dir, ctx)  # one run per out_dir
-    ensure_world(data_dir, "prefs.jsonl", cfg.seed, ctx)
+    claim_out_dir(out_dir, proc)  # one run per out_dir
+    ensure_world(data_dir, "prefs.jsonl", cfg.seed, proc)
     train = read_jsonl(data_dir / (cfg.pairs_file if cfg.data == "pairs" else "prefs.jsonl"), cfg.data)
     if cfg.data == "pairs" and cfg.soft_labels:
         require_soft_labels(train)
@@ -153,9 +153,9 @@ def main(cfg: Config) -> dict:
     # sits near chance (trlx #338). On resume, the trunk and head of out_dir's checkpoint
     model, tok = load_model(out_dir if cfg.resume else cfg.init_from, scalar_head=True,
                             kinds=("policy", "reward_model"))
-    if ctx.master:
+    if proc.master:
         print(f"reward model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}")
-    model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
+    model = wrap_model(model, proc, cfg.compile, cfg.activation_checkpointing)
 
     # 3. records -> groups of K token rows; every error is raised here, before anything is written
     examples = [encode_group(tok, r, model.config.block_size) for r in train]
@@ -165,7 +165,7 @@ def main(cfg: Config) -> dict:
     max_steps = cfg.epochs * (len(examples) // cfg.batch_size)  # derived, printed, never stored in cfg
     if max_steps == 0:
         raise SystemExit(f"{len(examples)} training records hold no full batch of --batch_size={cfg.batch_size}")
-    if ctx.master:
+    if proc.master:
         print(f"{len(examples)} {cfg.data} records of K = {K} answers (K rows each), {max_steps} steps")
 
     # 4. optimizer. A ranking loss sees reward differences only, so some gradients are exactly zero in exact
@@ -173,40 +173,40 @@ def main(cfg: Config) -> dict:
     # noise into lr-sized steps, which made 1- and 2-process runs drift apart at eps 1e-8
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, eps=cfg.adam_eps)
     start = resume(out_dir, model, optimizer) if cfg.resume else 0  # moments, RNG and the step come back
-    logger = Logger(out_dir, ctx, max_steps, resume_step=start)
+    logger = Logger(out_dir, proc, max_steps, resume_step=start)
 
     # 5. train
     model.train()
     t_last, tokens_seen, metrics = time.time(), 0, {}
     for step in range(start + 1, max_steps + 1):
-        rows = batch_indices(len(examples), cfg.batch_size, step - 1, cfg.seed)[ctx.rank::ctx.world]
+        rows = batch_indices(len(examples), cfg.batch_size, step - 1, cfg.seed)[proc.rank::proc.world]
         metrics, tokens = rm_step(model, optimizer, [examples[i] for i in rows], tok.pad_id, step, max_steps, cfg,
-                                  ctx)
+                                  proc)
         tokens_seen += tokens
         evaluate = cfg.eval_interval and step % cfg.eval_interval == 0
         if evaluate:  # every rank takes part in the sharded forwards; the logger writes rank 0's copy
             model.eval()
             with torch.no_grad():
-                held = reward_model_metrics(model, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward)
+                held = reward_model_metrics(model, test_groups, tok.pad_id, proc.device, cfg.rows_per_forward)
             model.train()
             metrics.update({"eval/loss": held["loss"], "eval/accuracy": held["accuracy"]})
         if step % cfg.log_interval == 0 or step == max_steps or evaluate:
-            logger.log(step, metrics, tokens_seen * ctx.world / (time.time() - t_last))
+            logger.log(step, metrics, tokens_seen * proc.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0
         if step % cfg.ckpt_interval == 0 and step < max_steps:  # the last one is written normalised, below
-            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics, kind="reward_model")
+            save_resumable(out_dir, model, optimizer, tok, proc, cfg, step, metrics, kind="reward_model")
 
     # 6. rank 0, on a plain copy of the trained weights: normalise, evaluate, save
     model_state = full_state(model)
     result = {}
-    if ctx.master:
+    if proc.master:
         rm = GPT(model.config)
         rm.load_state_dict(model_state)
-        rm.to(ctx.device, ctx.dtype).eval()
+        rm.to(proc.device, proc.dtype).eval()
         with torch.no_grad():
             # 6a. SFT samples on random training prompts (the policy PPO starts from) -> gain, bias with
             # gain * r + bias at mean 0, std 1 on exactly this sample (Ziegler §2; OAI-19 normalize_after)
-            policy = load_model(cfg.init_from, tok, scalar_head=False)[0].to(ctx.device, ctx.dtype)
+            policy = load_model(cfg.init_from, tok, scalar_head=False)[0].to(proc.device, proc.dtype)
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_norm]
             prompts = [train[i]["prompt"] for i in order.tolist()]
             answers, batches = sample_answers(policy, tok, prompts, cfg.max_new_tokens, cfg.temperature,
@@ -220,7 +220,7 @@ def main(cfg: Config) -> dict:
                 print(f"\n> {p}\n{a}\n[normalised reward {r:+.2f}]")
 
             # 6b. held-out accuracy over all C(K,2) pairs of each ranking, against the noisy labels and gold
-            result = reward_model_metrics(rm, test_groups, tok.pad_id, ctx.device, cfg.rows_per_forward)
+            result = reward_model_metrics(rm, test_groups, tok.pad_id, proc.device, cfg.rows_per_forward)
             result.update({"train_loss": metrics["loss"], "reward_norm": {"gain": gain, "bias": bias}})
         print("\neval:", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
                           if k != "reliability"})

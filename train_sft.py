@@ -65,26 +65,26 @@ class Config:
     seed: int = 1234  # model init and data order; sampling uses seed + 100003 * rank
 
 
-def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Config, ctx) -> tuple[dict, int]:
+def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Config, proc) -> tuple[dict, int]:
     """One optimizer step on this rank's (ids, n_prompt) examples: the gradient of the mean loss over the global
     batch's response tokens (and prompt tokens, weighted by --prompt_loss_weight), accumulated over
     micro-batches, then AdamW at the step's learning rate -> (metrics, tokens read here)."""
     w = cfg.prompt_loss_weight  # each prompt token but the first is predicted, from the tokens before it
-    n_tokens = global_sum(sum(len(ids) - n_prompt + w * (n_prompt - 1) for ids, n_prompt in examples), ctx)
+    n_tokens = global_sum(sum(len(ids) - n_prompt + w * (n_prompt - 1) for ids, n_prompt in examples), proc)
     loss_sum, tokens = 0.0, 0
     for micro in accumulate(model, examples, cfg.micro_batch_size):
-        batch = {key: v.to(ctx.device) for key, v in collate(micro, pad_id).items()}
+        batch = {key: v.to(proc.device) for key, v in collate(micro, pad_id).items()}
         if w > 0:  # the loss mask becomes a weight per token: 1 on the response, w on the prompt
             batch["loss_mask"] = batch["loss_mask"] + w * (batch["attention_mask"] - batch["loss_mask"])
         logps = model_logps(model, **batch)  # [B, T-1], zero where the weight is
         loss = sft_loss(logps, batch["loss_mask"][:, 1:], n_tokens)  # this micro-batch's share of the global mean
-        global_backward(loss, ctx)
+        global_backward(loss, proc)
         loss_sum += loss.item()
         tokens += batch["attention_mask"].sum().item()
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
     grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": loss_sum},
-                               ctx.scaler)
-    return {"loss": global_sum(loss_sum, ctx), "lr": lr, "grad_norm": grad_norm}, tokens
+                               proc.scaler)
+    return {"loss": global_sum(loss_sum, proc), "lr": lr, "grad_norm": grad_norm}, tokens
 
 
 def main(cfg: Config) -> dict:
@@ -101,10 +101,10 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
-    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
+    proc = setup(cfg.seed, cfg.device, cfg.dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
-    claim_out_dir(out_dir, ctx)  # one run per out_dir
-    ensure_world(data_dir, "sft.jsonl", cfg.seed, ctx)
+    claim_out_dir(out_dir, proc)  # one run per out_dir
+    ensure_world(data_dir, "sft.jsonl", cfg.seed, proc)
     train = read_jsonl(data_dir / "sft.jsonl", "sft")
 
     # 2. tokenizer and model: resumed, chained from --init_from, or new
@@ -117,11 +117,11 @@ def main(cfg: Config) -> dict:
         tok = Tokenizer.train((t for r in train for t in (r["prompt"], r["completion"])), cfg.vocab_size)
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=len(tok), n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd))
-    if ctx.master:
+    if proc.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
     # the gold-vs-KL points measure the KL against the model fine-tuning started from
-    reference = load_model(cfg.init_from, tok)[0].to(ctx.device, ctx.dtype).eval() if cfg.eval_interval else None
-    model = wrap_model(model, ctx, cfg.compile, cfg.activation_checkpointing)
+    reference = load_model(cfg.init_from, tok)[0].to(proc.device, proc.dtype).eval() if cfg.eval_interval else None
+    model = wrap_model(model, proc, cfg.compile, cfg.activation_checkpointing)
 
     # 3. demonstrations -> token ids; loss on the response tokens (+ EOS) only
     examples = [encode_example(tok, r["prompt"], r["completion"], model.config.block_size, r["where"]) for r in train]
@@ -131,28 +131,28 @@ def main(cfg: Config) -> dict:
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     if cfg.resume:
         step = resume(out_dir, model, optimizer)
-    logger = Logger(out_dir, ctx, cfg.max_steps, resume_step=step)
+    logger = Logger(out_dir, proc, cfg.max_steps, resume_step=step)
 
     # 5. train
     model.train()
     t_last, tokens_seen, metrics = time.time(), 0, {}
     while step < cfg.max_steps:
-        rows = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)[ctx.rank::ctx.world]
-        metrics, tokens = sft_step(model, optimizer, [examples[i] for i in rows], tok.pad_id, step, cfg, ctx)
+        rows = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)[proc.rank::proc.world]
+        metrics, tokens = sft_step(model, optimizer, [examples[i] for i in rows], tok.pad_id, step, cfg, proc)
         tokens_seen += tokens
         step += 1
         point, t_eval = curve_point_due(step, cfg.eval_interval, cfg.max_steps, model, reference, tok, data_dir,
                                         cfg.n_eval, cfg.max_new_tokens, cfg.temperature, cfg.seed)
         t_last += t_eval  # the throughput counts training time only
         if step % cfg.log_interval == 0 or step == cfg.max_steps or point:
-            logger.log(step, {**metrics, **point}, tokens_seen * ctx.world / (time.time() - t_last))
+            logger.log(step, {**metrics, **point}, tokens_seen * proc.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            save_resumable(out_dir, model, optimizer, tok, ctx, cfg, step, metrics)
+            save_resumable(out_dir, model, optimizer, tok, proc, cfg, step, metrics)
 
     # 6. evaluate on held-out prompts with the gold judge (against the --init_from model with --eval_interval);
     #    print a few answers
-    result = finish(model, tok, ctx, out_dir, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature, cfg.seed,
+    result = finish(model, tok, proc, out_dir, data_dir, cfg.n_eval, cfg.max_new_tokens, cfg.temperature, cfg.seed,
                     reference=reference, summary=("gold", "demo_gold", "failures"),
                     result={"train_loss": metrics.get("loss")})
     teardown()

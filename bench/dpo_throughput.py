@@ -46,9 +46,9 @@ class Config:
 def run_mode(cfg: Config) -> dict:
     mc = GPTConfig(block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=256)
     # seeds; keeps freed memory in the process (scaffold.keep_cpu_heap), as the scripts do; wrap_model casts to bf16
-    ctx = setup(0, "cpu", cfg.dtype)
-    policy = wrap_model(GPT(mc), ctx, cfg.compile)
-    reference = wrap_model(GPT(mc), ctx, cfg.compile).eval().requires_grad_(False)
+    proc = setup(0, "cpu", cfg.dtype)
+    policy = wrap_model(GPT(mc), proc, cfg.compile)
+    reference = wrap_model(GPT(mc), proc, cfg.compile).eval().requires_grad_(False)
     optimizer = make_optimizer(policy, 1e-5, 0.0)
     g = torch.Generator().manual_seed(0)
     batches = [random_pairs(cfg.pairs, cfg.prompt, cfg.response, mc.vocab_size, "cpu", g)
@@ -58,7 +58,7 @@ def run_mode(cfg: Config) -> dict:
         with torch.no_grad():
             cached = [model_logps(reference, **b).sum(-1) for b in batches]
         reference = None
-    before = matmul_gflops(dtype=ctx.dtype)
+    before = matmul_gflops(dtype=proc.dtype)
     reset_peak_rss()  # the peak of the training loop only, not of building the cache
     work = iter(zip(batches, cached or [None] * len(batches)))
 
@@ -68,7 +68,7 @@ def run_mode(cfg: Config) -> dict:
 
     dt = timed(step, cfg.warmup, cfg.steps, "cpu")
     rss = peak_rss_mb()  # before the matmuls' own buffers
-    after = matmul_gflops(dtype=ctx.dtype)
+    after = matmul_gflops(dtype=proc.dtype)
     sustained, best = (before[0] + after[0]) / 2, max(before[1], after[1])  # either side of the loop: drift cancels
     T, rows = cfg.prompt + cfg.response, 2 * cfg.pairs
     passes = 3 + (1 if cfg.mode == "live" else 0)  # policy forward + backward, reference forward

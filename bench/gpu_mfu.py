@@ -57,7 +57,7 @@ def main(cfg: Config) -> dict:
     else:  # GPT-2 124M, vocabulary padded from 50257 to a multiple of 64 (nanoGPT)
         mc = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
     peak = cfg.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in machine()), 0.0)
-    ctx = setup(0, device)
+    proc = setup(0, device)
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=not cfg.small)
     g = torch.Generator().manual_seed(0)
     result = {"machine": machine(), "peak_bf16_tflops": peak, "model": vars(mc), "torch": torch.__version__,
@@ -72,7 +72,7 @@ def main(cfg: Config) -> dict:
         write_json(cfg.out, result)
 
     torch.manual_seed(0)
-    model = wrap_model(GPT(mc), ctx, compile=True)
+    model = wrap_model(GPT(mc), proc, compile=True)
     optimizer = make_optimizer(model, 6e-4, 0.1)
     sections = cfg.sections.split(",")
     T = mc.block_size
@@ -115,7 +115,7 @@ def main(cfg: Config) -> dict:
         del whole, whole_opt
 
     if "dpo" in sections:  # live reference; pairs of 512 + 512 tokens, no padding
-        reference = wrap_model(GPT(mc), ctx, compile=True).eval().requires_grad_(False)
+        reference = wrap_model(GPT(mc), proc, compile=True).eval().requires_grad_(False)
         half = T // 2
         batch = random_pairs(cfg.dpo_pairs, half, half, mc.vocab_size, device, g)
 

@@ -73,7 +73,7 @@ def workload(cfg: Config):
     """The models, optimizers and prompts -> (model config, one_update(update) -> seconds of each phase)."""
     c = GPTConfig(block_size=cfg.prompt + cfg.new_tokens, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                   n_head=cfg.n_head, n_embd=cfg.n_embd)
-    ctx = setup(0, "cpu")
+    proc = setup(0, "cpu")
     run = replace(train_ppo.Config(), rollout_size=cfg.episodes, minibatches=1, ppo_epochs=4, temperature=0.7,
                   max_new_tokens=cfg.new_tokens, critic="separate", n_updates=cfg.updates + 1, device="cpu")
     policy, reference = GPT(c), GPT(c).eval().requires_grad_(False)
@@ -86,10 +86,10 @@ def workload(cfg: Config):
 
     def one_update(update: int) -> dict:
         t0 = time.perf_counter()
-        roll = train_ppo.rollout(policy, tok, prompts, run, ctx, update)
+        roll = train_ppo.rollout(policy, tok, prompts, run, proc, update)
         t1 = time.perf_counter()
         metrics, _ = train_ppo.ppo_update(roll, policy, critic, reference, (rm, 1.0, 0.0), optimizer, critic_opt,
-                                          run.beta, None, run, ctx, update)
+                                          run.beta, None, run, proc, update)
         if roll.mask.sum().item() != cfg.episodes * cfg.new_tokens:
             raise RuntimeError("an answer stopped early: the workload is exactly new_tokens per episode")
         return {"rollout": t1 - t0, "score": metrics["time/score"], "train": metrics["time/train"]}

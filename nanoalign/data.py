@@ -282,10 +282,10 @@ def write_world(data_dir, seed: int = 0, n_train: int = 4000, n_test: int = 200)
         write_jsonl(data_dir / f"prompts{suffix}.jsonl", [{"prompt": p} for p in prompts])
 
 
-def ensure_world(data_dir, needed: str, seed: int, ctx) -> None:
+def ensure_world(data_dir, needed: str, seed: int, proc) -> None:
     """Write the helpdesk world into data_dir if `needed` (a file name) is missing: rank 0 writes, all wait."""
     if not (Path(data_dir) / needed).exists():
-        if ctx.master:
+        if proc.master:
             write_world(data_dir, seed=seed)
-        if ctx.world > 1:
+        if proc.world > 1:
             dist.barrier()

@@ -163,17 +163,17 @@ def curve_point(model, reference, tok, data_dir, n: int, max_new_tokens: int, te
 VS_REFERENCE = ("gold", "sft_gold", "failures", "sft_failures", "kl", "win_rate_vs_sft")  # finish's summary
 
 
-def finish(model, tok, ctx, out_dir, data_dir, n: int, max_new_tokens: int, temperature: float, seed: int,
+def finish(model, tok, proc, out_dir, data_dir, n: int, max_new_tokens: int, temperature: float, seed: int,
            reference=None, summary: tuple = VS_REFERENCE, result: dict | None = None) -> dict:
     """A policy run's epilogue, after its final checkpoint is in out_dir: rank 0 answers the first n held-out
     prompts (`evaluate_policy`) with the trained model (read back from out_dir when it is sharded over ranks),
     against the reference when given (a model, or a checkpoint directory read here), prints 4 answers, writes
     out_dir/eval.json and prints the `summary` keys -> the eval dict (`result`, or {}, off rank 0 or with n = 0)."""
-    if n <= 0 or not ctx.master:
+    if n <= 0 or not proc.master:
         return result if result is not None else {}
-    policy = model if ctx.world == 1 else load_model(out_dir, tok)[0].to(ctx.device, ctx.dtype)
+    policy = model if proc.world == 1 else load_model(out_dir, tok)[0].to(proc.device, proc.dtype)
     if isinstance(reference, (str, Path)):
-        reference = load_model(reference, tok)[0].to(ctx.device, ctx.dtype).eval()
+        reference = load_model(reference, tok)[0].to(proc.device, proc.dtype).eval()
     result, prompts, answers = evaluate_policy(policy, tok, data_dir, n, max_new_tokens, temperature, seed=seed,
                                                reference=reference)
     for p, a in list(zip(prompts, answers))[:4]:

@@ -9,9 +9,9 @@ from pathlib import Path
 class Logger:
     """Rank 0 prints one progress line per call and appends every metric to out_dir/log.jsonl."""
 
-    def __init__(self, out_dir, ctx, max_steps: int, resume_step: int = 0):  # ctx: scaffold.Dist (rank 0 writes)
+    def __init__(self, out_dir, proc, max_steps: int, resume_step: int = 0):  # proc: scaffold.Process (rank 0 writes)
         self.path = Path(out_dir) / "log.jsonl"
-        self.master, self.max_steps = ctx.master, max_steps
+        self.master, self.max_steps = proc.master, max_steps
         self.t0, self.step0 = time.time(), resume_step
         if self.master:
             self.path.parent.mkdir(parents=True, exist_ok=True)

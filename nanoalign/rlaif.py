@@ -216,8 +216,8 @@ def main(cfg: Config) -> dict:
     if cfg.k < 2:
         raise SystemExit(f"--k={cfg.k}: need at least 2 answers per prompt to compare")
     principles = read_constitution(cfg.constitution or None)
-    ctx = setup(cfg.seed, cfg.device, cfg.dtype)
-    device, dtype = ctx.device, ctx.dtype
+    proc = setup(cfg.seed, cfg.device, cfg.dtype)
+    device, dtype = proc.device, proc.dtype
 
     # 1. the feedback model (trained first if missing) and the policy's answers, k per training prompt
     judge = judge_tok = None

@@ -14,10 +14,10 @@ import torch
 from nanoalign.scaffold import global_sum
 
 
-def rank_share(rows: int, ctx) -> range:
+def rank_share(rows: int, proc) -> range:
     """This rank's contiguous share of a global batch of `rows` episodes (all of them in one process)."""
-    share = rows // ctx.world
-    return range(ctx.rank * share, (ctx.rank + 1) * share)
+    share = rows // proc.world
+    return range(proc.rank * share, (proc.rank + 1) * share)
 
 
 def row_generators(seed: int, update: int, rows: range, rollout_size: int, device) -> list:
@@ -27,32 +27,32 @@ def row_generators(seed: int, update: int, rows: range, rollout_size: int, devic
     return [torch.Generator(device=device).manual_seed(seed + 100003 * (update * rollout_size + row)) for row in rows]
 
 
-def deal_minibatches(rows: int, n: int, seed: int, ctx) -> list[torch.Tensor]:
+def deal_minibatches(rows: int, n: int, seed: int, proc) -> list[torch.Tensor]:
     """This rank's rows of each of n minibatches. Each run of n consecutive global rows is dealt at random over
     the n minibatches, one row to each, by the same draw on every rank: a minibatch holds the same episodes for
     any world size, and each rank's `rows` (a multiple of n) split evenly over the minibatches."""
-    deal = torch.rand(rows * ctx.world // n, n, generator=torch.Generator().manual_seed(seed)).argsort(-1)
-    mine = deal.flatten()[ctx.rank * rows:(ctx.rank + 1) * rows]  # the minibatch of each of this rank's rows
+    deal = torch.rand(rows * proc.world // n, n, generator=torch.Generator().manual_seed(seed)).argsort(-1)
+    mine = deal.flatten()[proc.rank * rows:(proc.rank + 1) * rows]  # the minibatch of each of this rank's rows
     return [(mine == j).nonzero()[:, 0] for j in range(n)]
 
 
-def all_sum(ctx):
+def all_sum(proc):
     """x -> x summed over every rank (a number or a tensor; x itself in one process): the `all_sum` that
     `losses.whiten` and `losses.reward_normalisation` take."""
-    return lambda x: global_sum(x, ctx)
+    return lambda x: global_sum(x, proc)
 
 
-def global_total(x: torch.Tensor, ctx) -> float:
+def global_total(x: torch.Tensor, proc) -> float:
     """Sum of x's entries over every rank's entries: with x a response mask, the global count of its tokens."""
-    return global_sum(x.sum().item(), ctx)
+    return global_sum(x.sum().item(), proc)
 
 
-def global_mean(x: torch.Tensor, ctx) -> float:
+def global_mean(x: torch.Tensor, proc) -> float:
     """Mean of x's entries over every rank's entries."""
-    return global_total(x, ctx) / global_sum(x.numel(), ctx)
+    return global_total(x, proc) / global_sum(x.numel(), proc)
 
 
-def global_var(x: torch.Tensor, ctx) -> float:
+def global_var(x: torch.Tensor, proc) -> float:
     """Unbiased variance of x's entries over every rank's entries (torch.var's convention), in two passes."""
-    mean = global_mean(x, ctx)
-    return global_sum(((x - mean) ** 2).sum().item(), ctx) / (global_sum(x.numel(), ctx) - 1)
+    mean = global_mean(x, proc)
+    return global_sum(((x - mean) ** 2).sum().item(), proc) / (global_sum(x.numel(), proc) - 1)

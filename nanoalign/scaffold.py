@@ -56,9 +56,10 @@ def world_size() -> int:
 
 
 @dataclasses.dataclass
-class Dist:
-    rank: int
-    world: int
+class Process:
+    """This process of the run, as `setup` made it: every script passes it to the scaffold as `proc`."""
+    rank: int  # 0 .. world - 1; rank 0 writes checkpoints, logs and eval.json
+    world: int  # processes torchrun started (1 for a plain script)
     device: torch.device
     dtype: torch.dtype = torch.float32  # of the run's forwards, --dtype (nanoalign.precision)
     scaler: LossScaler | None = None  # fp16's loss scaler
@@ -72,7 +73,7 @@ class Dist:
         return loss if self.scaler is None else self.scaler.scale_loss(loss)
 
 
-def setup(seed: int, device: str = "auto", dtype: str = "fp32") -> Dist:
+def setup(seed: int, device: str = "auto", dtype: str = "fp32") -> Process:
     """Start the process group under torchrun, pick the device and the precision (--dtype, refused here where it
     is unsupported: `precision.run_dtype`), seed. Every rank seeds identically here so that models are built with
     the same initial weights; per-rank seeds (seed + 100003·rank, N detail 6) are for sampling and are derived by
@@ -90,7 +91,7 @@ def setup(seed: int, device: str = "auto", dtype: str = "fp32") -> Dist:
     if device == "cpu":
         keep_cpu_heap()
     torch.manual_seed(seed)
-    return Dist(rank, world, torch.device(device), compute, loss_scaler(compute))
+    return Process(rank, world, torch.device(device), compute, loss_scaler(compute))
 
 
 def keep_cpu_heap() -> None:
@@ -108,14 +109,14 @@ def keep_cpu_heap() -> None:
     mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
 
 
-def claim_out_dir(out_dir, ctx: Dist) -> None:
+def claim_out_dir(out_dir, proc: Process) -> None:
     """One run per out_dir: rank 0 takes its lock for the run's life (`checkpoint.hold_lock`) and finishes or undoes
     a checkpoint write that a killed run left (`checkpoint.recover`); the other ranks wait, so none reads out_dir
     before that."""
-    if ctx.master:
+    if proc.master:
         hold_lock(out_dir)
         recover(out_dir)
-    if ctx.world > 1:
+    if proc.world > 1:
         dist.barrier()
 
 
@@ -124,40 +125,40 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def global_sum(x, ctx: Dist):
+def global_sum(x, proc: Process):
     """Sum a Python number (token counts for the global loss normalisation) or a tensor (statistics such as
     PPO's whitening moments) over ranks."""
-    if ctx.world == 1:
+    if proc.world == 1:
         return x
     if torch.is_tensor(x):
         x = x.detach().clone()
         dist.all_reduce(x)
         return x
-    t = torch.tensor(float(x), dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    t = torch.tensor(float(x), dtype=torch.float64, device=proc.device if proc.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.item()
 
 
-def wrap_model(model: torch.nn.Module, ctx: Dist, compile: bool = False,
+def wrap_model(model: torch.nn.Module, proc: Process, compile: bool = False,
                activation_checkpointing: bool = False) -> torch.nn.Module:
     """Compile each block in place, shard each block, then the root (embeddings, tied head, final norm).
     Activation checkpointing keeps only each block's input for backward and recomputes the rest. The run's
     --dtype is applied first (`precision.prepare`): bf16 parameters are sharded as they are, their gradients
     summed over ranks in fp32. Build the optimizer only afterwards: sharding turns parameters into DTensors."""
-    prepare(model.to(ctx.device), ctx.dtype)
+    prepare(model.to(proc.device), proc.dtype)
     model.checkpoint_blocks = activation_checkpointing
-    if ctx.device.type == "cuda":
+    if proc.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    elif ctx.dtype == torch.bfloat16:
+    elif proc.dtype == torch.bfloat16:
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()  # fp32 on CPU keeps the parity tests tight
     for block in model.transformer.h:
         if compile:
             block.compile(fullgraph=True)  # in place: state_dict keys stay clean (no _orig_mod.)
-        if ctx.world > 1:
+        if proc.world > 1:
             fully_shard(block, mp_policy=mp)
-    if ctx.world > 1:
+    if proc.world > 1:
         fully_shard(model, mp_policy=mp)
     return model
 
@@ -189,10 +190,10 @@ def accumulate(model, items: list, size: int):
         yield items[s:s + size]
 
 
-def global_backward(loss: torch.Tensor, ctx: Dist) -> None:
+def global_backward(loss: torch.Tensor, proc: Process) -> None:
     """Backward on a loss summed over this rank's rows and divided by the global count (tokens, pairs, prompts),
     times the world size: FSDP2 averages gradients over ranks, so 1 and N processes take the same step."""
-    ctx.scaled(loss * ctx.world).backward()  # under fp16 also times the loss scale (nanoalign.precision)
+    proc.scaled(loss * proc.world).backward()  # under fp16 also times the loss scale (nanoalign.precision)
 
 
 # ----- optimizer ----------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "
     A non-finite gradient norm (over all ranks) or loss term stops the run here, before the step: the weights
     stay as they were and nothing is written, so the last checkpoint in out_dir is the last good one.
     where: the step, for the error ("step 17"); losses: {name: float} this step's loss terms. scaler: fp16's
-    (`Dist.scaler`): the gradients are unscaled first, and non-finite ones with finite losses are an overflow
+    (`Process.scaler`): the gradients are unscaled first, and non-finite ones with finite losses are an overflow
     of the scaling: the step is skipped, weights and moments unchanged, and the norm (inf or NaN) returned."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -266,7 +267,7 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, metrics: dict,
+def save_resumable(out_dir, model, optimizer, tok, proc: Process, cfg, step: int, metrics: dict,
                    extra: dict | None = None, children: dict | None = None, kind: str = "policy") -> None:
     """Gather the full model and optimizer state and write a resumable checkpoint of `kind` from rank 0; `extra`
     (JSON: a script's own state, e.g. PPO's β) goes into config.json; children {name: (model, optimizer)},
@@ -279,19 +280,19 @@ def save_resumable(out_dir, model, optimizer, tok, ctx: Dist, cfg, step: int, me
         kids[name] = (child_state, {"model": dataclasses.asdict(child.config), "kind": "critic", **run},
                       (child_optim_state, rng))
     model_state, optim_state = full_state(model, optimizer)
-    if ctx.master:
+    if proc.master:
         meta = {"model": dataclasses.asdict(model.config), "kind": kind, **run, "metrics": metrics, **(extra or {})}
         write_checkpoint(out_dir, model_state, meta, tok, (optim_state, rng), kids)
 
 
-def save_final(out_dir, model, tok, ctx: Dist, meta: dict, children: dict | None = None) -> None:
+def save_final(out_dir, model, tok, proc: Process, meta: dict, children: dict | None = None) -> None:
     """A finished run's plain checkpoint, meta as its config.json (no optimizer or RNG state: nothing to resume):
     every rank gathers the full state, rank 0 writes; children {name: model}, critics, in out_dir/name in the
     same commit, each with meta's fields but its own "model" and "kind"."""
     state = full_state(model)
     kids = {name: (full_state(child), {**meta, "model": dataclasses.asdict(child.config), "kind": "critic"}, None)
             for name, child in (children or {}).items()}
-    if ctx.master:
+    if proc.master:
         write_checkpoint(out_dir, state, meta, tok, children=kids or None)
 
 

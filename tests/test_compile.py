@@ -7,9 +7,9 @@ import torch
 from nanoalign.logprobs import token_logps
 from nanoalign.model import GPT, GPTConfig, KVCache
 from nanoalign.sampling import decode_step, sample, static_decoder
-from nanoalign.scaffold import Dist, wrap_model
+from nanoalign.scaffold import Process, wrap_model
 
-CPU = Dist(0, 1, torch.device("cpu"))
+CPU = Process(0, 1, torch.device("cpu"))
 
 
 def tiny_model():

@@ -32,7 +32,7 @@ from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.config import check_config
 from nanoalign.data import read_jsonl
 from nanoalign.precision import LossScaler, run_dtype
-from nanoalign.scaffold import Dist, make_optimizer, optimizer_step, setup, wrap_model
+from nanoalign.scaffold import Process, make_optimizer, optimizer_step, setup, wrap_model
 
 LOSS_RTOL, MOVE_RTOL = 0.02, 0.2
 
@@ -273,17 +273,17 @@ def test_ppo_update_bf16_matches_fp32(tiny_run, ppo_dirs):
     metrics, weights_after = {}, {}
     for dtype in ("fp32", "bf16"):
         cfg = ppo(tiny_run, ppo_dirs, dtype=dtype)
-        ctx = setup(cfg.seed, "cpu", dtype)
-        policy, tok, reference, reward, critic = train_ppo.load_models(cfg, ctx)
+        proc = setup(cfg.seed, "cpu", dtype)
+        policy, tok, reference, reward, critic = train_ppo.load_models(cfg, proc)
         if dtype == "fp32":
             prompts = [r["prompt"] for r in read_jsonl(ppo_dirs / "data" / "prompts.jsonl", "prompts")]
-            roll = train_ppo.rollout(policy, tok, prompts, cfg, ctx, update=0)
+            roll = train_ppo.rollout(policy, tok, prompts, cfg, proc, update=0)
             start = {k: v.clone() for k, v in policy.state_dict().items()}
-        assert {p.dtype for m in (policy, reference, reward[0]) for p in m.parameters()} == {ctx.dtype}
+        assert {p.dtype for m in (policy, reference, reward[0]) for p in m.parameters()} == {proc.dtype}
         optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)
         metrics[dtype], _ = train_ppo.ppo_update(roll, policy, critic, reference, reward, optimizer, None, cfg.beta,
-                                                 None, cfg, ctx, update=0)
-        assert {v.dtype for s in optimizer.state.values() for k, v in s.items() if k != "step"} == {ctx.dtype}
+                                                 None, cfg, proc, update=0)
+        assert {v.dtype for s in optimizer.state.values() for k, v in s.items() if k != "step"} == {proc.dtype}
         weights_after[dtype] = {k: v.float() for k, v in policy.state_dict().items()}
     m32, m16 = metrics["fp32"], metrics["bf16"]
     for k in ("objective/rm_score", "objective/score", "ppo/pg_loss", "ppo/vf_loss", "ppo/entropy"):
@@ -408,10 +408,10 @@ def test_fp16_autocast_path_on_cpu_matches_fp32_and_skips_overflows(tiny_run):
     runs = {}
     for name, dtype, scaler in (("fp32", torch.float32, None), ("fp16", torch.float16, LossScaler()),
                                 ("fp16 from 2^22", torch.float16, LossScaler(scale=2.0 ** 22))):
-        ctx = Dist(0, 1, torch.device("cpu"), dtype, scaler)
-        policy = wrap_model(load_model(tiny_run / "init")[0], ctx)
+        proc = Process(0, 1, torch.device("cpu"), dtype, scaler)
+        policy = wrap_model(load_model(tiny_run / "init")[0], proc)
         optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-        runs[name] = [train_sft.sft_step(policy, optimizer, examples, tok.pad_id, step, cfg, ctx)[0]
+        runs[name] = [train_sft.sft_step(policy, optimizer, examples, tok.pad_id, step, cfg, proc)[0]
                       for step in range(cfg.max_steps)]
         if scaler is not None:
             assert {p.dtype for p in policy.parameters()} == {torch.float32}  # master weights

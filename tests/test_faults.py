@@ -31,7 +31,7 @@ from nanoalign.checkpoint import (hold_lock, load_model, load_reward_model, read
 from nanoalign.data import read_jsonl
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.logger import Logger
-from nanoalign.scaffold import Dist, micro_batch
+from nanoalign.scaffold import Process, micro_batch
 
 
 def sft(tiny_run, out, **kw):
@@ -350,12 +350,12 @@ def test_two_concurrent_training_runs_on_one_out_dir(tiny_run, tmp_path):
 def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
-    Logger(tmp_path, Dist(0, 1, torch.device("cpu")), 10, resume_step=2)
+    Logger(tmp_path, Process(0, 1, torch.device("cpu")), 10, resume_step=2)
     assert log.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n'
     assert "log.jsonl:3: dropped a torn last line" in capsys.readouterr().out
     log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"log.jsonl:2: damaged log line"):
-        Logger(tmp_path, Dist(0, 1, torch.device("cpu")), 10, resume_step=2)
+        Logger(tmp_path, Process(0, 1, torch.device("cpu")), 10, resume_step=2)
 
 
 @pytest.mark.parametrize("script", [train_sft, train_dpo])

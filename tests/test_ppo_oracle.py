@@ -13,9 +13,9 @@ import torch
 
 import train_ppo
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.scaffold import Dist, make_optimizer
+from nanoalign.scaffold import Process, make_optimizer
 
-CTX = Dist(0, 1, torch.device("cpu"))
+CTX = Process(0, 1, torch.device("cpu"))
 REWARD = torch.tensor([0.2, -0.4, 1.0, 0.5, 0.0, -0.5], dtype=torch.float64)  # r(y) for the 6 tokens
 PROMPT = 3
 

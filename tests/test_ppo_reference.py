@@ -19,10 +19,10 @@ import train_ppo
 from hand import clip_and_adamw
 from nanoalign.rollout import deal_minibatches
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.scaffold import Dist, make_optimizer
+from nanoalign.scaffold import Process, make_optimizer
 
 PAD, EOS, V = 0, 1, 13
-CTX = Dist(0, 1, torch.device("cpu"))
+CTX = Process(0, 1, torch.device("cpu"))
 
 
 def tiny_models(seed=0):
@@ -300,7 +300,7 @@ def test_every_row_in_exactly_one_minibatch_per_epoch(rows, n, world):
     for seed in (0, 1):
         seen = []
         for rank in range(world):
-            parts = deal_minibatches(rows // world, n, seed, Dist(rank, world, torch.device("cpu")))
+            parts = deal_minibatches(rows // world, n, seed, Process(rank, world, torch.device("cpu")))
             assert len(parts) == n and {len(p) for p in parts} == {rows // world // n}
             seen += [(j, rank * (rows // world) + i) for j, p in enumerate(parts) for i in p.tolist()]
         assert sorted(row for _, row in seen) == list(range(rows))

@@ -24,7 +24,7 @@ from nanoalign.evaluate import curve_point
 from nanoalign.losses import gae, kl_estimate, per_token_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from nanoalign.rollout import row_generators
 from nanoalign.sampling import join, reward_scores, sample, scored_forward
-from nanoalign.scaffold import Dist, gathered, setup, teardown, wrap_model
+from nanoalign.scaffold import Process, gathered, setup, teardown, wrap_model
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_rollout_samples_each_row_at_the_temperature_and_marks_the_answers_that_
     policy, tok = load_model(ppo_dirs / "sft")
     prompts = [f"Where is my lamp, order #{1000 + 37 * i}?" for i in range(6)]
     cfg = train_ppo.Config(rollout_size=6, samples_per_prompt=2, max_new_tokens=100, temperature=0.7, seed=1)
-    roll = train_ppo.rollout(policy, tok, prompts, cfg, Dist(0, 1, torch.device("cpu")), update=2)
+    roll = train_ppo.rollout(policy, tok, prompts, cfg, Process(0, 1, torch.device("cpu")), update=2)
     batch = [prompts[i] for i in batch_indices(len(prompts), 3, 2, cfg.seed)]
     encoded = [tok.encode_prompt(p) for p in batch for _ in range(2)]
     limit = policy.config.block_size - max(map(len, encoded))
@@ -122,13 +122,13 @@ def test_critics_start_at_zero_and_at_the_normalised_score(ppo_dirs):
     gain and bias folded into the head, so V at the last token is the normalised reward PPO is trained on."""
     cfg = train_ppo.Config(data_dir=str(ppo_dirs / "data"), init_from=str(ppo_dirs / "sft"),
                            reward_model=str(ppo_dirs / "rm"))
-    ctx = setup(0, "cpu")
-    policy, tok, _, (rm, gain, bias), critic = train_ppo.load_models(cfg, ctx)
+    proc = setup(0, "cpu")
+    policy, tok, _, (rm, gain, bias), critic = train_ppo.load_models(cfg, proc)
     assert critic is None and (gain, bias) == (2.0, -0.5)
     ids, attn, _ = rollout(policy.eval(), tok)
     with torch.no_grad():
         assert torch.equal(policy(ids, attention_mask=attn, output="scalar"), torch.zeros(ids.shape))
-        _, _, _, _, critic = train_ppo.load_models(train_ppo.Config(**{**asdict(cfg), "critic": "separate"}), ctx)
+        _, _, _, _, critic = train_ppo.load_models(train_ppo.Config(**{**asdict(cfg), "critic": "separate"}), proc)
         values = critic(ids, attention_mask=attn, output="scalar")
         last = attn.shape[1] - 1 - attn.flip(-1).argmax(-1)  # right-padded: the last real token of each row
         expected = reward_scores(rm, ids, attn, gain, bias)
@@ -208,10 +208,10 @@ def decode_on_rank(rank: int, port: int, init_dir: str) -> None:
     counting FSDP's all-gathers, then both take a backward pass, whose collectives must still pair up."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    ctx = setup(0, "cpu")
+    proc = setup(0, "cpu")
     model, tok = load_model(init_dir)
     full = copy.deepcopy(model)
-    model = wrap_model(model, ctx)
+    model = wrap_model(model, proc)
     prompts, n_new = [tok.encode_prompt("Where is my fan, order #1234?")] * 3, 1 + 11 * rank
     gathers, all_gather = [], dist.all_gather_single
     dist.all_gather_single = lambda *args, **kw: gathers.append(1) or all_gather(*args, **kw)

@@ -19,15 +19,15 @@ import train_sft
 from nanoalign import rollout
 from nanoalign.checkpoint import load_model
 from nanoalign.data import encode_example, encode_pairs, read_jsonl
-from nanoalign.scaffold import Dist, make_optimizer
+from nanoalign.scaffold import Process, make_optimizer
 from test_ppo_reference import BASE, fixed_rollout, gold, tiny_models
 
-ONE, TWO = Dist(0, 1, torch.device("cpu")), Dist(0, 2, torch.device("cpu"))
+ONE, TWO = Process(0, 1, torch.device("cpu")), Process(0, 2, torch.device("cpu"))
 
 
 def as_rank_of_two(monkeypatch, module):
     """module's global_sum as a two-rank all-reduce whose peer holds the same values."""
-    monkeypatch.setattr(module, "global_sum", lambda x, ctx: 2 * x)
+    monkeypatch.setattr(module, "global_sum", lambda x, proc: 2 * x)
 
 
 def same_steps(one, two, metrics_one, metrics_two):
@@ -116,15 +116,15 @@ def test_ppo_update(monkeypatch, variant):
     roll = fixed_rollout(cfg.samples_per_prompt)
     separate = cfg.critic == "separate"
     runs = []
-    for ctx in (ONE, TWO):
+    for proc in (ONE, TWO):
         policy, reference, rm, critic = tiny_models()
         optimizer, critic_opt = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(critic, cfg.critic_lr, 0.0)
         with monkeypatch.context() as mp:
-            if ctx.world == 2:
+            if proc.world == 2:
                 as_rank_of_two(mp, rollout)  # PPO's statistics over ranks are nanoalign.rollout's
             metrics, _ = train_ppo.ppo_update(roll, policy.eval(), critic if separate else None, reference,
                                               (rm, 1.5, -0.2), optimizer, critic_opt, cfg.beta, None,
-                                              replace(cfg, rollout_size=8 * ctx.world), ctx, 1)
+                                              replace(cfg, rollout_size=8 * proc.world), proc, 1)
         runs.append((policy, critic, {k: v for k, v in metrics.items() if not k.startswith("time/")}))
     (p1, c1, m1), (p2, c2, m2) = runs
     same_steps(p1, p2, m1, m2)
@@ -140,7 +140,7 @@ def test_rollout_shares(tiny_run):
     whole = train_ppo.rollout(model, tok, prompts, cfg, ONE, update=3)
     assert not whole.has_eos[:4].all() and not whole.has_eos[4:].all()  # answers in each half run to the bound
     for rank in (0, 1):
-        half = train_ppo.rollout(model, tok, prompts, cfg, Dist(rank, 2, torch.device("cpu")), update=3)
+        half = train_ppo.rollout(model, tok, prompts, cfg, Process(rank, 2, torch.device("cpu")), update=3)
         rows = slice(4 * rank, 4 * rank + 4)
         assert half.prompts == whole.prompts[rows] and half.answers == whole.answers[rows]
         assert half.has_eos.tolist() == whole.has_eos[rows].tolist()
@@ -158,5 +158,5 @@ def test_global_mean_and_unbiased_variance(monkeypatch):
     assert rollout.global_total(x, TWO) == pytest.approx(32.0)
     assert torch.equal(rollout.all_sum(TWO)(x), 2 * x)
     assert list(rollout.rank_share(8, ONE)) == list(range(8))
-    assert [list(rollout.rank_share(8, Dist(r, 2, torch.device("cpu")))) for r in (0, 1)] == [[0, 1, 2, 3],
+    assert [list(rollout.rank_share(8, Process(r, 2, torch.device("cpu")))) for r in (0, 1)] == [[0, 1, 2, 3],
                                                                                              [4, 5, 6, 7]]
