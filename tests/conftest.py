@@ -43,6 +43,18 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pairs_dir(tiny_run, tmp_path_factory):
+    """data/ with pairs.jsonl (the tiny demonstrations against a rude wrong answer) and sft_test.jsonl."""
+    root = tmp_path_factory.mktemp("pairs")
+    demos = read_jsonl(tiny_run / "data" / "sft.jsonl", "sft")
+    pairs = [{"prompt": d["prompt"], "chosen": d["completion"],
+              "rejected": d["completion"].replace("ships tomorrow", "is lost. Go away")} for d in demos]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (root / "sft_test.jsonl").write_text((tiny_run / "data" / "sft_test.jsonl").read_text())
+    return root
+
+
+@pytest.fixture(scope="session")
 def judge_dir(tiny_run, tmp_path_factory):
     """A tiny random feedback model with room for comparison queries, on the tiny run's tokenizer."""
     tok = Tokenizer.load(tiny_run / "init")

@@ -165,17 +165,6 @@ def test_bf16_checkpoint_loads_and_evaluates(quick_world, tmp_path):
 # ----- DPO ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pairs_dir(tiny_run, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    demos = read_jsonl(tiny_run / "data" / "sft.jsonl", "sft")
-    pairs = [{"prompt": d["prompt"], "chosen": d["completion"],
-              "rejected": d["completion"].replace("ships tomorrow", "is lost. Go away")} for d in demos]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    (root / "sft_test.jsonl").write_text((tiny_run / "data" / "sft_test.jsonl").read_text())
-    return root
-
-
 def test_dpo_bf16_matches_fp32(tiny_run, pairs_dir, tmp_path, monkeypatch):
     """The DPO loss is -log σ(h): once h is large the loss is ~e^-h, and its relative error is h's absolute error,
     not a few u. So the margins (β h) are held to LOSS_RTOL, and the losses to LOSS_RTOL or 1e-3 absolute (0.15% of

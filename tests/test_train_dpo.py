@@ -19,18 +19,6 @@ from nanoalign.sampling import model_logps
 
 
 
-@pytest.fixture(scope="module")
-def pairs_dir(tiny_run, tmp_path_factory):
-    """data/ with pairs.jsonl (the tiny demonstrations against a rude wrong answer) and sft_test.jsonl."""
-    root = tmp_path_factory.mktemp("pairs")
-    demos = read_jsonl(tiny_run / "data" / "sft.jsonl", "sft")
-    pairs = [{"prompt": d["prompt"], "chosen": d["completion"],
-              "rejected": d["completion"].replace("ships tomorrow", "is lost. Go away")} for d in demos]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    (root / "sft_test.jsonl").write_text((tiny_run / "data" / "sft_test.jsonl").read_text())
-    return root
-
-
 def tiny(tiny_run, data_dir, out, **kw):
     base = dict(data_dir=str(data_dir), out_dir=str(out), init_from=str(tiny_run / "init"),
                 cache_dir=str(Path(out).parent / "cache"), beta=0.5, batch_size=8, micro_batch_size=4,
