@@ -30,7 +30,7 @@ import torch
 
 from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_meta
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, collate, encode_pairs, read_jsonl, require_soft_labels
+from nanoalign.data import batch_indices, check_batch, collate, encode_pairs, read_jsonl, require_soft_labels
 from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.logger import Logger
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
@@ -161,6 +161,7 @@ def main(cfg: Config) -> dict:
 
     # 3. pairs -> distinct token sequences; each pair points at its chosen and its rejected row
     seqs, chosen, rejected = encode_pairs(tok, records, max_len)
+    check_batch(len(records), cfg.batch_size)
     check_eval_prompts(tok, data_dir, cfg.n_eval, model.config.block_size)
     # cDPO soft labels: a pair's own "p" (AI feedback) or the global label_smoothing
     smoothing = torch.tensor([1 - r.get("p", 1 - cfg.label_smoothing) for r in records], device=proc.device)

@@ -40,7 +40,7 @@ import torch
 from nanoalign import gold_judge
 from nanoalign.checkpoint import load_model, load_reward_model, read_meta
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, check_prompts, read_jsonl
+from nanoalign.data import batch_indices, check_batch, check_prompts, read_jsonl
 from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.logger import Logger
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
@@ -112,8 +112,7 @@ def rollout(policy, tok, prompts: list, cfg: Config, proc, update: int) -> Rollo
     """Step 1: this update's prompts, each samples_per_prompt times, a prompt's samples adjacent; this rank samples
     its share, each episode with its own generator, the policy's weights gathered once (no collective per step)."""
     n_prompts, k = cfg.rollout_size // cfg.samples_per_prompt, cfg.samples_per_prompt
-    batch = [prompts[i] for i in batch_indices(len(prompts), n_prompts, update, cfg.seed,
-                                                  "--rollout_size / --samples_per_prompt, the prompts per update")]
+    batch = [prompts[i] for i in batch_indices(len(prompts), n_prompts, update, cfg.seed)]
     encoded = [tok.encode_prompt(p) for p in batch]
     # the whole rollout's longest prompt bounds the answer length on every rank, as in one process
     max_new_tokens = min(cfg.max_new_tokens, policy.config.block_size - max(map(len, encoded)))
@@ -287,6 +286,8 @@ def main(cfg: Config) -> dict:
     critic_opt = make_optimizer(critic, cfg.critic_lr, 0.0, eps=cfg.adam_eps) if critic is not None else None
     records = read_jsonl(f"{cfg.data_dir}/prompts.jsonl", "prompts")
     check_prompts(tok, records, policy.config.block_size)  # every prompt, before any rollout draws it
+    check_batch(len(records), cfg.rollout_size // cfg.samples_per_prompt,
+                "--rollout_size / --samples_per_prompt, the prompts per update")
     check_eval_prompts(tok, cfg.data_dir, cfg.n_eval, policy.config.block_size)
     prompts = [r["prompt"] for r in records]
     beta, gold_norm, start = cfg.beta, None, 0

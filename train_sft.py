@@ -20,7 +20,7 @@ from pathlib import Path
 
 from nanoalign.checkpoint import load_model
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, collate, encode_example, ensure_world, read_jsonl
+from nanoalign.data import batch_indices, check_batch, collate, encode_example, ensure_world, read_jsonl
 from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.logger import Logger
 from nanoalign.losses import sft_loss
@@ -125,6 +125,7 @@ def main(cfg: Config) -> dict:
 
     # 3. demonstrations -> token ids; loss on the response tokens (+ EOS) only
     examples = [encode_example(tok, r["prompt"], r["completion"], model.config.block_size, r["where"]) for r in train]
+    check_batch(len(examples), cfg.batch_size)
     check_eval_prompts(tok, data_dir, cfg.n_eval, model.config.block_size)
 
     # 4. optimizer; on resume its moments and the RNG state come back

@@ -244,13 +244,18 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int, flag: str = "--batch_size") -> list[int]:
-    """The global batch of step `step`: a seeded permutation per epoch, so the data position is a pure
-    function of the step and resuming needs no loader state. `flag` names the batch size in the error."""
-    per_epoch = n // batch_size
-    if per_epoch == 0:
+def check_batch(n: int, batch_size: int, flag: str = "--batch_size") -> None:
+    """A batch no larger than the data's n examples, or one error naming the flag (scripts call it at start,
+    before the log is opened)."""
+    if batch_size > n:
         raise SystemExit(f"{flag}={batch_size}: larger than the data ({n} examples); use at most {n}")
-    epoch, i = divmod(step, per_epoch)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The global batch of step `step`: a seeded permutation per epoch, so the data position is a pure
+    function of the step and resuming needs no loader state."""
+    check_batch(n, batch_size)
+    epoch, i = divmod(step, n // batch_size)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     return perm[i * batch_size:(i + 1) * batch_size].tolist()
 

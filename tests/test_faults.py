@@ -85,10 +85,18 @@ def test_a_bad_flag_stops_before_anything_is_written(tmp_path, script, kw, match
     assert not (tmp_path / "no_data").exists() and not Path(f"{out}.lock").exists()
 
 
-def test_a_batch_larger_than_the_data_names_the_flag(tiny_run, tmp_path):
+def test_a_batch_larger_than_the_data_names_the_flag_and_leaves_the_log(tiny_run, world, tmp_path):
     n = len(read_jsonl(tiny_run / "data" / "sft.jsonl", "sft"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "log.jsonl").write_text('{"step": 1}\n')  # a previous run's log must survive
     with pytest.raises(SystemExit, match=f"--batch_size={n + 1}: larger than the data \\({n} examples\\); use at most {n}"):
         train_sft.main(sft(tiny_run, tmp_path / "out", batch_size=n + 1))
+    assert (tmp_path / "out" / "log.jsonl").read_text() == '{"step": 1}\n'
+    with pytest.raises(SystemExit, match=f"--rollout_size / --samples_per_prompt, the prompts per update={n + 1}"):
+        train_ppo.main(train_ppo.Config(data_dir=str(world), init_from=str(tiny_run / "init"), n_eval=0,
+                                        reward_model=str(world / "rm"), out_dir=str(tmp_path / "ppo"),
+                                        rollout_size=2 * (n + 1), samples_per_prompt=2, minibatches=1))
+    assert not (tmp_path / "ppo" / "log.jsonl").exists()
 
 
 def test_evaluate_and_the_benchmarks_check_their_flags(tmp_path):
