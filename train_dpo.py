@@ -30,11 +30,11 @@ import torch
 
 from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_meta
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, check_batch, collate, encode_pairs, read_jsonl, require_soft_labels
+from nanoalign.data import batch_indices, check_batch, encode_pairs, read_jsonl, require_soft_labels
 from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.logger import Logger
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
-from nanoalign.sampling import model_logps
+from nanoalign.sampling import response_logps
 from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
                                 world_size, wrap_model)
@@ -57,7 +57,8 @@ class Config:
     simpo_gamma: float = 1.0  # SimPO target margin γ (simpo only)
     rpo_alpha: float = 0.0  # weight of the NLL on the chosen answer (RPO); 0 = off
     batch_size: int = 32  # pairs per optimizer step (global, over ranks and micro-batches)
-    micro_batch_size: int = 0  # pairs per forward per process, 2x rows (0 = the process's whole share of the batch)
+    micro_batch_size: int = 0  # pairs per backward per process, 2x rows (0 = the process's whole share of the batch)
+    rows_per_forward: int = 16  # sequences per forward, length-sorted within a micro-batch (speed only)
     max_steps: int = 400  # optimizer steps (0.53 epochs of the helpdesk pairs)
     lr: float = 2e-4  # peak AdamW learning rate
     min_lr: float = 1e-5  # end of the cosine
@@ -78,36 +79,33 @@ class Config:
 
 
 @torch.no_grad()
-def sequence_logps(model, seqs: list, pad_id: int, device, batch_size: int = 64) -> torch.Tensor:
-    """S(y|x) of every (ids, n_prompt) sequence -> [N] fp32 on the CPU. Sorted by length so that each
-    forward pads little; a row's log-prob changes with its padded length only in float rounding."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    out = torch.empty(len(seqs))
-    for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
-        batch = {k: v.to(device) for k, v in collate([seqs[i] for i in rows], pad_id).items()}
-        out[rows] = model_logps(model, **batch).sum(-1).cpu()  # [b]
-    return out
+def sequence_logps(model, seqs: list, pad_id: int, device) -> torch.Tensor:
+    """S(y|x) of every (ids, n_prompt) sequence under the frozen reference -> [N] fp32 on the CPU, computed once
+    for the cache, 64 length-sorted rows per forward."""
+    return response_logps(model, seqs, pad_id, device, rows_per_forward=64).cpu()
 
 
 def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, step: int, cfg: Config,
              proc) -> tuple[dict, int]:
-    """One optimizer step on this rank's `rows` (pair indices): per micro-batch, chosen and rejected in ONE
-    forward (as the DPO authors' concatenated forward), the losses summed over pairs / the global batch, then
+    """One optimizer step on this rank's `rows` (pair indices): per micro-batch, chosen and rejected rows go
+    through the model together (the DPO authors' concatenated forward), length-sorted into forwards of
+    --rows_per_forward rows so that little is padding; the losses summed over pairs / the global batch, then
     AdamW. pairs = (seqs, chosen, rejected, smoothing, pad_id) from main; ref_logps [N sequences] when cached,
     else None and the reference runs live -> (metrics, means over the global batch; tokens read here)."""
     seqs, chosen, rejected, smoothing, pad_id = pairs
     sums, tokens = {}, 0
     for micro in accumulate(model, rows, cfg.micro_batch_size):
         c, r = [chosen[i] for i in micro], [rejected[i] for i in micro]
-        batch = {key: v.to(proc.device) for key, v in collate([seqs[i] for i in c + r], pad_id).items()}
-        policy_chosen, policy_rejected = model_logps(model, **batch).sum(-1).chunk(2)  # [P] each
+        both = [seqs[i] for i in c + r]  # chosen then rejected, through the model length-sorted (`by_length`)
+        policy_chosen, policy_rejected = response_logps(model, both, pad_id, proc.device,
+                                                        cfg.rows_per_forward).chunk(2)  # [P] each
         if ref_logps is not None:
             ref_chosen, ref_rejected = ref_logps[c], ref_logps[r]
         else:
             with torch.no_grad():
-                ref_chosen, ref_rejected = model_logps(reference, **batch).sum(-1).chunk(2)
-        lengths = batch["loss_mask"][:, 1:].sum(-1)  # [2P] response tokens, for ipo, simpo, rpo
+                ref_chosen, ref_rejected = response_logps(reference, both, pad_id, proc.device,
+                                                          cfg.rows_per_forward).chunk(2)
+        lengths = torch.tensor([float(len(ids) - n) for ids, n in both], device=proc.device)  # [2P] for ipo, simpo, rpo
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
             label_smoothing=smoothing[micro], chosen_lengths=lengths[:len(micro)],
@@ -118,7 +116,7 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
                  "rewards/rejected": rejected_rewards, "logps/chosen": policy_chosen.detach(),
                  "logps/rejected": policy_rejected.detach()}
         sums = {name: sums.get(name, 0.0) + v.sum().item() for name, v in stats.items()}
-        tokens += batch["attention_mask"].sum().item()
+        tokens += sum(len(ids) for ids, _ in both)
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
     grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": sums["loss"]},
                                proc.scaler)
@@ -128,7 +126,7 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
 
 def main(cfg: Config) -> dict:
     # 0. the config, checked before anything is written
-    check_config(cfg, positive="beta batch_size max_steps lr log_interval ckpt_interval max_len",
+    check_config(cfg, positive="beta batch_size rows_per_forward max_steps lr log_interval ckpt_interval max_len",
                  nonneg="micro_batch_size min_lr warmup_steps weight_decay grad_clip n_eval eval_interval "
                         "max_new_tokens temperature label_smoothing simpo_gamma rpo_alpha",
                  choices={"loss_type": DPO_LOSS_TYPES})

@@ -60,19 +60,32 @@ def reward_scores(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Ten
     return gain * last_token_values(values, attention_mask) + bias
 
 
-def group_rewards(model, groups: list[dict], pad_id: int, device, rows_per_forward: int) -> torch.Tensor:
-    """Rewards of N groups of K answers -> [N, K]. The N*K rows go through the model sorted by length, in
-    chunks of `rows_per_forward`, so that each chunk pads to similar lengths: on the helpdesk rankings the
-    padded tokens fall from 2.1x to 1.2x the real ones (each prompt has a long answer, so smaller batches
-    alone do not help). The read-out ignores padding, so the chunking changes no reward."""
-    rows = [row for g in groups for row in g["rows"]]
+def by_length(rows: list, pad_id: int, device, rows_per_forward: int, score) -> torch.Tensor:
+    """score(batch) -> [b] for each (ids, n_prompt) row -> [N], in the order given. The rows go through the model
+    sorted by length, in chunks of `rows_per_forward`, so that each chunk pads to similar lengths: a random
+    batch of helpdesk rankings or preference pairs holds about 2.1x-2.3x as many padded tokens as real ones,
+    sorted chunks about 1.2x. A row's score changes with its chunk in float rounding only."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     chunks = []
     for s in range(0, len(rows), rows_per_forward):
         batch = collate([rows[i] for i in order[s:s + rows_per_forward]], pad_id)
-        chunks.append(reward_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
-    rewards = torch.cat(chunks)[torch.tensor(order, device=device).argsort()]  # [N*K], back in record order
+        chunks.append(score({k: v.to(device) for k, v in batch.items()}))
+    return torch.cat(chunks)[torch.tensor(order, device=device).argsort()]  # back in the given order
+
+
+def group_rewards(model, groups: list[dict], pad_id: int, device, rows_per_forward: int) -> torch.Tensor:
+    """Rewards of N groups of K answers -> [N, K], the N*K rows length-sorted (`by_length`). The read-out ignores
+    padding, so the chunking changes no reward beyond float rounding."""
+    rows = [row for g in groups for row in g["rows"]]
+    rewards = by_length(rows, pad_id, device, rows_per_forward,
+                        lambda b: reward_scores(model, b["input_ids"], b["attention_mask"]))  # [N*K]
     return rewards.view(len(groups), -1)  # [N, K]
+
+
+def response_logps(model, rows: list, pad_id: int, device, rows_per_forward: int) -> torch.Tensor:
+    """S(y|x) = Σ_t log π(y_t | x, y_<t) of each (ids, n_prompt) row, the response's tokens (EOS included) only
+    -> [N] in the order given, length-sorted through the model (`by_length`); differentiable (DPO's policy)."""
+    return by_length(rows, pad_id, device, rows_per_forward, lambda b: model_logps(model, **b).sum(-1))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

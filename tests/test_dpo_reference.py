@@ -107,10 +107,11 @@ def pairs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("loss_type,kw", [("sigmoid", {}), ("sigmoid", dict(label_smoothing=0.1, rpo_alpha=0.5)),
-                                          ("robust", dict(label_smoothing=0.2)), ("hinge", {}), ("ipo", {}),
-                                          ("ipo_sum", {}), ("simpo", dict(beta=2.0, simpo_gamma=0.5)),
-                                          ("sigmoid", dict(ref_cache=False))])
+@pytest.mark.parametrize("loss_type,kw", [("sigmoid", {}), ("robust", dict(label_smoothing=0.2)), ("hinge", {}),
+                                          ("sigmoid", dict(label_smoothing=0.1, rpo_alpha=0.5, rows_per_forward=3)),
+                                          ("ipo", dict(rows_per_forward=3)), ("ipo_sum", {}),
+                                          ("simpo", dict(beta=2.0, simpo_gamma=0.5)),
+                                          ("sigmoid", dict(ref_cache=False, rows_per_forward=3))])
 def test_dpo_steps_equal_the_hand_written_reference(tiny_run, pairs, tmp_path, loss_type, kw):
     cfg = train_dpo.Config(data_dir=str(pairs), out_dir=str(tmp_path / "dpo"), init_from=str(tiny_run / "init"),
                            cache_dir=str(tmp_path / "cache"), loss_type=loss_type, beta=kw.pop("beta", 0.5),

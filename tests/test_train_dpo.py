@@ -15,7 +15,7 @@ import train_dpo
 from nanoalign.checkpoint import content_hash, load_model
 from nanoalign.data import collate, encode_pairs, read_jsonl
 from nanoalign.evaluate import curve_point
-from nanoalign.sampling import model_logps
+from nanoalign.sampling import model_logps, response_logps
 
 
 
@@ -123,6 +123,21 @@ def test_concatenated_forward_equals_separate_forwards(tiny_run, pairs_dir):
     assert max(len(seqs[i][0]) for i in chosen) != max(len(seqs[i][0]) for i in rejected)  # padded differently
     assert torch.allclose(together[:6], alone_chosen, atol=1e-5, rtol=0)
     assert torch.allclose(together[6:], alone_rejected, atol=1e-5, rtol=0)
+
+
+def test_length_sorted_forwards_keep_each_rows_log_prob_and_order(tiny_run, pairs_dir):
+    """`response_logps` forwards rows sorted by length in chunks and returns them in the given order: chunks of 5
+    or 1 give each row the log-prob of one forward of all 12 rows, and the sort pads less."""
+    model, tok = load_model(tiny_run / "init")
+    model.eval()
+    seqs, chosen, rejected = encode_pairs(tok, read_jsonl(pairs_dir / "pairs.jsonl")[:6], 48)
+    rows = [seqs[i] for i in chosen + rejected]
+    with torch.no_grad():
+        one = model_logps(model, **collate(rows, tok.pad_id)).sum(-1)
+        for n in (5, 1):
+            torch.testing.assert_close(response_logps(model, rows, tok.pad_id, "cpu", n), one, atol=1e-5, rtol=1e-6)
+    lengths = sorted(len(ids) for ids, _ in rows)
+    assert 5 * lengths[4] + 5 * lengths[9] + 2 * lengths[11] < 12 * lengths[11]  # padded tokens: sorted < one
 
 
 def test_resume_continues_the_same_loss_curve(tiny_run, pairs_dir, tmp_path, monkeypatch):
