@@ -58,7 +58,7 @@ STAGES = {
               "--n=100", "--seed=1234", "--data_dir={data}", "--out={out}/bon"),
         quick=("--n=8", "--n_bon=3", "--best_of_n=4", "--select=2", "--max_new_tokens=16")),
     "dpo": Stage(
-        title="DPO", legend="train_dpo.py", needs=("sft",), result="eval.json", seconds=250,
+        title="DPO", legend="train_dpo.py", needs=("sft",), result="eval.json", seconds=95,
         argv=("train_dpo.py", "--data_dir={data}", "--init_from={out}/sft", "--cache_dir={out}/cache",
               "--out_dir={out}/dpo"), quick=("--max_steps=3", "--batch_size=8", *_EVAL)),
     "ppo": Stage(
@@ -232,13 +232,24 @@ def speed(active: int) -> float:
     return 1.0 if active <= 1 else 2 * SHARED / active
 
 
+def critical_first(ready: list, work: dict, needs: dict) -> list:
+    """The ready stages, the one that holds up the most work first: by the longest chain of seconds alone that
+    starts with it (the stage, then a stage that reads it, and so on, over the stages in `work`); ties keep the
+    pipeline's order. Critical-path list scheduling: PPO, which ends the chain SFT -> RM -> PPO, goes before
+    best-of-N when one slot is free."""
+    def chain(name):
+        return work.get(name, 0.0) + max((chain(m) for m in work if name in needs[m]), default=0.0)
+    return sorted(ready, key=lambda name: -chain(name))
+
+
 def schedule(work: dict, needs: dict, jobs: int, running: dict | None = None) -> float:
     """Seconds until every stage in `work` (its seconds alone) is done, when up to `jobs` run side by side, each at
-    `speed`, and a stage starts, in the order given, once the stages it needs (in `work` or `running`) are done.
+    `speed`, and a stage starts once the stages it needs (in `work` or `running`) are done, `critical_first`.
     running: {stage: its seconds alone still to go}."""
     clock, active, todo = 0.0, dict(running or {}), list(work)
     while todo or active:
-        ready = [n for n in todo if all(m not in todo and m not in active for m in needs[n])]
+        ready = critical_first([n for n in todo if all(m not in todo and m not in active for m in needs[n])],
+                               work, needs)
         for name in ready[:max(0, jobs - len(active))]:
             active[name] = work[name]
             todo.remove(name)
@@ -278,7 +289,7 @@ def run_pipeline(cfg: Config) -> dict:
     running, work, failed, t_start = {}, {}, [], time.time()
     t_poll = t_start
     while todo or running:
-        ready = [] if failed else [n for n in todo if all(m in done for m in needs[n])]
+        ready = [] if failed else critical_first([n for n in todo if all(m in done for m in needs[n])], eta, needs)
         for name in ready[:cfg.jobs - len(running)]:
             todo.remove(name)
             key = steps[name][0]

@@ -75,6 +75,14 @@ def test_schedule_by_hand(monkeypatch):
     monkeypatch.setattr(pipeline, "SHARED", 1.0)  # a free second machine: the critical path
     assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(19)  # rm, dpo at 10; bon at 15; ppo at 16
     assert pipeline.schedule({"ppo": 3}, needs, jobs=2, running={"rm": 4}) == pytest.approx(7)  # ppo waits for rm
+    # one slot beside dpo: ppo (the longer) first, bon when dpo is done, then alone: 222.3 s, where bon first
+    # (the pipeline's order) would take 230.7 s
+    monkeypatch.setattr(pipeline, "SHARED", 0.6)
+    assert pipeline.critical_first(["bon", "ppo"], {"bon": 39, "ppo": 125}, needs) == ["ppo", "bon"]
+    assert pipeline.critical_first(["dpo", "rm"], eta, needs) == ["dpo", "rm"]  # rm then ppo: 8, dpo 8: a tie
+    assert pipeline.critical_first(["dpo", "rm"], {**eta, "dpo": 7}, needs) == ["rm", "dpo"]
+    assert pipeline.schedule({"bon": 39, "ppo": 125}, needs, jobs=2, running={"dpo": 100}) == pytest.approx(
+        100 / 0.6 + 25 / 0.6 + 14)
 
 
 def reasons(cfg, manifest=None):
