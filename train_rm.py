@@ -60,7 +60,7 @@ class Config:
     epochs: int = 2  # passes over the training records
     batch_size: int = 32  # prompts (K rows each) or pairs per optimizer step (global)
     micro_batch_size: int = 0  # prompts or pairs per backward per process (0 = the process's whole share)
-    rows_per_forward: int = 16  # answers per forward, length-sorted within a micro-batch (speed only)
+    rows_per_forward: int = 32  # answers per forward, length-sorted within a micro-batch (speed only)
     lr: float = 5e-4  # peak AdamW learning rate
     min_lr: float = 5e-5  # end of the cosine
     warmup_steps: int = 20  # linear warmup

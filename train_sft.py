@@ -45,7 +45,6 @@ class Config:
     block_size: int = 160  # context length in tokens, new model only
     batch_size: int = 32  # sequences per optimizer step (global, over ranks and micro-batches)
     micro_batch_size: int = 0  # sequences per forward per process (0 = the process's whole share of the batch)
-    rows_per_forward: int = 16  # at most this many per forward, length-sorted within the step (speed only)
     max_steps: int = 1200  # optimizer steps (about 2.5 min on 2 CPU cores)
     lr: float = 2e-3  # peak AdamW learning rate
     min_lr: float = 1e-4  # end of the cosine
@@ -69,12 +68,11 @@ class Config:
 def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Config, proc) -> tuple[dict, int]:
     """One optimizer step on this rank's (ids, n_prompt) examples: the gradient of the mean loss over the global
     batch's response tokens (and prompt tokens, weighted by --prompt_loss_weight), accumulated over
-    micro-batches of at most --rows_per_forward sequences sorted by length, then AdamW at the step's learning rate -> (metrics, tokens read here)."""
+    micro-batches, then AdamW at the step's learning rate -> (metrics, tokens read here)."""
     w = cfg.prompt_loss_weight  # each prompt token but the first is predicted, from the tokens before it
     n_tokens = global_sum(sum(len(ids) - n_prompt + w * (n_prompt - 1) for ids, n_prompt in examples), proc)
     loss_sum, tokens = 0.0, 0
-    examples = sorted(examples, key=lambda e: len(e[0]))  # similar lengths share a forward: less padding
-    for micro in accumulate(model, examples, min(cfg.micro_batch_size or len(examples), cfg.rows_per_forward)):
+    for micro in accumulate(model, examples, cfg.micro_batch_size):
         batch = {key: v.to(proc.device) for key, v in collate(micro, pad_id).items()}
         if w > 0:  # the loss mask becomes a weight per token: 1 on the response, w on the prompt
             batch["loss_mask"] = batch["loss_mask"] + w * (batch["attention_mask"] - batch["loss_mask"])
@@ -91,8 +89,8 @@ def sft_step(model, optimizer, examples: list, pad_id: int, step: int, cfg: Conf
 
 def main(cfg: Config) -> dict:
     # 0. the config, checked before anything is written
-    check_config(cfg, positive="vocab_size n_layer n_head n_embd block_size batch_size rows_per_forward max_steps "
-                               "lr log_interval ckpt_interval", nonneg="micro_batch_size min_lr warmup_steps weight_decay "
+    check_config(cfg, positive="vocab_size n_layer n_head n_embd block_size batch_size max_steps lr log_interval "
+                               "ckpt_interval", nonneg="micro_batch_size min_lr warmup_steps weight_decay "
                                                      "prompt_loss_weight grad_clip n_eval eval_interval max_new_tokens "
                                                      "temperature")
     if cfg.eval_interval and not (cfg.n_eval and cfg.init_from):
