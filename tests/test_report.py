@@ -53,12 +53,21 @@ def test_quick_report_writes_every_section(quick, capsys):
 def test_stages_side_by_side_give_the_weights_of_one_at_a_time(quick, tmp_path):
     cfg = Config(quick=True, out_root=str(tmp_path / "out"), data_dir=quick.data_dir, jobs=1)
     runs = pipeline.run_pipeline(cfg)
-    assert all(runs[b]["started"] >= runs[a]["started"] + runs[a]["seconds"] for a, b in zip(runs, list(runs)[1:]))
+    order = sorted(runs, key=lambda name: runs[name]["started"])  # one at a time, critical chain first
+    assert order == ["sft", "rm", "ppo", "dpo", "bon"]
+    assert all(runs[b]["started"] >= runs[a]["started"] + runs[a]["seconds"] for a, b in zip(order, order[1:]))
     for name in pipeline.DEFAULT:  # every checkpoint and result, byte for byte (config.json holds the paths)
         alone, beside = pipeline.Path(cfg.out_root) / name, pipeline.Path(quick.out_root) / name
         files = sorted(p.relative_to(alone) for p in alone.rglob("*")
                        if p.suffix == ".safetensors" or p.name in ("eval.json", "best_of_n.json"))
         assert files and all((alone / f).read_bytes() == (beside / f).read_bytes() for f in files), name
+
+
+def test_the_stage_with_the_longest_chain_starts_first(quick):
+    """When RM is done, PPO (which SFT -> RM -> PPO ends) starts before best-of-N, whether one slot is free or
+    two (then both start in one pass, PPO first); in the pipeline's own order best-of-N would come first."""
+    runs = json.loads((pipeline.Path(quick.out_root) / "report" / "stages.json").read_text())
+    assert runs["ppo"]["started"] < runs["bon"]["started"]
 
 
 def test_schedule_by_hand(monkeypatch):

@@ -15,7 +15,7 @@ import train_dpo
 from nanoalign.checkpoint import content_hash, load_model
 from nanoalign.data import collate, encode_pairs, read_jsonl
 from nanoalign.evaluate import curve_point
-from nanoalign.sampling import model_logps, response_logps
+from nanoalign.sampling import by_length, model_logps, response_logps
 
 
 
@@ -136,8 +136,18 @@ def test_length_sorted_forwards_keep_each_rows_log_prob_and_order(tiny_run, pair
         one = model_logps(model, **collate(rows, tok.pad_id)).sum(-1)
         for n in (5, 1):
             torch.testing.assert_close(response_logps(model, rows, tok.pad_id, "cpu", n), one, atol=1e-5, rtol=1e-6)
+    rows = rows[::-1]  # rejected first: the longest rows (cut at 48 tokens) first
     lengths = sorted(len(ids) for ids, _ in rows)
-    assert 5 * lengths[4] + 5 * lengths[9] + 2 * lengths[11] < 12 * lengths[11]  # padded tokens: sorted < one
+    assert lengths[4] < len(rows[0][0])  # so chunks in the given order would pad the first five more
+    shapes = []
+
+    def record(batch):
+        shapes.append(tuple(batch["input_ids"].shape))
+        return torch.zeros(len(batch["input_ids"]))
+
+    by_length(rows, tok.pad_id, "cpu", 5, record)
+    assert shapes == [(5, lengths[4]), (5, lengths[9]), (2, lengths[11])]  # each chunk padded to its own longest
+    assert 5 * lengths[4] + 5 * lengths[9] + 2 * lengths[11] < 12 * lengths[11]  # fewer tokens than one forward
 
 
 def test_resume_continues_the_same_loss_curve(tiny_run, pairs_dir, tmp_path, monkeypatch):
