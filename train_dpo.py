@@ -37,7 +37,7 @@ from nanoalign.data import batch_indices, check_batch, encode_pairs, read_jsonl,
 from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.logger import Logger
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
-from nanoalign.sampling import response_logps
+from nanoalign.sampling import summed_logps
 from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
                                 world_size, wrap_model)
@@ -61,7 +61,7 @@ class Config:
     rpo_alpha: float = 0.0  # weight of the NLL on the chosen answer (RPO); 0 = off
     batch_size: int = 32  # pairs per optimizer step (global, over ranks and micro-batches)
     micro_batch_size: int = 0  # pairs per backward per process, 2x rows (0 = the process's whole share of the batch)
-    rows_per_forward: int = 16  # sequences per forward, length-sorted within a micro-batch (speed only)
+    rows_per_forward: int = 16  # rows per forward, length-sorted in a micro-batch (speed; FSDP gathers per forward)
     max_steps: int = 200  # optimizer steps (0.27 epochs of the helpdesk pairs)
     lr: float = 2e-4  # peak AdamW learning rate
     min_lr: float = 1e-5  # end of the cosine
@@ -85,14 +85,14 @@ class Config:
 def sequence_logps(model, seqs: list, pad_id: int, device) -> torch.Tensor:
     """S(y|x) of every (ids, n_prompt) sequence under the frozen reference -> [N] fp32 on the CPU, computed once
     for the cache, 64 length-sorted rows per forward."""
-    return response_logps(model, seqs, pad_id, device, rows_per_forward=64).cpu()
+    return summed_logps(model, seqs, pad_id, device, rows_per_forward=64).cpu()
 
 
 def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, step: int, cfg: Config,
              proc) -> tuple[dict, int]:
     """One optimizer step on this rank's `rows` (pair indices): per micro-batch, chosen and rejected rows go
-    through the model together (the DPO authors' concatenated forward), length-sorted into forwards of
-    --rows_per_forward rows so that little is padding; the losses summed over pairs / the global batch, then
+    through the model together (the DPO authors concatenate them into one forward), here length-sorted into
+    forwards of --rows_per_forward rows so that little is padding; the losses summed over pairs / the global batch, then
     AdamW. pairs = (seqs, chosen, rejected, smoothing, pad_id) from main; ref_logps [N sequences] when cached,
     else None and the reference runs live -> (metrics, means over the global batch; tokens read here)."""
     seqs, chosen, rejected, smoothing, pad_id = pairs
@@ -100,14 +100,14 @@ def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, s
     for micro in accumulate(model, rows, cfg.micro_batch_size):
         c, r = [chosen[i] for i in micro], [rejected[i] for i in micro]
         both = [seqs[i] for i in c + r]  # chosen then rejected, through the model length-sorted (`by_length`)
-        policy_chosen, policy_rejected = response_logps(model, both, pad_id, proc.device,
-                                                        cfg.rows_per_forward).chunk(2)  # [P] each
+        policy_chosen, policy_rejected = summed_logps(model, both, pad_id, proc.device,
+                                                      cfg.rows_per_forward).chunk(2)  # [P] each
         if ref_logps is not None:
             ref_chosen, ref_rejected = ref_logps[c], ref_logps[r]
         else:
             with torch.no_grad():
-                ref_chosen, ref_rejected = response_logps(reference, both, pad_id, proc.device,
-                                                          cfg.rows_per_forward).chunk(2)
+                ref_chosen, ref_rejected = summed_logps(reference, both, pad_id, proc.device,
+                                                        cfg.rows_per_forward).chunk(2)
         lengths = torch.tensor([float(len(ids) - n) for ids, n in both], device=proc.device)  # [2P] for ipo, simpo, rpo
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,

@@ -235,8 +235,8 @@ def speed(active: int) -> float:
 def critical_first(ready: list, work: dict, needs: dict) -> list:
     """The ready stages, the one that holds up the most work first: by the longest chain of seconds alone that
     starts with it (the stage, then a stage that reads it, and so on, over the stages in `work`); ties keep the
-    pipeline's order. Critical-path list scheduling: PPO, which ends the chain SFT -> RM -> PPO, goes before
-    best-of-N when one slot is free."""
+    order given (the pipeline's, in both callers). Critical-path list scheduling: PPO, which ends the chain
+    SFT -> RM -> PPO, goes before best-of-N when one slot is free."""
     def chain(name):
         return work.get(name, 0.0) + max((chain(m) for m in work if name in needs[m]), default=0.0)
     return sorted(ready, key=lambda name: -chain(name))
@@ -308,7 +308,7 @@ def run_pipeline(cfg: Config) -> dict:
                                          stderr=subprocess.STDOUT, env=env)
             running[name], work[name] = (child, time.time(), key), 0.0
             left = {n: max(0.0, eta[n] - work[n]) for n in running}
-            print(f"[report {names.index(name) + 1}/{len(names)}] {name}: about {minutes(eta[name])} "
+            print(f"[report {len(work)}/{len(eta)}] {name}: about {minutes(eta[name])} "
                   f"(about {minutes(schedule({n: eta[n] for n in todo}, needs, cfg.jobs, left))} left in all)\n"
                   f"  python {' '.join(argv)} > {logs / f'{name}.log'}", flush=True)
         if not running:

@@ -82,7 +82,7 @@ def group_rewards(model, groups: list[dict], pad_id: int, device, rows_per_forwa
     return rewards.view(len(groups), -1)  # [N, K]
 
 
-def response_logps(model, rows: list, pad_id: int, device, rows_per_forward: int) -> torch.Tensor:
+def summed_logps(model, rows: list, pad_id: int, device, rows_per_forward: int) -> torch.Tensor:
     """S(y|x) = Σ_t log π(y_t | x, y_<t) of each (ids, n_prompt) row, the response's tokens (EOS included) only
     -> [N] in the order given, length-sorted through the model (`by_length`); differentiable (DPO's policy)."""
     return by_length(rows, pad_id, device, rows_per_forward, lambda b: model_logps(model, **b).sum(-1))

@@ -74,15 +74,15 @@ def test_schedule_by_hand(monkeypatch):
     eta = {"sft": 10, "rm": 5, "bon": 1, "dpo": 8, "ppo": 3}
     needs = {name: STAGES[name].needs for name in eta}
     assert pipeline.schedule(eta, needs, jobs=1) == 27  # one after another
-    # side by side at 0.6 speed each: rm, dpo at 10; rm done at 10 + 5/0.6, dpo 3 to go; bon beside it, done
-    # 1/0.6 later (dpo 2 to go); ppo beside dpo until dpo is done 2/0.6 later (ppo 1 to go), then alone
-    assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(10 + 5 / 0.6 + 1 / 0.6 + 2 / 0.6 + 1)
+    # side by side at 0.6 speed each: rm, dpo at 10; rm done at 10 + 5/0.6, dpo 3 to go; ppo (the longer chain)
+    # beside it until both are done 3/0.6 later; then bon alone (bon first would end at the same time here)
+    assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(10 + 5 / 0.6 + 3 / 0.6 + 1)
     # three at once share the same 1.2: bon and ppo start together when rm is done, at 0.4 each beside dpo
     assert pipeline.schedule(eta, needs, jobs=3) == pytest.approx(10 + 5 / 0.6 + 1 / 0.4 + 2 / 0.6)
     monkeypatch.setattr(pipeline, "SHARED", 0.5)  # no gain from running side by side: as long as one at a time
     assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(27)
     monkeypatch.setattr(pipeline, "SHARED", 1.0)  # a free second machine: the critical path
-    assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(19)  # rm, dpo at 10; bon at 15; ppo at 16
+    assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(19)  # rm, dpo at 10; ppo at 15; bon at 18
     assert pipeline.schedule({"ppo": 3}, needs, jobs=2, running={"rm": 4}) == pytest.approx(7)  # ppo waits for rm
     # one slot beside dpo: ppo (the longer) first, bon when dpo is done, then alone: 222.3 s, where bon first
     # (the pipeline's order) would take 230.7 s
