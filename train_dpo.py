@@ -76,6 +76,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature for eval and KL (0 = greedy)
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    fused_head: bool = False  # LM head + log-probs in row chunks, logits recomputed in backward (less memory, GPU)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
     seed: int = 1234  # data order and evaluation sampling (policy and reference alike)
@@ -158,7 +159,7 @@ def main(cfg: Config) -> dict:
     if proc.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters; max_len {max_len}"
               + (" (inherited)" if cfg.max_len is None else ""))
-    model = wrap_model(model, proc, cfg.compile, cfg.activation_checkpointing)
+    model = wrap_model(model, proc, cfg.compile, cfg.activation_checkpointing, cfg.fused_head)
 
     # 3. pairs -> distinct token sequences; each pair points at its chosen and its rejected row
     seqs, chosen, rejected = encode_pairs(tok, records, max_len)

@@ -60,6 +60,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature for eval (0 = greedy)
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    fused_head: bool = False  # LM head + log-probs in row chunks, logits recomputed in backward (less memory, GPU)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
     seed: int = 1234  # model init and data order; sampling uses seed + 100003 * rank
@@ -121,7 +122,7 @@ def main(cfg: Config) -> dict:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
     # the gold-vs-KL points measure the KL against the model fine-tuning started from
     reference = load_model(cfg.init_from, tok)[0].to(proc.device, proc.dtype).eval() if cfg.eval_interval else None
-    model = wrap_model(model, proc, cfg.compile, cfg.activation_checkpointing)
+    model = wrap_model(model, proc, cfg.compile, cfg.activation_checkpointing, cfg.fused_head)
 
     # 3. demonstrations -> token ids; loss on the response tokens (+ EOS) only
     examples = [encode_example(tok, r["prompt"], r["completion"], model.config.block_size, r["where"]) for r in train]

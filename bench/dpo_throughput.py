@@ -3,9 +3,11 @@
     python bench/dpo_throughput.py              # both modes, each in its own process (its own peak RSS)
     python bench/dpo_throughput.py --mode=live  # one mode
     python bench/dpo_throughput.py --dtype=bf16 # the same workload in bf16 -> bench/dpo_throughput_bf16.json
+    python bench/dpo_throughput.py --mode=cached --fused_head=True  # the policy's fused LM head (--fused_head)
+    python bench/dpo_throughput.py --mode=cached --vocab=50304      # GPT-2's vocabulary, with or without it
 
-GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocabulary 4096, context 256; prompt 64, chosen 64, rejected
-64 tokens (random ids); 8 pairs per optimizer step; fp32, or with --dtype=bf16 weights, gradients, AdamW moments
+GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocabulary 4096 (or --vocab), context 256; prompt 64, chosen 64,
+rejected 64 tokens (random ids); 8 pairs per optimizer step; fp32, or with --dtype=bf16 weights, gradients, AdamW moments
 and matmuls in bf16 (the scripts' --dtype=bf16, nanoalign.precision); β 0.1; AdamW lr 1e-5; 5 warm-up steps, 20
 timed. The step is train_dpo.py's (bench/common.py: one concatenated forward, sigmoid loss, clip, AdamW). `live`
 runs the frozen reference forward each step; `cached` reads reference log-probs computed beforehand, the reference
@@ -34,20 +36,22 @@ from nanoalign.scaffold import make_optimizer, setup, wrap_model
 class Config:
     mode: str = "both"  # live | cached | both (each in a subprocess)
     compile: bool = True  # torch.compile each block (the scripts' --compile)
+    fused_head: bool = False  # the policy's LM head and log-probs fused, logits recomputed in backward
+    vocab: int = 4096  # the workload's; GPT-2's 50304 shows what the fused head saves
     pairs: int = 8
     prompt: int = 64
     response: int = 64
     warmup: int = 5
     steps: int = 20
     dtype: str = "fp32"  # fp32 | bf16
-    out: str = ""  # "" = bench/dpo_throughput.json (fp32) or bench/dpo_throughput_bf16.json
+    out: str = ""  # "" = bench/dpo_throughput.json, or with _bf16, _fused, _v<vocab> for the variants
 
 
 def run_mode(cfg: Config) -> dict:
-    mc = GPTConfig(block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=256)
+    mc = GPTConfig(block_size=256, vocab_size=cfg.vocab, n_layer=4, n_head=4, n_embd=256)
     # seeds; keeps freed memory in the process (scaffold.keep_cpu_heap), as the scripts do; wrap_model casts to bf16
     proc = setup(0, "cpu", cfg.dtype)
-    policy = wrap_model(GPT(mc), proc, cfg.compile)
+    policy = wrap_model(GPT(mc), proc, cfg.compile, fused_head=cfg.fused_head)
     reference = wrap_model(GPT(mc), proc, cfg.compile).eval().requires_grad_(False)
     optimizer = make_optimizer(policy, 1e-5, 0.0)
     g = torch.Generator().manual_seed(0)
@@ -73,14 +77,15 @@ def run_mode(cfg: Config) -> dict:
     T, rows = cfg.prompt + cfg.response, 2 * cfg.pairs
     passes = 3 + (1 if cfg.mode == "live" else 0)  # policy forward + backward, reference forward
     gflops = passes * forward_flops(mc, T, rows * T, rows * cfg.response) / dt / 1e9
-    return {"mode": cfg.mode, "dtype": cfg.dtype, "compile": cfg.compile, "pairs_per_s": cfg.pairs / dt,
+    return {"mode": cfg.mode, "dtype": cfg.dtype, "compile": cfg.compile, "fused_head": cfg.fused_head,
+            "vocab": cfg.vocab, "pairs_per_s": cfg.pairs / dt,
             "step_s": dt, "achieved_gflops": gflops, "matmul_gflops": sustained, "ratio": gflops / sustained,
             "matmul_best_gflops": best, "ratio_to_best": gflops / best,
             "peak_rss_mb": rss, "machine": machine()}
 
 
 def main(cfg: Config) -> None:
-    check_config(cfg, positive="pairs prompt response steps", nonneg="warmup",
+    check_config(cfg, positive="pairs prompt response steps vocab", nonneg="warmup",
                  choices={"mode": ("live", "cached", "both")})
     if cfg.mode != "both":
         result = run_mode(cfg)
@@ -92,7 +97,9 @@ def main(cfg: Config) -> None:
         proc = subprocess.run([sys.executable, __file__, f"--mode={mode}", *args], capture_output=True, text=True,
                               check=True)
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    write_json(cfg.out or f"bench/dpo_throughput{'' if cfg.dtype == 'fp32' else '_' + cfg.dtype}.json", results)
+    variant = ("" if cfg.dtype == "fp32" else f"_{cfg.dtype}") + ("_fused" if cfg.fused_head else "") + \
+        ("" if cfg.vocab == 4096 else f"_v{cfg.vocab}")
+    write_json(cfg.out or f"bench/dpo_throughput{variant}.json", results)
     live, cached = results["live"], results["cached"]
     print(f"dpo_throughput ({cfg.dtype}): live {live['pairs_per_s']:.2f} pairs/s, {live['achieved_gflops']:.1f} "
           f"GFLOP/s = {live['ratio']:.2f} of matmul {live['matmul_gflops']:.1f} ({live['ratio_to_best']:.2f} of its best "

@@ -4,7 +4,8 @@ compiled decode step, CUDA graphs). Skips cleanly without CUDA; `--small=True` r
     python bench/gpu_mfu.py                       # on a GPU; prints one line per section, writes bench/gpu_mfu.json
 
 MFU = achieved matmul FLOP/s ÷ the GPU's dense bf16 peak; FLOPs per token as in bench/common.py (3× forward
-for training, full T×T attention counted). bf16 autocast with fp32 master weights, TF32 for fp32 matmuls.
+for training, full T×T attention counted). bf16 autocast with fp32 master weights, TF32 for fp32 matmuls;
+`train_fused` recomputes its head's logits in backward under the same autocast (the recomputation not counted).
 """
 
 import sys
@@ -25,8 +26,9 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}  #
 
 @dataclass
 class Config:
-    sections: str = "train,train_whole,dpo,generate"
+    sections: str = "train,train_whole,train_fused,dpo,generate"
     batch_size: int = 16  # training rows of 1024 tokens
+    fused_batch_size: int = 32  # rows for train_fused, whose head keeps no [B·T, V] logits
     dpo_pairs: int = 8  # pairs per DPO step, prompt 512 + response 512 each
     gen_batch: int = 64  # rollout rows
     gen_prompt: int = 128
@@ -39,11 +41,12 @@ class Config:
 
 
 def main(cfg: Config) -> dict:
-    check_config(cfg, positive="batch_size dpo_pairs gen_batch gen_prompt gen_new steps", nonneg="warmup peak_tflops")
-    unknown = set(cfg.sections.split(",")) - {"train", "train_whole", "dpo", "generate"}
+    check_config(cfg, positive="batch_size fused_batch_size dpo_pairs gen_batch gen_prompt gen_new steps",
+                 nonneg="warmup peak_tflops")
+    unknown = set(cfg.sections.split(",")) - {"train", "train_whole", "train_fused", "dpo", "generate"}
     if unknown:
         raise SystemExit(f"--sections={cfg.sections}: unknown {', '.join(sorted(unknown))}; expected a "
-                         f"comma-separated subset of train, train_whole, dpo, generate")
+                         f"comma-separated subset of train, train_whole, train_fused, dpo, generate")
     if not torch.cuda.is_available() and not cfg.small:
         print("gpu_mfu: no CUDA device, skipped")
         return {}
@@ -52,7 +55,8 @@ def main(cfg: Config) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     if cfg.small:
         mc = GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=2, n_embd=64)
-        cfg.batch_size, cfg.dpo_pairs, cfg.gen_batch, cfg.gen_prompt, cfg.gen_new = 2, 2, 4, 16, 8
+        cfg.batch_size, cfg.fused_batch_size, cfg.dpo_pairs = 2, 4, 2
+        cfg.gen_batch, cfg.gen_prompt, cfg.gen_new = 4, 16, 8
         cfg.warmup, cfg.steps = 1, 2
     else:  # GPT-2 124M, vocabulary padded from 50257 to a multiple of 64 (nanoGPT)
         mc = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
@@ -113,6 +117,30 @@ def main(cfg: Config) -> dict:
         report("train_whole", tokens_per_s=tokens, tflops=achieved, mfu=achieved / peak if peak else 0.0,
                step_ms=dt * 1e3)
         del whole, whole_opt
+
+    if "train_fused" in sections:  # whole graph again, the LM head and log-probs fused (`--fused_head`)
+        fused = GPT(mc).to(device)
+        fused.fused_head = True
+        fused_opt = make_optimizer(fused, 6e-4, 0.1)
+        ids = torch.randint(0, mc.vocab_size, (cfg.fused_batch_size, T), generator=g).to(device)
+        torch.cuda.reset_peak_memory_stats() if not cfg.small else None  # the peak includes `model` and its AdamW
+
+        @torch.compile
+        def fused_loss(ids):
+            with amp:
+                logps = fused(ids[:, :-1], output="logps", labels=ids[:, 1:].reshape(-1))
+            return -logps.mean()
+
+        def fused_step():
+            fused_loss(ids).backward()
+            optimizer_step(fused, fused_opt, 6e-4, 1.0)
+
+        dt = timed(fused_step, cfg.warmup, cfg.steps, device)
+        tokens = cfg.fused_batch_size * (T - 1) / dt
+        achieved = 3 * forward_flops(mc, T - 1, 1) * tokens / 1e12  # the recomputed head in backward not counted
+        report("train_fused", tokens_per_s=tokens, tflops=achieved, mfu=achieved / peak if peak else 0.0,
+               step_ms=dt * 1e3, peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if not cfg.small else 0.0)
+        del fused, fused_opt
 
     if "dpo" in sections:  # live reference; pairs of 512 + 512 tokens, no padding
         reference = wrap_model(GPT(mc), proc, compile=True).eval().requires_grad_(False)

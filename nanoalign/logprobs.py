@@ -5,8 +5,9 @@ AI feedback model), a fast path, and beside it the plain line it must agree with
 
 `reference_token_logps` is that line as written, an fp32 [.., V] log-softmax and a gather: the definition to read.
 `token_logps` computes the same numbers without its costs (fused log-softmax + NLL, row chunks, a hand-written
-backward for half-precision logits). tests/test_losses.py checks that the two agree, values and gradients, in
-fp32, bf16 and across chunk boundaries.
+backward for half-precision logits). `linear_logps` starts one step earlier, from the final hidden states and the
+LM head's weight, and never holds the [N, V] logits at all. tests/test_losses.py checks that they agree, values
+and gradients, in float64, fp32, bf16 (and autocast) and across chunk boundaries.
 """
 
 import torch
@@ -72,3 +73,60 @@ class _HalfLogps(torch.autograd.Function):
         grad = (z.float() / ctx.temperature - lse[:, None]).exp_().mul_(-g[:, None])  # -p_j g / τ
         grad.scatter_add_(1, y[:, None], g[:, None])  # + 1[j = y] g / τ
         return grad.to(z.dtype), None, None
+
+
+def linear_logps(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
+                 chunk_rows: int = 512) -> Tensor:
+    """log softmax(h Wᵀ / τ)[y] for hidden states h [N, D], the LM head's weight W [V, D] and labels y [N] -> [N],
+    in fp32 (float64 stays): the LM head and the log-probs in one, over chunks of rows (`_LinearLogps`).
+
+    Autograd keeps h, W and one logsumexp per row; the backward recomputes each chunk's logits. So no [N, V]
+    tensor outlives its chunk, forward or backward, for one more LM-head matmul per chunk: the trade of the
+    fused linear + cross-entropy kernels (e.g. Liger Kernel, Hsu et al. 2024), here in plain PyTorch, which
+    torch.compile may fuse further. Worth it where the logits dwarf the hidden states (V = 50,257 against
+    D = 768 in GPT-2); on the CPU workloads the extra matmul costs more time than it saves (bench/RESULTS.md).
+    """
+    return _LinearLogps.apply(hidden, weight, labels, temperature, chunk_rows)
+
+
+class _LinearLogps(torch.autograd.Function):
+    """Chunked LM head + log-softmax. With z = h Wᵀ / τ and p = softmax(z), the gradient of log p_y is
+    (1[j = y] − p_j) / τ on z_j; so for an upstream gradient g per row, G = g (onehot(y) − p) / τ [n, V] and
+    ∂h = G W, ∂W = Gᵀ h, summed over chunks. The backward recomputes the logits under the forward's autocast
+    state, so that it subtracts each row's logsumexp from the very logits it was taken of."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, temperature, chunk_rows):
+        assert len(h) == len(y), f"{len(h)} hidden states for {len(y)} labels"
+        out, lse = [], []
+        for hc, yc in zip(h.split(chunk_rows), y.split(chunk_rows)):
+            z = _logits(hc, weight, temperature)  # [n, V], freed at the end of the iteration
+            lse.append(torch.logsumexp(z, -1))
+            out.append(z.gather(1, yc[:, None])[:, 0] - lse[-1])
+        ctx.save_for_backward(h, weight, y, torch.cat(lse))
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.autocast = torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type)
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, y, lse = ctx.saved_tensors
+        g = widen(grad_out) / ctx.temperature  # [N]
+        grad_h, grad_w = [], torch.zeros_like(weight, dtype=g.dtype)  # ∂W accumulates in fp32 (float64)
+        enabled, dtype = ctx.autocast
+        with torch.autocast(h.device.type, dtype=dtype, enabled=enabled):
+            for hc, yc, gc, lc in zip(*(t.split(ctx.chunk_rows) for t in (h, y, g, lse))):
+                gz = _logits(hc, weight, ctx.temperature).sub_(lc[:, None]).exp_().mul_(-gc[:, None])  # -p_j g / τ
+                gz = gz.scatter_add_(1, yc[:, None], gc[:, None]).to(h.dtype)  # + 1[j = y] g / τ, [n, V]
+                grad_h.append(gz @ weight)
+                if gz.dtype == grad_w.dtype and not enabled:
+                    grad_w.addmm_(gz.t(), hc)  # in place: no [V, D] temporary per chunk
+                else:
+                    grad_w += gz.t() @ hc  # half-precision products, summed in fp32
+        return torch.cat(grad_h), grad_w.to(weight.dtype), None, None, None
+
+
+def _logits(h: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """A chunk's logits z = h Wᵀ / τ [n, V] in fp32 (float64 stays), a fresh tensor the caller may overwrite."""
+    z = widen(h @ weight.t())
+    return z if temperature == 1.0 else z.div_(temperature)

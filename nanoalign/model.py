@@ -23,6 +23,8 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
+from nanoalign.logprobs import linear_logps, token_logps
+
 
 @dataclass
 class GPTConfig:
@@ -128,6 +130,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings (GPT-2)
         self.checkpoint_blocks = False  # activation checkpointing, set by scaffold.wrap_model
+        self.fused_head = False  # output="logps" through the chunked, recomputing LM head, set by scaffold.wrap_model
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -150,11 +153,14 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, output="logits", logits_at=None):
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, output="logits", logits_at=None,
+                labels=None, temperature=1.0):
         """idx [B, T] -> by `output`: "logits" [B, T, V]; "hidden" [B, T, D], the final hidden states after
-        ln_f; "scalar" [B, T], the scalar head at every position; "both" (logits, scalar). One forward
-        serves every head, so FSDP's hooks see each call. logits_at [B, T] bool: logits ("logits", "both") only
-        at those positions, packed [N, V] in row-major order (the LM head skips the prompt: less time and memory).
+        ln_f; "scalar" [B, T], the scalar head at every position; "both" (logits, scalar); "logps" [N], the
+        log-probs log softmax(z / temperature)[labels] of `labels` [N] at the N `logits_at` positions (all B·T
+        without it), with `fused_head` through `logprobs.linear_logps`, which never holds the [N, V] logits.
+        One forward serves every head, so FSDP's hooks see each call. logits_at [B, T] bool: the LM head only at
+        those positions, packed [N, V] in row-major order (it skips the prompt: less time and memory).
 
         attention_mask [B, S]: 1 on real tokens, covering the cached tokens and the new ones (S = past + T).
         kv_cache: a KVCache; the new keys/values are appended and its length advanced by T. A static cache
@@ -176,6 +182,11 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if output == "logits":
             return self.lm_head(x if logits_at is None else x[logits_at])
+        if output == "logps":
+            x = x.flatten(0, 1) if logits_at is None else x[logits_at]  # [N, D]
+            if self.fused_head:
+                return linear_logps(x, self.lm_head.weight, labels, temperature)
+            return token_logps(self.lm_head(x), labels, temperature)
         if output == "hidden":
             return x
         if output == "scalar":

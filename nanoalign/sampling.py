@@ -21,7 +21,8 @@ from nanoalign.model import GPT, KVCache
 
 def scored_forward(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
                    temperature: float = 1.0, values: bool = False) -> tuple:
-    """The one log-prob path: per-token log-probs of each row's own tokens where `scored` is set, zero elsewhere.
+    """Per-token log-probs of each row's own tokens where `scored` is set, zero elsewhere, with their logits (PPO's
+    entropy) and values; `model_logps` is the same forward without them.
     input_ids, attention_mask [B, T], scored [B, T-1] (aligned with `input_ids[:, 1:]`, e.g. PPO's response
     mask) -> (log-probs [B, T-1]; their logits packed [N, V], for the entropy; with values=True the scalar head's
     values [B, T-1], else None). The LM head runs only where a token is scored, so no [B, T, V] logits exist at
@@ -41,8 +42,12 @@ def model_logps(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tenso
                 temperature: float = 1.0) -> torch.Tensor:
     """`scored_forward`'s log-probs with a loss mask [B, T] over the tokens themselves (`data.collate`'s):
     input_ids, attention_mask, loss_mask [B, T] -> [B, T-1], zero outside `loss_mask` (the response).
-    For SFT, DPO and the AI judge; sum over the last dim for S(y|x)."""
-    return scored_forward(model, input_ids, attention_mask, loss_mask[:, 1:], temperature)[0]
+    For SFT, DPO and the AI judge; sum over the last dim for S(y|x). No logits come back, so a model with
+    `fused_head` never holds them."""
+    scored = loss_mask[:, 1:].bool()
+    logps = model(input_ids, attention_mask=attention_mask, output="logps", logits_at=F.pad(scored, (0, 1)),
+                  labels=input_ids[:, 1:][scored], temperature=temperature)  # [N]
+    return unpack(logps, scored)
 
 
 def token_values(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -140,13 +140,15 @@ def global_sum(x, proc: Process):
 
 
 def wrap_model(model: torch.nn.Module, proc: Process, compile: bool = False,
-               activation_checkpointing: bool = False) -> torch.nn.Module:
+               activation_checkpointing: bool = False, fused_head: bool = False) -> torch.nn.Module:
     """Compile each block in place, shard each block, then the root (embeddings, tied head, final norm).
-    Activation checkpointing keeps only each block's input for backward and recomputes the rest. The run's
-    --dtype is applied first (`precision.prepare`): bf16 parameters are sharded as they are, their gradients
-    summed over ranks in fp32. Build the optimizer only afterwards: sharding turns parameters into DTensors."""
+    Activation checkpointing keeps only each block's input for backward and recomputes the rest; the fused head
+    makes `GPT.forward(output="logps")` (`sampling.model_logps`) take its log-probs from the hidden states in
+    chunks of rows, recomputing each chunk's logits in backward (`logprobs.linear_logps`). The run's --dtype is
+    applied first (`precision.prepare`): bf16 parameters are sharded as they are, their gradients summed over
+    ranks in fp32. Build the optimizer only afterwards: sharding turns parameters into DTensors."""
     prepare(model.to(proc.device), proc.dtype)
-    model.checkpoint_blocks = activation_checkpointing
+    model.checkpoint_blocks, model.fused_head = activation_checkpointing, fused_head
     if proc.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     elif proc.dtype == torch.bfloat16:

@@ -27,6 +27,12 @@ def test_dpo_throughput_runs_in_bf16(tmp_path):
         assert result[mode]["dtype"] == "bf16" and 0 < result[mode]["ratio"]
 
 
+def test_gpu_mfu_fused_head_section_runs_small_on_the_cpu(tmp_path):
+    """The GPU benchmark's whole-graph step with the fused head, kept runnable without a GPU (`--small=True`)."""
+    result = run_bench("gpu_mfu.py", tmp_path, "--small=True", "--sections=train_fused")
+    assert result["train_fused"]["tokens_per_s"] > 0 and "train" not in result
+
+
 def test_generate_runs(tmp_path):
     result = run_bench("generate.py", tmp_path, "--repeats=1", "--batch=2", "--new_tokens=4")
     assert result["vs_no_cache"] > 0 and result["hf_generate_tokens_per_s"] > 0

@@ -1,4 +1,5 @@
-"""torch.compile and activation checkpointing against eager: same logits, log-probs, gradients, samples."""
+"""The fast paths against eager: torch.compile, activation checkpointing and the fused LM head give the same
+logits, log-probs, gradients and samples."""
 
 import copy
 
@@ -6,7 +7,7 @@ import torch
 
 from nanoalign.logprobs import token_logps
 from nanoalign.model import GPT, GPTConfig, KVCache
-from nanoalign.sampling import decode_step, sample, static_decoder
+from nanoalign.sampling import decode_step, model_logps, sample, static_decoder
 from nanoalign.scaffold import Process, wrap_model
 
 CPU = Process(0, 1, torch.device("cpu"))
@@ -60,6 +61,30 @@ def test_activation_checkpointing_matches():
     mlp.forward = lambda x, forward=mlp.forward: calls.append(1) or forward(x)
     assert_same(logps_and_grads(model), logps_and_grads(tiny_model()), atol=1e-6)
     assert len(calls) == 2  # the forward, and its recomputation in backward
+
+
+def test_fused_head_matches_the_plain_head():
+    """`model_logps` through the fused, recomputing LM head (`--fused_head`) gives the plain head's log-probs and
+    every parameter's gradient, the tied embedding's included, on a batch with a left-padded row and a mask that
+    scores part of each row, at temperature 0.7; compiled whole, the same again."""
+    idx, mask = batch()
+    scored = mask.clone()
+    scored[:, :10] = 0  # the prompt: no log-prob there
+
+    def run(model):
+        logps = model_logps(model, idx, mask, scored, temperature=0.7)
+        (logps * torch.linspace(-1, 2, logps.shape[-1])).sum().backward()  # a different weight per position
+        return logps.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    plain = run(wrap_model(tiny_model(), CPU))
+    fused = wrap_model(tiny_model(), CPU, fused_head=True)
+    calls = []
+    fused.lm_head.forward = lambda x: calls.append(1)  # the fused path reads the weight, never the module
+    assert_same(run(fused), plain, atol=1e-6)
+    assert not calls and (plain[0] != 0).sum() == (scored[:, 1:] != 0).sum()
+    whole = wrap_model(tiny_model(), CPU, fused_head=True)
+    whole.compile()
+    assert_same(run(whole), plain, atol=1e-5)
 
 
 def test_compiled_static_decode_matches_eager_sampling():

@@ -15,6 +15,7 @@ import train_dpo
 from nanoalign.checkpoint import content_hash, load_model
 from nanoalign.data import collate, encode_pairs, read_jsonl
 from nanoalign.evaluate import curve_point
+from nanoalign.logprobs import linear_logps
 from nanoalign.sampling import by_length, model_logps, summed_logps
 
 
@@ -149,6 +150,20 @@ def test_length_sorted_forwards_keep_each_rows_log_prob_and_order(tiny_run, pair
     assert shapes == [(5, lengths[4]), (5, lengths[9]), (2, lengths[11])]  # each chunk padded to its own longest
 
 
+def test_fused_head_flag_takes_the_fused_path_and_the_same_curve(tiny_run, pairs_dir, tmp_path, monkeypatch):
+    """--fused_head=True sends the policy's log-probs through `linear_logps` (2 micro-batches a step), never the
+    reference's (its cache is built by the plain head), and follows the plain head's curve to float rounding."""
+    import nanoalign.model
+    calls = []
+    monkeypatch.setattr(nanoalign.model, "linear_logps", lambda *a: calls.append(1) or linear_logps(*a))
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "plain", max_steps=4))
+    assert not calls
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "fused", max_steps=4, fused_head=True,
+                        cache_dir=str(tmp_path / "cache_fused")))
+    assert len(calls) == 8
+    assert log(tmp_path / "fused") == pytest.approx(log(tmp_path / "plain"), abs=1e-5)
+
+
 def test_resume_continues_the_same_loss_curve(tiny_run, pairs_dir, tmp_path, monkeypatch):
     train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "full"))
     # killed after the step-6 checkpoint, before the step-12 one
@@ -159,12 +174,12 @@ def test_resume_continues_the_same_loss_curve(tiny_run, pairs_dir, tmp_path, mon
 
 def test_two_process_fsdp_matches_single_process(tiny_run, pairs_dir, tmp_path):
     """2 gloo processes with FSDP2 (each 1 micro-batch of 4 pairs, forwarded in length-sorted chunks of 3, 3 and
-    2 rows) == 1 process (2 micro-batches of 4), same global batch of 8; rank 0 writes the reference cache while
-    rank 1 waits. Tolerance 1e-5: only the order of
+    2 rows, through the fused LM head) == 1 process (2 micro-batches of 4, the plain head), same global batch
+    of 8; rank 0 writes the reference cache while rank 1 waits. Tolerance 1e-5: only the order of
     floating-point reductions differs (a smaller lr than elsewhere: Adam amplifies it once gradients vanish)."""
     train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "one", max_steps=4, lr=1e-3))
     torchrun("train_dpo.py", tiny(tiny_run, pairs_dir, tmp_path / "two", max_steps=4, lr=1e-3, rows_per_forward=3,
-                                               cache_dir=str(tmp_path / "cache2")))
+                                  fused_head=True, cache_dir=str(tmp_path / "cache2")))
     assert log(tmp_path / "two") == pytest.approx(log(tmp_path / "one"), abs=1e-5)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     for k in a:

@@ -13,6 +13,7 @@ from conftest import run_killed_at, torchrun
 import train_sft
 from nanoalign.checkpoint import load_model
 from nanoalign.evaluate import curve_point
+from nanoalign.logprobs import linear_logps
 
 
 
@@ -36,6 +37,21 @@ def test_sft_learns_and_writes_eval(tiny_run, tmp_path, monkeypatch):
     assert curve[-1] < 0.5 * curve[0]
     assert json.loads((tmp_path / "sft" / "eval.json").read_text()) == result
     assert result["gold"] == 4.0 and 0 < result["length"] <= 24
+
+
+def test_fused_head_flag_takes_the_fused_path_and_the_same_curve(tiny_run, tmp_path, monkeypatch):
+    """--fused_head=True sends every micro-batch's log-probs through `linear_logps` (2 per step) and follows the
+    plain head's loss curve and weights to float rounding."""
+    import nanoalign.model
+    calls = []
+    monkeypatch.setattr(nanoalign.model, "linear_logps", lambda *a: calls.append(1) or linear_logps(*a))
+    train_sft.main(tiny(tiny_run, tmp_path / "plain", max_steps=4))
+    assert not calls
+    train_sft.main(tiny(tiny_run, tmp_path / "fused", max_steps=4, fused_head=True))
+    assert len(calls) == 8
+    assert losses(tmp_path / "fused") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("plain", "fused"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_resume_continues_the_same_loss_curve(tiny_run, tmp_path, monkeypatch):
