@@ -5,16 +5,18 @@
     python bench/dpo_throughput.py --dtype=bf16 # the same workload in bf16 -> bench/dpo_throughput_bf16.json
     python bench/dpo_throughput.py --mode=cached --fused_head=True  # the policy's fused LM head (--fused_head)
     python bench/dpo_throughput.py --mode=cached --vocab=50304      # GPT-2's vocabulary, with or without it
+    python bench/dpo_throughput.py --mode=cached --activation_checkpointing=True  # blocks recomputed in backward
 
 GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocabulary 4096 (or --vocab), context 256; prompt 64, chosen 64,
-rejected 64 tokens (random ids); 8 pairs per optimizer step; fp32, or with --dtype=bf16 weights, gradients, AdamW moments
-and matmuls in bf16 (the scripts' --dtype=bf16, nanoalign.precision); β 0.1; AdamW lr 1e-5; 5 warm-up steps, 20
-timed. The step is train_dpo.py's (bench/common.py: one concatenated forward, sigmoid loss, clip, AdamW). `live`
+rejected 64 tokens (random ids); 8 pairs per optimizer step; fp32, or with --dtype=bf16 weights, gradients, AdamW
+moments and matmuls in bf16 (the scripts' --dtype=bf16, nanoalign.precision); β 0.1; AdamW lr 1e-5; 5 warm-up steps,
+20 timed. The step is train_dpo.py's (bench/common.py: one concatenated forward, sigmoid loss, clip, AdamW). `live`
 runs the frozen reference forward each step; `cached` reads reference log-probs computed beforehand, the reference
-then deleted, as train_dpo.py's disk cache does. FLOPs: 3× forward for the policy + 1× for a live reference over
-the 2·(64 + 64) tokens of each pair, the LM head at the 2·64 scored positions only, as it runs (bench/common.py).
-Ratio = achieved ÷ the 2048³ matmul's sustained GFLOP/s in the run's dtype, measured just before and just after
-the timed steps and averaged (bench/common.py); the ratio to its fastest single call is printed too.
+then deleted, as train_dpo.py's disk cache does. FLOPs: 3× forward for the policy + 1× for a live reference over the
+2·(64 + 64) tokens of each pair, the LM head at the 2·64 scored positions only, as it runs (bench/common.py). Ratio
+= achieved ÷ the 2048³ matmul's sustained GFLOP/s in the run's dtype, measured just before and just after the timed
+steps and averaged (bench/common.py); the ratio to its fastest single call is printed too. What the fused head and
+activation checkpointing recompute is not counted: their ratios fall by the work they add.
 """
 
 import json
@@ -37,6 +39,7 @@ class Config:
     mode: str = "both"  # live | cached | both (each in a subprocess)
     compile: bool = True  # torch.compile each block (the scripts' --compile)
     fused_head: bool = False  # the policy's LM head and log-probs fused, logits recomputed in backward
+    activation_checkpointing: bool = False  # the policy's blocks recomputed in backward (the scripts' flag)
     vocab: int = 4096  # the workload's; GPT-2's 50304 shows what the fused head saves
     pairs: int = 8
     prompt: int = 64
@@ -51,7 +54,7 @@ def run_mode(cfg: Config) -> dict:
     mc = GPTConfig(block_size=256, vocab_size=cfg.vocab, n_layer=4, n_head=4, n_embd=256)
     # seeds; keeps freed memory in the process (scaffold.keep_cpu_heap), as the scripts do; wrap_model casts to bf16
     proc = setup(0, "cpu", cfg.dtype)
-    policy = wrap_model(GPT(mc), proc, cfg.compile, fused_head=cfg.fused_head)
+    policy = wrap_model(GPT(mc), proc, cfg.compile, cfg.activation_checkpointing, cfg.fused_head)
     reference = wrap_model(GPT(mc), proc, cfg.compile).eval().requires_grad_(False)
     optimizer = make_optimizer(policy, 1e-5, 0.0)
     g = torch.Generator().manual_seed(0)
@@ -78,7 +81,7 @@ def run_mode(cfg: Config) -> dict:
     passes = 3 + (1 if cfg.mode == "live" else 0)  # policy forward + backward, reference forward
     gflops = passes * forward_flops(mc, T, rows * T, rows * cfg.response) / dt / 1e9
     return {"mode": cfg.mode, "dtype": cfg.dtype, "compile": cfg.compile, "fused_head": cfg.fused_head,
-            "vocab": cfg.vocab, "pairs_per_s": cfg.pairs / dt,
+            "activation_checkpointing": cfg.activation_checkpointing, "vocab": cfg.vocab, "pairs_per_s": cfg.pairs / dt,
             "step_s": dt, "achieved_gflops": gflops, "matmul_gflops": sustained, "ratio": gflops / sustained,
             "matmul_best_gflops": best, "ratio_to_best": gflops / best,
             "peak_rss_mb": rss, "machine": machine()}
@@ -98,7 +101,7 @@ def main(cfg: Config) -> None:
                               check=True)
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     variant = ("" if cfg.dtype == "fp32" else f"_{cfg.dtype}") + ("_fused" if cfg.fused_head else "") + \
-        ("" if cfg.vocab == 4096 else f"_v{cfg.vocab}")
+        ("_ckpt" if cfg.activation_checkpointing else "") + ("" if cfg.vocab == 4096 else f"_v{cfg.vocab}")
     write_json(cfg.out or f"bench/dpo_throughput{variant}.json", results)
     live, cached = results["live"], results["cached"]
     print(f"dpo_throughput ({cfg.dtype}): live {live['pairs_per_s']:.2f} pairs/s, {live['achieved_gflops']:.1f} "

@@ -20,6 +20,13 @@ def test_dpo_throughput_runs(tmp_path):
         assert result[mode]["mode"] == mode and 0 < result[mode]["ratio"] and result[mode]["peak_rss_mb"] > 0
 
 
+def test_dpo_throughput_runs_with_the_memory_flags(tmp_path):
+    result = run_bench("dpo_throughput.py", tmp_path, "--compile=False", "--warmup=1", "--steps=1", "--pairs=2",
+                       "--fused_head=True", "--activation_checkpointing=True", "--vocab=512")
+    for mode in ("live", "cached"):
+        assert result[mode]["fused_head"] and result[mode]["activation_checkpointing"] and result[mode]["vocab"] == 512
+
+
 def test_dpo_throughput_runs_in_bf16(tmp_path):
     result = run_bench("dpo_throughput.py", tmp_path, "--compile=False", "--warmup=1", "--steps=1", "--pairs=2",
                        "--dtype=bf16")
