@@ -79,6 +79,7 @@ class Config:
     fused_head: bool = False  # LM head + log-probs in row chunks, logits recomputed in backward (less memory, GPU)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
+    allow_slow_dtype: bool = False  # run --dtype=bf16 on a CPU that only emulates it (tens of times slower)
     seed: int = 1234  # data order and evaluation sampling (policy and reference alike)
 
 
@@ -141,7 +142,7 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, preference pairs
-    proc = setup(cfg.seed, cfg.device, cfg.dtype)
+    proc = setup(cfg.seed, cfg.device, cfg.dtype, cfg.allow_slow_dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     claim_out_dir(out_dir, proc)  # one run per out_dir
     pairs_path = data_dir / cfg.pairs_file

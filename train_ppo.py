@@ -94,6 +94,7 @@ class Config:
     compile: bool = False  # torch.compile each transformer block
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
+    allow_slow_dtype: bool = False  # run --dtype=bf16 on a CPU that only emulates it (tens of times slower)
     seed: int = 1234  # data order and sampling
 
 
@@ -279,7 +280,7 @@ def check_rollout(cfg: Config, world: int) -> None:
 def main(cfg: Config) -> dict:
     # 0. the config; processes and models
     check_rollout(cfg, world_size())
-    proc = setup(cfg.seed, cfg.device, cfg.dtype)
+    proc = setup(cfg.seed, cfg.device, cfg.dtype, cfg.allow_slow_dtype)
     claim_out_dir(cfg.out_dir, proc)  # one run per out_dir
     policy, tok, reference, reward, critic = load_models(cfg, proc)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)

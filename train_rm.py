@@ -77,6 +77,7 @@ class Config:
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (weights and AdamW moments) | fp16 (CUDA, loss scaling): nanoalign.precision
+    allow_slow_dtype: bool = False  # run --dtype=bf16 on a CPU that only emulates it (tens of times slower)
     seed: int = 1234  # head init and data order; sampling for normalisation uses seed
 
 
@@ -140,7 +141,7 @@ def main(cfg: Config) -> dict:
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
-    proc = setup(cfg.seed, cfg.device, cfg.dtype)
+    proc = setup(cfg.seed, cfg.device, cfg.dtype, cfg.allow_slow_dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     claim_out_dir(out_dir, proc)  # one run per out_dir
     ensure_world(data_dir, "prefs.jsonl", cfg.seed, proc)

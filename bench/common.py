@@ -106,9 +106,12 @@ def peak_rss_mb() -> float:
 
 
 def machine() -> str:
+    """The device every figure was measured on; for a CPU its vector capability as torch dispatches it (AVX2,
+    AVX512, ...: what sets fp32 kernel speed, and whether bf16 is native: nanoalign.precision)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
 def write_json(path, result: dict) -> None:

@@ -30,6 +30,7 @@ from common import (dpo_step, forward_flops, machine, matmul_gflops, peak_rss_mb
                     timed, write_json)
 from nanoalign.config import check_config, parse_config
 from nanoalign.model import GPT, GPTConfig
+from nanoalign.precision import run_dtype
 from nanoalign.sampling import model_logps
 from nanoalign.scaffold import make_optimizer, setup, wrap_model
 
@@ -47,13 +48,14 @@ class Config:
     warmup: int = 5
     steps: int = 20
     dtype: str = "fp32"  # fp32 | bf16
+    allow_slow_dtype: bool = False  # run --dtype=bf16 on a CPU that only emulates it (tens of times slower)
     out: str = ""  # "" = bench/dpo_throughput.json, or with _bf16, _fused, _v<vocab> for the variants
 
 
 def run_mode(cfg: Config) -> dict:
     mc = GPTConfig(block_size=256, vocab_size=cfg.vocab, n_layer=4, n_head=4, n_embd=256)
     # seeds; keeps freed memory in the process (scaffold.keep_cpu_heap), as the scripts do; wrap_model casts to bf16
-    proc = setup(0, "cpu", cfg.dtype)
+    proc = setup(0, "cpu", cfg.dtype, cfg.allow_slow_dtype)
     policy = wrap_model(GPT(mc), proc, cfg.compile, cfg.activation_checkpointing, cfg.fused_head)
     reference = wrap_model(GPT(mc), proc, cfg.compile).eval().requires_grad_(False)
     optimizer = make_optimizer(policy, 1e-5, 0.0)
@@ -90,6 +92,7 @@ def run_mode(cfg: Config) -> dict:
 def main(cfg: Config) -> None:
     check_config(cfg, positive="pairs prompt response steps vocab", nonneg="warmup",
                  choices={"mode": ("live", "cached", "both")})
+    run_dtype(cfg.dtype, torch.device("cpu"), allow_slow=cfg.allow_slow_dtype)  # refused here, not in each child
     if cfg.mode != "both":
         result = run_mode(cfg)
         print(json.dumps(result))

@@ -49,6 +49,7 @@ class Config:
     select: int = 8  # the realised best-of-N policy in best_of_n.json["selected"]: gold, failures, win rate
     out: str = ""  # directory for eval.json and best_of_n.json ("" = the evaluated checkpoint's)
     dtype: str = "fp32"  # fp32 | bf16: the models' weights while sampling and scoring (on the CPU)
+    allow_slow_dtype: bool = False  # run --dtype=bf16 on a CPU that only emulates it (tens of times slower)
 
 
 def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: float = 1.0,
@@ -315,7 +316,7 @@ def main(cfg: Config) -> dict:
     if cfg.best_of_n and (cfg.best_of_n & (cfg.best_of_n - 1) or not cfg.reward_model or cfg.select >= cfg.best_of_n):
         raise SystemExit(f"--best_of_n={cfg.best_of_n} needs a power of 2, --reward_model, and --select below it "
                          f"(got --select={cfg.select}, --reward_model={cfg.reward_model!r})")
-    dtype = run_dtype(cfg.dtype, torch.device("cpu"))
+    dtype = run_dtype(cfg.dtype, torch.device("cpu"), allow_slow=cfg.allow_slow_dtype)
     model, tok = load_model(cfg.checkpoint)  # a policy: a reward model or critic is refused here
     model = model.to(dtype)
     reference = load_model(cfg.reference, tok)[0].to(dtype).eval() if cfg.reference else None

@@ -15,9 +15,14 @@ Log-probs, KL, entropy and rewards are computed in fp32 from half-precision logi
 code reads them unchanged and a resumed bf16 run continues bit for bit. Under torchrun bf16 shards the bf16
 parameters with FSDP2, gradients summed over ranks in fp32 (`scaffold.wrap_model`); fp16 is refused there (its
 overflow test would have to agree over ranks).
+bf16 on a CPU runs only where the CPU multiplies bf16 natively (AVX512-BF16, AMX, Arm's BF16 extension): elsewhere
+torch emulates it, tens to hundreds of times slower than fp32, and `run_dtype` refuses it unless told
+(`--allow_slow_dtype=True`), naming the slowdown it measured (`half_slowdown`).
 """
 
+import functools
 import math
+import time
 import types
 
 import torch
@@ -25,10 +30,14 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def run_dtype(name: str, device: torch.device, world: int = 1) -> torch.dtype:
+SLOW = 3.0  # bf16 matmuls this many times slower than fp32 on a CPU: emulated, refused without --allow_slow_dtype
+
+
+def run_dtype(name: str, device: torch.device, world: int = 1, allow_slow: bool = False) -> torch.dtype:
     """--dtype=name on `device` with `world` processes -> the dtype of the run's forwards, fp32 being torch's
     default dtype (float32 unless a test set float64: models are then cast to nothing else); a combination that
-    is not supported is refused with a one-line error naming the flag (before anything is written)."""
+    is not supported, or bf16 on a CPU that only emulates it (unless `allow_slow`), is refused with a one-line
+    error naming the flag (before anything is written)."""
     if name not in DTYPES:
         raise SystemExit(f"--dtype={name}: expected one of {', '.join(DTYPES)}")
     if name == "fp16" and device.type != "cuda":
@@ -36,7 +45,33 @@ def run_dtype(name: str, device: torch.device, world: int = 1) -> torch.dtype:
                          "which the CPU runs natively, or fp32")
     if name == "fp16" and world > 1:
         raise SystemExit(f"--dtype=fp16 is single-process only ({world} processes): use --dtype=bf16 under torchrun")
+    if name == "bf16" and device.type == "cpu" and not allow_slow and (slowdown := half_slowdown()) > SLOW:
+        raise SystemExit(f"--dtype=bf16: this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}) has "
+                         f"no native bf16 matmul: a 256x256 bf16 matmul ran {slowdown:.0f}x slower than fp32 here, "
+                         f"just now; use --dtype=fp32, or --allow_slow_dtype=True to run bf16 anyway")
     return torch.get_default_dtype() if name == "fp32" else DTYPES[name]
+
+
+@functools.cache
+def half_slowdown(n: int = 256) -> float:
+    """How many times longer an n×n bf16 matmul takes than an fp32 one on this CPU, timed once per process on one
+    thread (the best of a few calls after a warm-up; on a loaded machine a multi-threaded call waits for its
+    slowest thread): about 1 or less with native bf16, tens to hundreds where torch emulates it. About 0.2 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def best(dtype, repeats):
+            a, b = (torch.randn(n, n).to(dtype) for _ in range(2))
+            a @ b
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - t0)
+            return min(times)
+        return best(torch.bfloat16, 2) / best(torch.float32, 5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def prepare(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

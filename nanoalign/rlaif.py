@@ -69,6 +69,7 @@ class Config:
     seed: int = 1234  # prompts, sampling, principles drawn per comparison, the feedback model's training
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (CUDA): the models here and the feedback model's training
+    allow_slow_dtype: bool = False  # run --dtype=bf16 on a CPU that only emulates it (tens of times slower)
 
 
 # ----- preferences ----------------------------------------------------------------------------------------
@@ -174,7 +175,8 @@ def train_judge(cfg: Config, principles: list[Principle]) -> None:
     subprocess.run([sys.executable, str(script), f"--data_dir={corpus}", f"--out_dir={cfg.judge}",
                     f"--block_size={cfg.judge_block_size}", f"--max_steps={cfg.judge_steps}", "--n_eval=0",
                     f"--prompt_loss_weight={cfg.judge_prompt_loss}",
-                    f"--seed={cfg.seed}", f"--device={cfg.device}", f"--dtype={cfg.dtype}"], check=True)
+                    f"--seed={cfg.seed}", f"--device={cfg.device}", f"--dtype={cfg.dtype}",
+                    f"--allow_slow_dtype={cfg.allow_slow_dtype}"], check=True)
 
 
 def sample_pairs(policy, tok, prompts: list, cfg: Config, source: str = "the policy") -> tuple[list[tuple], int]:
@@ -216,7 +218,7 @@ def main(cfg: Config) -> dict:
     if cfg.k < 2:
         raise SystemExit(f"--k={cfg.k}: need at least 2 answers per prompt to compare")
     principles = read_constitution(cfg.constitution or None)
-    proc = setup(cfg.seed, cfg.device, cfg.dtype)
+    proc = setup(cfg.seed, cfg.device, cfg.dtype, cfg.allow_slow_dtype)
     device, dtype = proc.device, proc.dtype
 
     # 1. the feedback model (trained first if missing) and the policy's answers, k per training prompt

@@ -73,7 +73,7 @@ class Process:
         return loss if self.scaler is None else self.scaler.scale_loss(loss)
 
 
-def setup(seed: int, device: str = "auto", dtype: str = "fp32") -> Process:
+def setup(seed: int, device: str = "auto", dtype: str = "fp32", allow_slow_dtype: bool = False) -> Process:
     """Start the process group under torchrun, pick the device and the precision (--dtype, refused here where it
     is unsupported: `precision.run_dtype`), seed. Every rank seeds identically here so that models are built with
     the same initial weights; per-rank seeds (seed + 100003·rank, N detail 6) are for sampling and are derived by
@@ -85,7 +85,7 @@ def setup(seed: int, device: str = "auto", dtype: str = "fp32") -> Process:
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    compute = run_dtype(dtype, torch.device(device), world)
+    compute = run_dtype(dtype, torch.device(device), world, allow_slow_dtype)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device == "cpu":

@@ -14,6 +14,7 @@ maxima (on an AVX512-BF16 CPU, torch 2.13) are printed by each test (pytest -s).
 """
 
 import json
+import math
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -31,10 +32,12 @@ from nanoalign import evaluate
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.config import check_config
 from nanoalign.data import read_jsonl
+from nanoalign import precision
 from nanoalign.precision import LossScaler, run_dtype
 from nanoalign.scaffold import Process, make_optimizer, optimizer_step, setup, wrap_model
 
 LOSS_RTOL, MOVE_RTOL = 0.02, 0.2
+BF16 = dict(dtype="bf16", allow_slow_dtype=True)  # tiny models: seconds where bf16 is emulated, as on AVX2-only CPUs
 
 
 def log(out, key="loss"):
@@ -91,7 +94,31 @@ def test_dtype_choices_and_fp16_refused_where_unsupported(tiny_run, tmp_path):
     with pytest.raises(SystemExit, match="--dtype=fp16 is single-process only"):
         run_dtype("fp16", torch.device("cuda"), world=2)
     assert run_dtype("fp16", torch.device("cuda")) == torch.float16  # no CUDA needed to decide
-    assert run_dtype("bf16", torch.device("cpu"), world=2) == torch.bfloat16
+    assert run_dtype("bf16", torch.device("cpu"), world=2, allow_slow=True) == torch.bfloat16
+
+
+def test_bf16_is_refused_where_the_cpu_emulates_it(tiny_run, tmp_path, monkeypatch):
+    """Where a bf16 matmul runs more than precision.SLOW times longer than fp32 (torch emulating bf16),
+    --dtype=bf16 stops before anything is written, in one line naming the flag, the CPU capability, the measured
+    slowdown and the override; with --allow_slow_dtype=True, or a CPU that multiplies bf16 natively, it runs."""
+    monkeypatch.setattr(precision, "half_slowdown", lambda: 61.0)
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(sft(tiny_run, out, dtype="bf16"))
+    message = str(e.value)
+    assert message.startswith("--dtype=bf16: this CPU (torch capability ") and "\n" not in message
+    assert "61x slower than fp32" in message and "--allow_slow_dtype=True" in message
+    assert not out.exists()
+    assert run_dtype("bf16", torch.device("cpu"), allow_slow=True) == torch.bfloat16
+    assert run_dtype("bf16", torch.device("cuda")) == torch.bfloat16  # a GPU is not timed
+    monkeypatch.setattr(precision, "half_slowdown", lambda: 0.5)  # native bf16 (AMX, AVX512-BF16, Arm BF16)
+    assert run_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_the_bf16_slowdown_is_measured_and_leaves_the_thread_count():
+    threads = torch.get_num_threads()
+    slowdown = precision.half_slowdown.__wrapped__(n=64)  # the uncached function
+    assert 0 < slowdown < math.inf and torch.get_num_threads() == threads
 
 
 # ----- SFT ------------------------------------------------------------------------------------------------
@@ -107,7 +134,7 @@ def sft(tiny_run, out, **kw):
 def test_sft_bf16_matches_fp32_and_holds_bf16_state(tiny_run, tmp_path, monkeypatch):
     train_sft.main(sft(tiny_run, tmp_path / "fp32"))
     seen = watch_dtypes(monkeypatch, train_sft)
-    train_sft.main(sft(tiny_run, tmp_path / "bf16", dtype="bf16"))
+    train_sft.main(sft(tiny_run, tmp_path / "bf16", **BF16))
     assert seen and all(s == ({torch.bfloat16}, {torch.bfloat16}) for s in seen)
     loss_err, weight_err = assert_parity(log(tmp_path / "fp32"), log(tmp_path / "bf16"), weights(tiny_run / "init"),
                                          weights(tmp_path / "fp32"), weights(tmp_path / "bf16"))
@@ -124,9 +151,9 @@ def test_sft_bf16_matches_fp32_and_holds_bf16_state(tiny_run, tmp_path, monkeypa
 def test_bf16_resume_continues_bit_for_bit(tiny_run, tmp_path, monkeypatch):
     """Killed after the step-3 checkpoint and resumed: the same losses and weights as the run never stopped,
     exactly, since the fp32 checkpoint narrows back to the bf16 weights and moments it was written from."""
-    train_sft.main(sft(tiny_run, tmp_path / "full", dtype="bf16"))
-    run_killed_at(train_sft.main, sft(tiny_run, tmp_path / "cut", dtype="bf16"), 4, monkeypatch)
-    train_sft.main(sft(tiny_run, tmp_path / "cut", dtype="bf16", resume=True))
+    train_sft.main(sft(tiny_run, tmp_path / "full", **BF16))
+    run_killed_at(train_sft.main, sft(tiny_run, tmp_path / "cut", **BF16), 4, monkeypatch)
+    train_sft.main(sft(tiny_run, tmp_path / "cut", **BF16, resume=True))
     assert log(tmp_path / "cut") == log(tmp_path / "full")
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -136,8 +163,8 @@ def test_two_process_bf16_matches_single_process(tiny_run, tmp_path):
     """Under torchrun bf16 parameters are sharded as they are (FSDP2), their gradients summed over ranks in fp32:
     2 processes (1 micro-batch of 4 each) take 1 process's steps (2 micro-batches of 4, summed in bf16) within
     bf16's precision, and write the same kind of checkpoint."""
-    train_sft.main(sft(tiny_run, tmp_path / "one", max_steps=4, dtype="bf16"))
-    torchrun("train_sft.py", sft(tiny_run, tmp_path / "two", max_steps=4, dtype="bf16"))
+    train_sft.main(sft(tiny_run, tmp_path / "one", max_steps=4, **BF16))
+    torchrun("train_sft.py", sft(tiny_run, tmp_path / "two", max_steps=4, **BF16))
     one, two = log(tmp_path / "one"), log(tmp_path / "two")
     assert two == pytest.approx(one, rel=LOSS_RTOL)
     assert all(t.dtype == torch.float32 and torch.equal(t, t.bfloat16().float())
@@ -151,11 +178,12 @@ def test_bf16_checkpoint_loads_and_evaluates(quick_world, tmp_path):
     data = quick_world / "data"
     train_sft.main(train_sft.Config(data_dir=str(data), out_dir=str(tmp_path / "sft"),
                                     init_from=str(quick_world / "init"), batch_size=8, max_steps=3, log_interval=1,
-                                    n_eval=0, dtype="bf16"))
+                                    n_eval=0, **BF16))
     model, _ = load_model(tmp_path / "sft")
     assert next(model.parameters()).dtype == torch.float32
     results = {dtype: evaluate.main(evaluate.Config(checkpoint=str(tmp_path / "sft"), data_dir=str(data), n=4,
-                                                    max_new_tokens=12, out=str(tmp_path / dtype), dtype=dtype))
+                                                    max_new_tokens=12, out=str(tmp_path / dtype), dtype=dtype,
+                                                    allow_slow_dtype=True))
                for dtype in ("fp32", "bf16")}
     for r in results.values():
         assert 0 <= r["gold"] <= 1 and r["length"] > 0 and len(r["samples"]) == 3
@@ -177,7 +205,7 @@ def test_dpo_bf16_matches_fp32(tiny_run, pairs_dir, tmp_path, monkeypatch):
                                 seed=7, **kw)
     train_dpo.main(cfg("fp32"))
     seen = watch_dtypes(monkeypatch, train_dpo)
-    train_dpo.main(cfg("bf16", dtype="bf16"))
+    train_dpo.main(cfg("bf16", **BF16))
     assert seen and all(s == ({torch.bfloat16}, {torch.bfloat16}) for s in seen)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # the reference's dtype is part of the cache key
     loss_err, weight_err = assert_parity(log(tmp_path / "fp32"), log(tmp_path / "bf16"), weights(tiny_run / "init"),
@@ -219,7 +247,7 @@ def test_rm_bf16_matches_fp32(tiny_run, prefs_dir, tmp_path, monkeypatch):
                                warmup_steps=2, log_interval=1, n_norm=6, max_new_tokens=8, seed=7, **kw)
     r32 = train_rm.main(cfg("fp32"))
     seen = watch_dtypes(monkeypatch, train_rm)
-    r16 = train_rm.main(cfg("bf16", dtype="bf16"))
+    r16 = train_rm.main(cfg("bf16", **BF16))
     assert seen and all(s == ({torch.bfloat16}, {torch.bfloat16}) for s in seen)
     torch.manual_seed(7)  # as setup() seeds the runs, before the new scalar head is drawn
     start = load_model(tiny_run / "init", scalar_head=True)[0].state_dict()
@@ -261,8 +289,8 @@ def test_ppo_update_bf16_matches_fp32(tiny_run, ppo_dirs):
     At PPO's default lr (3e-5) most bf16 updates round away (nanoalign.precision); 1e-3 here."""
     metrics, weights_after = {}, {}
     for dtype in ("fp32", "bf16"):
-        cfg = ppo(tiny_run, ppo_dirs, dtype=dtype)
-        proc = setup(cfg.seed, "cpu", dtype)
+        cfg = ppo(tiny_run, ppo_dirs, dtype=dtype, allow_slow_dtype=True)
+        proc = setup(cfg.seed, "cpu", dtype, allow_slow_dtype=True)
         policy, tok, reference, reward, critic = train_ppo.load_models(cfg, proc)
         if dtype == "fp32":
             prompts = [r["prompt"] for r in read_jsonl(ppo_dirs / "data" / "prompts.jsonl", "prompts")]
@@ -289,7 +317,7 @@ def test_ppo_bf16_runs_end_to_end(tiny_run, ppo_dirs, tmp_path, monkeypatch):
     the final checkpoints (policy and critic) are fp32 files that load."""
     seen = watch_dtypes(monkeypatch, train_ppo)
     train_ppo.main(ppo(tiny_run, ppo_dirs, out_dir=str(tmp_path / "ppo"), n_updates=2, critic="separate",
-                       dtype="bf16"))
+                       **BF16))
     assert len(seen) == 2 * 2 * 2 * 2 and all(s == ({torch.bfloat16}, {torch.bfloat16}) for s in seen)
     assert all(torch.isfinite(torch.tensor(v)) for v in log(tmp_path / "ppo", "ppo/pg_loss"))
     for d in (tmp_path / "ppo", tmp_path / "ppo" / "critic"):
