@@ -49,8 +49,15 @@ def write_checkpoint(out_dir, model_state: dict, meta: dict, tokenizer: Tokenize
     kill before the marker leaves the previous checkpoint and a `.next` that `recover` deletes; a kill after it, a
     commit that `recover` completes; every reader calls `recover` first. Only entries inside out_dir are renamed,
     so out_dir itself may be a mount point or a symlink; other files there (log.jsonl, eval.json) stay.
+    Non-finite weights (the model's or a child's) are refused first, with out_dir left as it was.
     """
     out_dir = Path(out_dir)
+    for prefix, (state, step) in {"": (model_state, meta.get("step")),
+                                  **{f"{k}/": (v[0], v[1].get("step")) for k, v in (children or {}).items()}}.items():
+        bad = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise FloatingPointError(f"{out_dir}: step {step}: non-finite weights in {prefix}{bad}; checkpoint not "
+                                     f"written, the one in {out_dir} is unchanged")
     out_dir.mkdir(parents=True, exist_ok=True)
     recover(out_dir)
     nxt = out_dir / NEXT
