@@ -285,9 +285,9 @@ def check_reward_context(rm, cfg: Config, tok, records: list, block_size: int) -
     reach = min(block_size, max(len(tok.encode_prompt(r["prompt"])) for r in records) + cfg.max_new_tokens)
     if rm.config.block_size < reach:
         raise SystemExit(f"{cfg.reward_model}: the reward model's context ({rm.config.block_size} tokens) is shorter "
-                         f"than a rollout row can be ({reach} tokens: the longest prompt of {cfg.data_dir}/prompts.jsonl"
-                         f" + --max_new_tokens={cfg.max_new_tokens}, within the policy's {block_size}); lower "
-                         f"--max_new_tokens or use a reward model with a longer context")
+                         f"than a rollout row can be ({reach} tokens: the longest prompt of "
+                         f"{cfg.data_dir}/prompts.jsonl + --max_new_tokens={cfg.max_new_tokens}, within the "
+                         f"policy's {block_size}); lower --max_new_tokens or use a reward model with a longer context")
 
 
 def main(cfg: Config) -> dict:

@@ -292,8 +292,8 @@ def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "
     """Set the learning rate, clip the global gradient norm, step, zero the gradients; returns the norm.
     A non-finite gradient norm (over all ranks) or loss term, or a divergence (`Divergence`: losses[watch], or
     the gradient norm with watch="grad_norm" or no such loss term, against its recent range; then the update's
-    growth of the weights), stops the run with a FloatingPointError naming the step and the last checkpoint this run wrote,
-    which no stopped step has touched. where: the step, for the error ("step 17"); losses: {name: float} this
+    growth of the weights), stops the run with a FloatingPointError naming the step and the last checkpoint this
+    run wrote, which no stopped step has touched. where: the step, for the error ("step 17"); losses: {name: float} this
     step's loss terms. scaler: fp16's (`Process.scaler`): the gradients are unscaled first, and non-finite ones
     with finite losses are an overflow of the scaling: the step is skipped, weights and moments unchanged, and
     the norm (inf or NaN) returned."""
@@ -329,7 +329,8 @@ def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "
     after = _weight_norm(model)
     if not after <= WEIGHT_GROWTH * before:  # NaN fails too
         raise FloatingPointError(f"{where or 'a step'}: diverged: the update took the weights' norm from "
-                                 f"{before:.4g} to {after:.4g} (more than {WEIGHT_GROWTH:g}x in one step; lr {lr:.4g}); "
+                                 f"{before:.4g} to {after:.4g} (more than {WEIGHT_GROWTH:g}x in one step; "
+                                 f"lr {lr:.4g}); "
                                  f"stopped before any checkpoint of it: {state.last_good()} (a lower --lr may help)")
     if scaler is not None:
         scaler.stepped()

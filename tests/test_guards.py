@@ -307,8 +307,9 @@ def test_a_loss_100x_its_reference_stops_the_run_before_the_update(tiny_run, tmp
 
     monkeypatch.setattr(train_sft, "sft_loss", exploding)
     out = tmp_path / "sft"
-    with pytest.raises(FloatingPointError, match=rf"step 5: diverged: \|loss\| [\d.e+]+ is more than {DIVERGENCE:g}x its "
-                                                 rf"reference .* the last checkpoint, {out} \(step 4\)"):
+    with pytest.raises(FloatingPointError, match=rf"step 5: diverged: \|loss\| [\d.e+]+ is more than "
+                                                 rf"{DIVERGENCE:g}x its reference .* the last checkpoint, {out} "
+                                                 r"\(step 4\)"):
         train_sft.main(sft(tiny_run, out))
     assert read_meta(out)["step"] == 4 and finite_checkpoint(out)
 
