@@ -7,9 +7,9 @@
     torchrun --nproc_per_node=2 train_dpo.py --compile=True
 
 The policy starts from --init_from and the frozen reference is the same checkpoint. Reference log-probs are
-computed once per distinct (prompt, answer), cached in cache_dir keyed by a hash of the reference weights
-(with their dtype), the encoded token sequences (so data, tokenizer, chat template and max_len) and the device
-type, and the reference model is dropped while training. At the end the policy
+computed once per distinct (prompt, answer), cached in cache_dir keyed by a hash of all they depend on (the
+reference's weights and config, tokenizer, chat template, data, max_len, device type and the log-prob code:
+`reference_cache`), and the reference model is dropped while training. At the end the policy
 and the SFT reference answer the same held-out prompts with the same seed: eval.json holds gold, failures, KL
 to the reference and win rate next to sft_gold and sft_failures; --eval_interval adds points of the gold-vs-KL
 curve on the same prompts during training (`evaluate.curve_point`, as DPO §6.1 evaluates every 100 steps).
@@ -25,8 +25,11 @@ is 200 steps, a quarter of an epoch of batches of 32 pairs, which also keeps `py
 within 10 minutes. β 0.1, summed log-probs and the SFT model as reference are the paper's.
 """
 
+import inspect
+import json
+import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,10 +40,11 @@ from nanoalign.data import batch_indices, check_batch, encode_pairs, read_jsonl,
 from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.logger import Logger
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
-from nanoalign.sampling import summed_logps
+from nanoalign.sampling import logps_code_version, summed_logps
 from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
                                 world_size, wrap_model)
+from nanoalign.tokenizer import render_prompt
 
 
 @dataclass
@@ -88,6 +92,17 @@ def sequence_logps(model, seqs: list, pad_id: int, device) -> torch.Tensor:
     """S(y|x) of every (ids, n_prompt) sequence under the frozen reference -> [N] fp32 on the CPU, computed once
     for the cache, 64 length-sorted rows per forward."""
     return summed_logps(model, seqs, pad_id, device, rows_per_forward=64).cpu()
+
+
+def reference_cache(cache_dir, reference, tok, seqs: list, max_len: int, device_type: str) -> Path:
+    """The reference log-probs' cache file, named by a hash of everything they depend on: the reference's weights
+    (with their dtype) and its whole config (heads, LayerNorm epsilon: settings outside the weights), the
+    tokenizer, the chat template's code, the token sequences (the data), max_len, the device type and the code of
+    the log-prob path (`sampling.logps_code_version`). Any of them changed, a new file is computed."""
+    template = inspect.getsource(sys.modules[render_prompt.__module__])  # render_prompt, encode_prompt, ...
+    key = content_hash(reference.state_dict(), json.dumps(asdict(reference.config), sort_keys=True), tok.hash,
+                       template, repr(seqs), max_len, device_type, logps_code_version())
+    return Path(cache_dir) / f"ref_logps-{key}.safetensors"
 
 
 def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, step: int, cfg: Config,
@@ -156,6 +171,9 @@ def main(cfg: Config) -> dict:
     model, tok = load_model(out_dir if cfg.resume else cfg.init_from)
     step = 0  # set by resume() below
     reference = load_model(cfg.init_from, tok)[0].to(proc.device, proc.dtype).eval().requires_grad_(False)
+    if cfg.max_len is not None and cfg.max_len > model.config.block_size:
+        raise SystemExit(f"--max_len={cfg.max_len}: longer than the context of {cfg.init_from} "
+                         f"({model.config.block_size} tokens); use at most {model.config.block_size}, or None for it")
     max_len = cfg.max_len or model.config.block_size
     if proc.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters; max_len {max_len}"
@@ -175,10 +193,7 @@ def main(cfg: Config) -> dict:
     # 4. reference log-probs: computed once, cached on disk, then the reference leaves memory
     ref_logps = None
     if cfg.ref_cache:
-        # keyed by what the log-probs depend on: the reference's weights and dtype, the token sequences
-        # themselves (data, tokenizer, chat template and max_len all shape them) and the device type
-        key = content_hash(reference.state_dict(), repr(seqs), proc.device.type)
-        cache = Path(cfg.cache_dir) / f"ref_logps-{key}.safetensors"
+        cache = reference_cache(cfg.cache_dir, reference, tok, seqs, max_len, proc.device.type)
         t0, hit = time.time(), cache.exists()
         if not proc.master and proc.world > 1:
             torch.distributed.barrier()  # rank 0 computes and writes first; the others then read its file
@@ -217,7 +232,8 @@ def main(cfg: Config) -> dict:
                        tokens_seen * proc.world / (time.time() - t_last))
             t_last, tokens_seen, window = time.time(), 0, []
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:  # with the window of steps not yet logged
-            save_resumable(out_dir, model, optimizer, tok, proc, cfg, step, metrics, {"log_window": window})
+            save_resumable(out_dir, model, optimizer, tok, proc, cfg, step, metrics, {"log_window": window},
+                           finished=step == cfg.max_steps)
 
     # 7. evaluate policy and SFT reference (read back from --init_from) on the same held-out prompts and seed:
     #    gold, failures, KL, win rate

@@ -203,10 +203,11 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
             global_backward(loss, proc)
             where = f"update {update + 1}, epoch {epoch + 1}"
             terms = {"pg_loss": parts[0].item(), "vf_loss": parts[1].item()}  # checked finite before each step
-            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms, proc.scaler)
+            # the loss may be negative or near 0: divergence is watched on the gradient norm (`Divergence`)
+            optimizer_step(policy, optimizer, cfg.lr * lr_frac, cfg.grad_clip, where, terms, proc.scaler, "grad_norm")
             if critic is not None:
                 optimizer_step(critic, critic_opt, cfg.critic_lr * lr_frac, cfg.grad_clip, f"{where} (critic)", terms,
-                               proc.scaler)
+                               proc.scaler, "grad_norm")
             stats.append(all_ranks(parts).tolist())  # this rank's shares of the minibatch's means, summed
 
     # 6. metrics: means over the whole rollout (every rank's episodes)
@@ -220,7 +221,9 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
                "time/score": t_score - t0, "time/train": time.time() - t_score}
     if uses_critic:
         r_all, v_all = returns[mask.bool()], old_values[mask.bool()]
-        metrics["ppo/explained_variance"] = 1 - global_var(r_all - v_all, proc) / global_var(r_all, proc)
+        var_r = global_var(r_all, proc) if global_total(mask, proc) > 1 else 0.0
+        # None where the returns do not vary (e.g. answers of one token, all without EOS, at β = 0): nothing to explain
+        metrics["ppo/explained_variance"] = 1 - global_var(r_all - v_all, proc) / var_r if var_r > 0 else None
     return metrics, gold_norm
 
 
@@ -277,6 +280,17 @@ def check_rollout(cfg: Config, world: int) -> None:
                          f"--rollout_size={max(1, cfg.rollout_size // unit) * unit}")
 
 
+def check_reward_context(rm, cfg: Config, tok, records: list, block_size: int) -> None:
+    """The reward model (and the separate critic, its copy) must read a whole rollout row: the longest prompt
+    plus --max_new_tokens, within the policy's context; a shorter context is an error naming both, at start."""
+    reach = min(block_size, max(len(tok.encode_prompt(r["prompt"])) for r in records) + cfg.max_new_tokens)
+    if rm.config.block_size < reach:
+        raise SystemExit(f"{cfg.reward_model}: the reward model's context ({rm.config.block_size} tokens) is shorter "
+                         f"than a rollout row can be ({reach} tokens: the longest prompt of "
+                         f"{cfg.data_dir}/prompts.jsonl + --max_new_tokens={cfg.max_new_tokens}, within the "
+                         f"policy's {block_size}); lower --max_new_tokens or use a reward model with a longer context")
+
+
 def main(cfg: Config) -> dict:
     # 0. the config; processes and models
     check_rollout(cfg, world_size())
@@ -287,6 +301,7 @@ def main(cfg: Config) -> dict:
     critic_opt = make_optimizer(critic, cfg.critic_lr, 0.0, eps=cfg.adam_eps) if critic is not None else None
     records = read_jsonl(f"{cfg.data_dir}/prompts.jsonl", "prompts")
     check_prompts(tok, records, policy.config.block_size)  # every prompt, before any rollout draws it
+    check_reward_context(reward[0], cfg, tok, records, policy.config.block_size)
     check_batch(len(records), cfg.rollout_size // cfg.samples_per_prompt,
                 "--rollout_size / --samples_per_prompt, the prompts per update")
     check_eval_prompts(tok, cfg.data_dir, cfg.n_eval, policy.config.block_size)

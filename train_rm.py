@@ -228,7 +228,7 @@ def main(cfg: Config) -> dict:
 
         # 6c. the checkpoint carries the normalisation; consumers load it with load_reward_model
         meta = {"model": asdict(model.config), "kind": "reward_model", "run": asdict(cfg), "step": max_steps,
-                "metrics": result, "reward_norm": {"gain": gain, "bias": bias}}
+                "finished": True, "metrics": result, "reward_norm": {"gain": gain, "bias": bias}}
         write_checkpoint(out_dir, model_state, meta, tok)
         write_json(out_dir / "eval.json", result)
     teardown()

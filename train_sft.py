@@ -151,7 +151,7 @@ def main(cfg: Config) -> dict:
             logger.log(step, {**metrics, **point}, tokens_seen * proc.world / (time.time() - t_last))
             t_last, tokens_seen = time.time(), 0
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            save_resumable(out_dir, model, optimizer, tok, proc, cfg, step, metrics)
+            save_resumable(out_dir, model, optimizer, tok, proc, cfg, step, metrics, finished=step == cfg.max_steps)
 
     # 6. evaluate on held-out prompts with the gold judge (against the --init_from model with --eval_interval);
     #    print a few answers

@@ -49,8 +49,12 @@ def write_checkpoint(out_dir, model_state: dict, meta: dict, tokenizer: Tokenize
     kill before the marker leaves the previous checkpoint and a `.next` that `recover` deletes; a kill after it, a
     commit that `recover` completes; every reader calls `recover` first. Only entries inside out_dir are renamed,
     so out_dir itself may be a mount point or a symlink; other files there (log.jsonl, eval.json) stay.
+    Non-finite weights (the model's or a child's) are refused first, with out_dir left as it was.
     """
     out_dir = Path(out_dir)
+    _check_finite(out_dir, model_state, meta)
+    for name, (child_state, child_meta, _) in (children or {}).items():
+        _check_finite(out_dir, child_state, child_meta, f"{name}/")
     out_dir.mkdir(parents=True, exist_ok=True)
     recover(out_dir)
     nxt = out_dir / NEXT
@@ -63,6 +67,13 @@ def write_checkpoint(out_dir, model_state: dict, meta: dict, tokenizer: Tokenize
     _write_json(nxt / COMPLETE, {"stale": stale})
     _fault("marked")
     _commit(out_dir)
+
+
+def _check_finite(out_dir: Path, state: dict, meta: dict, prefix: str = "") -> None:
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise FloatingPointError(f"{out_dir}: step {meta.get('step')}: non-finite weights in {prefix}{bad}; "
+                                 f"checkpoint not written, the one in {out_dir} is unchanged")
 
 
 _LOCKS = {}  # lock file path -> its open file, held for the process's life

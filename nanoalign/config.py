@@ -3,6 +3,7 @@ written beside the fields, and the range and choice checks every entry point run
 
 import dataclasses
 import inspect
+import math
 import sys
 import types
 import typing
@@ -68,14 +69,19 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def check_config(cfg, positive: str = "", nonneg: str = "", choices: dict | None = None) -> None:
     """Refuse a bad config before anything is created or opened for writing: the fields named in `positive`
-    (space-separated) must be > 0, those in `nonneg` >= 0 (None passes: "not set"), each field of `choices`
-    one of its values, `device` (if any) one of DEVICES, `dtype` (if any) one of precision.DTYPES. The error
-    names the flag and what it allows."""
+    (space-separated) must be > 0, those in `nonneg` >= 0 (None passes: "not set"), every float field finite
+    (--lr=inf would pass "> 0" and write infinite weights), each field of `choices` one of its values, `device`
+    (if any) one of DEVICES, `dtype` (if any) one of precision.DTYPES. The error names the flag and what it
+    allows."""
     for names, test, rule in ((positive, lambda v: v > 0, "> 0"), (nonneg, lambda v: v >= 0, ">= 0")):
         for name in names.split():
             value = getattr(cfg, name)
             if value is not None and not test(value):  # NaN fails both tests
                 raise SystemExit(f"--{name}={value}: must be {rule}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"--{f.name}={value}: must be a finite number")
     implied = {name: allowed for name, allowed in (("device", DEVICES), ("dtype", tuple(DTYPES)))
                if hasattr(cfg, name)}
     for name, allowed in {**implied, **(choices or {})}.items():

@@ -53,6 +53,7 @@ def read_jsonl(path, schema: str | None = None) -> list[dict]:
             raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        _check_unicode(rec, where)
         if schema is None:
             schema = next((s for s, keys in SCHEMAS.items() if all(k in rec for k in keys)), None)
             if schema is None:
@@ -135,6 +136,20 @@ def require_soft_labels(records: list[dict]) -> None:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_unicode(value, where: str, field: str = "") -> None:
+    """Every string in a record must be text UTF-8 can write: JSON's \\ud800-\\udfff escapes decode to lone
+    surrogates, which fail later, in the tokenizer, with no file named."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}: field {field!r} holds a lone surrogate (\\u{ord(value[e.start]):04x} at "
+                             f"character {e.start + 1}), not text") from None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        _check_unicode(v, where, f"{field}[{k}]" if isinstance(k, int) else f"{field}.{k}" if field else k)
 
 
 def _check_text(value, where: str, field: str) -> None:

@@ -16,6 +16,7 @@ at the end of a run `finish` writes eval.json. A reward model is measured on hel
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from itertools import combinations
@@ -74,7 +75,13 @@ def sample_answers(model, tok, prompts: list, max_new_tokens: int, temperature: 
 @torch.no_grad()
 def reference_kl(model, reference, batches: list[dict], temperature: float = 1.0) -> dict:
     """Sequence KL(π‖π_ref) on the policy's own samples, both at the sampling temperature (DPO paper, footnote 3):
-    `kl` = mean Σ_t exact per-token KL (terms >= 0, low variance), `kl_k1` = mean Σ_t (log π - log π_ref)."""
+    `kl` = mean Σ_t exact per-token KL (terms >= 0, low variance), `kl_k1` = mean Σ_t (log π - log π_ref).
+    At temperature 0 (greedy decoding) both policies are point masses, whose KL is 0 or infinite, never a
+    measure of drift: both are None (null in eval.json), with a line that says so."""
+    if temperature == 0:
+        print("KL to the reference not measured: at --temperature=0 (greedy) both policies are point masses, "
+              "whose KL is 0 or infinite; eval.json holds null")
+        return {"kl": None, "kl_k1": None}
     exact, k1 = [], []
     for out in batches:
         rows = join(out)
@@ -97,12 +104,12 @@ def standard_error(xs: list[float]) -> float:
 def calibration(p: torch.Tensor, outcome: torch.Tensor, bins: int = 10) -> dict:
     """Reliability of probabilities p [N] for 0/1 outcomes [N] -> {"table": per bin of p its range, count, mean p
     and the outcomes' rate; "error": the expected calibration error Σ_b (n_b / N)·|mean p_b - rate_b|, 0 for a
-    calibrated forecaster, NaN without outcomes}."""
+    calibrated forecaster, None (undefined) without outcomes}."""
     p, outcome = p.double(), outcome.double()
     which = (p * bins).long().clamp(0, bins - 1)
     table = [{"bin": [b / bins, (b + 1) / bins], "n": int((which == b).sum()), "mean_p": p[which == b].mean().item(),
               "rate": outcome[which == b].mean().item()} for b in range(bins) if (which == b).any()]
-    error = sum(r["n"] * abs(r["mean_p"] - r["rate"]) for r in table) / len(p) if len(p) else float("nan")
+    error = sum(r["n"] * abs(r["mean_p"] - r["rate"]) for r in table) / len(p) if len(p) else None
     return {"table": table, "error": error}
 
 
@@ -304,11 +311,27 @@ def linear_fit(x: list[float], y: list[float]) -> tuple[float, float, float]:
 
 
 def write_json(path, obj) -> None:
-    """Write JSON atomically: a temp file beside it, then rename."""
+    """Write strict JSON atomically: a temp file beside it, then rename. A NaN or infinity (which json.dumps would
+    write as the non-JSON NaN / Infinity) is an error naming the file and the key; an undefined value is None."""
     path = Path(path)
+    bad = _non_finite(obj)
+    if bad is not None:
+        raise ValueError(f"{path}: field {bad[0]!r} is {bad[1]}, not a JSON number; not written")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _non_finite(obj, where: str = "") -> tuple[str, float] | None:
+    """(key path such as "kl" or "curve[2].gold", value) of the first NaN or infinity in a JSON-like object."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def main(cfg: Config) -> dict:

@@ -14,6 +14,7 @@ at all: its padded keys follow every real query, so the plain causal kernel (fla
 import json
 import math
 from dataclasses import dataclass, replace
+from dataclasses import fields as fields_of
 from pathlib import Path
 
 import torch
@@ -259,7 +260,7 @@ class GPT(nn.Module):
         if "model_type" in meta:
             config, state = cls._hf_config_and_state(path, meta)
         elif "model" in meta:
-            config, state = GPTConfig(**meta["model"]), read_tensors(path / "model.safetensors")
+            config, state = model_config(path, meta["model"]), read_tensors(path / "model.safetensors")
         else:
             raise ValueError(f"{path / 'config.json'}: missing field 'model' (nanoalign) or 'model_type' (HF)")
         if scalar_head is not None:
@@ -281,9 +282,13 @@ class GPT(nn.Module):
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{path / 'config.json'}: field 'activation_function' must be gelu_new, "
                              f"got {hf['activation_function']!r}")
+        missing = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
+        if missing:
+            raise ValueError(f"{path / 'config.json'}: missing field {missing[0]!r}; a GPT-2 config sets "
+                             f"n_positions, vocab_size, n_layer, n_head and n_embd")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))  # HF GPT2Config's default
         state = {}
         for name, t in read_tensors(path / "model.safetensors").items():
             if not name.startswith(("transformer.", "lm_head.")):
@@ -295,6 +300,21 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once
+
+
+def model_config(path, fields: dict) -> GPTConfig:
+    """A checkpoint's GPTConfig from its config.json "model" fields, each of them required: a field left out
+    would silently take its default (another number of heads reads the same weights as another model), an
+    unknown one is a config from other code. Either is an error naming the file and the field."""
+    file, known = Path(path) / "config.json", [f.name for f in fields_of(GPTConfig)]
+    if not isinstance(fields, dict):
+        raise ValueError(f"{file}: field 'model' must be an object of the model's settings, got {fields!r}")
+    missing, unknown = [k for k in known if k not in fields], sorted(set(fields) - set(known))
+    if missing or unknown:
+        raise ValueError(f"{file}: field 'model.{(missing or unknown)[0]}' is "
+                         f"{'missing' if missing else 'unknown'}; a nanoalign model's config sets exactly "
+                         f"{', '.join(known)}")
+    return GPTConfig(**fields)
 
 
 def read_meta(path) -> dict:

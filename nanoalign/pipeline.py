@@ -1,7 +1,8 @@
 """The pipeline behind `python -m nanoalign.report`: its stages, and which of them must run again.
 
 Each stage is one command of the repository's scripts with their defaults, the commands of the README's tables,
-run as a child process (the package imports no script). A stage is reused when out/report/stages.json says
+run as a child process (the package imports no script) that dies with the report, even of a SIGKILL
+(`scaffold.die_with_parent`). A stage is reused when out/report/stages.json says
 that the report ran it with the same command, code and inputs, and its files have not changed since; otherwise
 it runs again, and the line that says so says why: no run there, a partial run, a run the report did not make,
 changed files, changed code, or an input that was rerun.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanoalign.evaluate import write_json
+from nanoalign.scaffold import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: its scripts and the package's code
 WORLD = tuple(f"{{data}}/{kind}{split}.jsonl"  # the helpdesk world's files, written by the sft stage when missing
@@ -305,7 +307,7 @@ def run_pipeline(cfg: Config) -> dict:
             script = [] if argv[0] == "-m" else [str(ROOT / argv[0])]  # found wherever the call runs
             with open(logs / f"{name}.log", "w") as log:
                 child = subprocess.Popen([sys.executable, *script, *argv[len(script):]], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env)
+                                         stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
             running[name], work[name] = (child, time.time(), key), 0.0
             left = {n: max(0.0, eta[n] - work[n]) for n in running}
             print(f"[report {len(work)}/{len(eta)}] {name}: about {minutes(eta[name])} "

@@ -52,8 +52,9 @@ def policy_rows(results: dict, runs: dict) -> list[dict]:
     return rows
 
 
-def _num(x, fmt="{:.3f}") -> str:
-    return "" if x is None else fmt.format(x)
+def _num(x, fmt="{:.3f}", none="") -> str:
+    """x formatted, or `none` for a value that is undefined (null in its JSON: no pairs whose gold differs)."""
+    return none if x is None else fmt.format(x)
 
 
 def results_table(rows: list[dict], demo_gold: float) -> list[str]:
@@ -136,9 +137,10 @@ def write_report(cfg: Config, runs: dict) -> Path:
     if "rlaif" in results:
         labels = results["rlaif"]
         lines += ["## RLAIF", "", f"`{_command('rlaif', cfg)}`: the feedback model's labels agree with the gold "
-                  f"order on {labels['agreement']:.3f} of the pairs (one order only: "
+                  f"order on {_num(labels['agreement'], '{:.3f}', 'n/a')} of the pairs (one order only: "
                   f"{_num(labels.get('agreement_one_order'))}; human-like labels: "
-                  f"{_num(labels.get('human_label_agreement'))}), log-loss {labels['log_loss']:.3f}."]
+                  f"{_num(labels.get('human_label_agreement'))}), "
+                  f"log-loss {_num(labels['log_loss'], '{:.3f}', 'n/a')}."]
         if "rm_rlaif" in results:
             lines.append(f"The reward model trained on them (`{_command('rm_rlaif', cfg)}`): held-out accuracy "
                          f"{results['rm_rlaif']['accuracy']:.3f} against the human-like labels, against the gold "

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign import gold_judge, helpdesk
-from nanoalign.checkpoint import load_model
+from nanoalign.checkpoint import load_model, read_meta, recover
 from nanoalign.constitution import OPTIONS, Principle, option_ids, principle_score, query, read_constitution, \
     write_judge_corpus
 from nanoalign.config import check_config, parse_config
@@ -39,7 +39,7 @@ from nanoalign.data import left_pad, read_jsonl, write_jsonl
 from nanoalign.evaluate import calibration, sample_answers, write_json
 from nanoalign.logprobs import token_logps
 from nanoalign.model import KVCache
-from nanoalign.scaffold import setup
+from nanoalign.scaffold import die_with_parent, setup
 
 
 @dataclass
@@ -142,18 +142,20 @@ def label(P: torch.Tensor, mode: str) -> torch.Tensor:
 # ----- measuring labels against the gold judge -------------------------------------------------------------
 
 
-def agreement(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> float:
-    """mean 1[(P - ½)(g1 - g2) > 0] over pairs whose gold differs, ½ where P = ½ (a label that prefers neither)."""
+def agreement(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> float | None:
+    """mean 1[(P - ½)(g1 - g2) > 0] over pairs whose gold differs, ½ where P = ½ (a label that prefers neither);
+    None (undefined) without such pairs."""
     differ = g1 != g2
     right = ((P - 0.5) * (g1 - g2) > 0).double() + 0.5 * (P == 0.5).double()
-    return right[differ].mean().item() if differ.any() else float("nan")
+    return right[differ].mean().item() if differ.any() else None
 
 
-def log_loss(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> float:
-    """-mean log P(the gold-better answer) over pairs whose gold differs (P clipped to [1e-6, 1 - 1e-6])."""
+def log_loss(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> float | None:
+    """-mean log P(the gold-better answer) over pairs whose gold differs (P clipped to [1e-6, 1 - 1e-6]); None
+    without such pairs."""
     differ = g1 != g2
     q = torch.where(g1 > g2, P, 1 - P).clamp(1e-6, 1 - 1e-6)
-    return -q[differ].log().mean().item() if differ.any() else float("nan")
+    return -q[differ].log().mean().item() if differ.any() else None
 
 
 def label_quality(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> dict:
@@ -166,17 +168,38 @@ def label_quality(P: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> dict:
 
 def train_judge(cfg: Config, principles: list[Principle]) -> None:
     """Write the judging corpus and train the feedback model with train_sft.py (a separate process: the package
-    does not import the scripts)."""
+    does not import the scripts, and one that dies with this one: `die_with_parent`). An interrupted training
+    there (its checkpoint's config.json says "finished": false) is resumed when it ran with these flags, and
+    refused, naming the flag that differs, when not."""
     script = Path(__file__).resolve().parent.parent / "train_sft.py"
     if not script.exists():
         raise FileNotFoundError(f"no feedback model at {cfg.judge}, and no train_sft.py at {script} to train one")
     corpus = write_judge_corpus(cfg.data_dir, principles, cfg.judge_train, 500, cfg.seed)
-    print(f"training the feedback model into {cfg.judge} on {corpus} ({cfg.judge_steps} steps)")
-    subprocess.run([sys.executable, str(script), f"--data_dir={corpus}", f"--out_dir={cfg.judge}",
-                    f"--block_size={cfg.judge_block_size}", f"--max_steps={cfg.judge_steps}", "--n_eval=0",
-                    f"--prompt_loss_weight={cfg.judge_prompt_loss}",
-                    f"--seed={cfg.seed}", f"--device={cfg.device}", f"--dtype={cfg.dtype}",
-                    f"--allow_slow_dtype={cfg.allow_slow_dtype}"], check=True)
+    flags = {"data_dir": corpus, "out_dir": cfg.judge, "block_size": cfg.judge_block_size,
+             "max_steps": cfg.judge_steps, "n_eval": 0, "prompt_loss_weight": cfg.judge_prompt_loss,
+             "seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype, "allow_slow_dtype": cfg.allow_slow_dtype}
+    resume = (Path(cfg.judge) / "config.json").exists()  # only an unfinished training reaches here with one
+    if resume:
+        run = read_meta(cfg.judge).get("run", {})
+        differ = next((k for k in ("data_dir", "block_size", "max_steps", "prompt_loss_weight", "seed", "dtype")
+                       if str(run.get(k)) != str(flags[k])), None)
+        if differ is not None:
+            raise SystemExit(f"{cfg.judge}/config.json: an unfinished training of the feedback model with "
+                             f"--{differ}={run.get(differ)}, where this call trains with --{differ}={flags[differ]}; "
+                             f"finish it (python train_sft.py --resume=True --out_dir={cfg.judge} ...), or move it "
+                             f"away to train a new one")
+    print(f"{'resuming' if resume else 'training'} the feedback model in {cfg.judge} on {corpus} "
+          f"({cfg.judge_steps} steps)")
+    subprocess.run([sys.executable, str(script), *(f"--{k}={v}" for k, v in flags.items()), f"--resume={resume}"],
+                   check=True, preexec_fn=die_with_parent())
+
+
+def judge_finished(path) -> bool:
+    """Whether `path` holds a feedback model to use: a checkpoint whose config.json does not say "finished": false
+    (a nanoalign training's last checkpoint says true; one from elsewhere, a GPT-2 directory, says nothing)."""
+    if Path(path).exists():
+        recover(path)  # a checkpoint write that a kill interrupted: finished or undone first
+    return (Path(path) / "config.json").exists() and read_meta(path).get("finished", True) is not False
 
 
 def sample_pairs(policy, tok, prompts: list, cfg: Config, source: str = "the policy") -> tuple[list[tuple], int]:
@@ -224,7 +247,7 @@ def main(cfg: Config) -> dict:
     # 1. the feedback model (trained first if missing) and the policy's answers, k per training prompt
     judge = judge_tok = None
     if cfg.labeller == "model":
-        if not (Path(cfg.judge) / "config.json").exists():
+        if not judge_finished(cfg.judge):  # missing, or a training that was interrupted
             train_judge(cfg, principles)
         judge, judge_tok = load_model(cfg.judge)
         judge = judge.to(device, dtype).eval()
@@ -271,7 +294,7 @@ def main(cfg: Config) -> dict:
     Path(cfg.eval_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.eval_dir) / "eval.json", result)
     print(f"wrote {out} ({len(rows)} pairs) and {Path(cfg.eval_dir) / 'eval.json'}")
-    print("eval:", {k: round(v, 4) for k, v in result.items() if k in
+    print("eval:", {k: v if v is None else round(v, 4) for k, v in result.items() if k in
                     ("agreement", "agreement_one_order", "human_label_agreement", "log_loss", "comparisons_per_s")})
     return result
 

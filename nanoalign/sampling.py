@@ -8,6 +8,9 @@ until all rows are done. For exact sampling (PPO, KL) keep top_k = 0 and top_p =
 filtering makes the samples come from a distribution other than the one whose log-probs are scored.
 """
 
+import hashlib
+import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +94,16 @@ def summed_logps(model, rows: list, pad_id: int, device, rows_per_forward: int) 
     """S(y|x) = Σ_t log π(y_t | x, y_<t) of each (ids, n_prompt) row, the response's tokens (EOS included) only
     -> [N] in the order given, length-sorted through the model (`by_length`); differentiable (DPO's policy)."""
     return by_length(rows, pad_id, device, rows_per_forward, lambda b: model_logps(model, **b).sum(-1))
+
+
+def logps_code_version() -> str:
+    """A hash of the source of everything `summed_logps` runs, and of torch's version: the model (nanoalign.model)
+    and the log-prob functions (nanoalign.logprobs) whole, the scoring path here and the collation, as this module calls
+    them. Part of the key of cached log-probs (train_dpo.py's reference cache), so that log-probs computed by
+    other code are never read back: hashing the source, rather than a version number, cannot be forgotten."""
+    parts = [inspect.getsource(sys.modules[f.__module__]) for f in (GPT, token_logps)]
+    parts += [inspect.getsource(f) for f in (by_length, summed_logps, model_logps, collate, unpack)]
+    return hashlib.sha256("\x00".join([*parts, torch.__version__]).encode()).hexdigest()[:16]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -14,6 +14,8 @@ import ctypes.util
 import dataclasses
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +109,24 @@ def keep_cpu_heap() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
     mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum: blocks below 32 MB come from the heap
     mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+
+
+def die_with_parent():
+    """A `preexec_fn` for subprocess: the child is killed (SIGKILL) when the process that started it dies, even
+    of a SIGKILL, which no handler sees, so a killed report or RLAIF pass leaves no training running behind it
+    (Linux's PR_SET_PDEATHSIG; None elsewhere). A parent that died before the child armed it is caught by the
+    parent pid check."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl, os.getpid()
+    PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+    def arm():  # runs in the child between fork and exec: no allocation-heavy Python here
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
 
 
 def claim_out_dir(out_dir, proc: Process) -> None:
@@ -220,14 +240,63 @@ def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr: float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+DIVERGENCE = 100.0  # a step's watched value above this multiple of its reference stops the run (`Divergence`)
+DIVERGENCE_WINDOW = 50  # the recent steps whose median is part of that reference
+WEIGHT_GROWTH = 2.0  # an update that multiplies the weights' global norm by more than this stops the run
+
+
+@dataclasses.dataclass
+class Divergence:
+    """What `optimizer_step` keeps between the steps of one optimizer (held by the optimizer it serves), to stop a
+    run that diverges while its values stay finite. Two rules, both with the weights of the last checkpoint
+    untouched on disk:
+
+      - before the update: |v| > DIVERGENCE × max(|v₁|, median of the last DIVERGENCE_WINDOW |v|), v the step's
+        watched value (the loss; PPO watches the gradient norm, since its loss may be negative or near zero) and
+        v₁ the first value this run saw. The first value keeps a loss that falls towards 0 (DPO on separable
+        pairs) from turning noise into a 100x jump; the median lets a value that drifts up slowly (PPO's
+        gradient norm) move its reference with it. Falling never trips it, nor anything while the reference is 0.
+      - after the update: the weights' global norm grown more than WEIGHT_GROWTH x in one step (AdamW moves
+        every weight by about the learning rate, so --lr=1e3 multiplies it a thousandfold at step 1), caught
+        before any checkpoint holds those weights.
+
+    A checkpoint is thus written only of weights whose previous step's loss passed the first rule and whose own
+    step passed the second (a loss measures the weights before the update, so no loss of a checkpoint's own
+    weights exists when it is written)."""
+    history: list = dataclasses.field(default_factory=list)  # |v| of the recent steps, the first one kept
+    checkpoint: str = ""  # the last checkpoint this run wrote or resumed from: "out/sft (step 2)"
+
+    def reference(self) -> float:
+        recent = sorted(self.history[1:][-DIVERGENCE_WINDOW:] or self.history)
+        return max(self.history[0], recent[len(recent) // 2])
+
+    def last_good(self) -> str:
+        return (f"the last checkpoint, {self.checkpoint}, is the last good one" if self.checkpoint else
+                "no checkpoint of this run was written")
+
+
+def divergence(optimizer) -> Divergence:
+    """The optimizer's Divergence state, made on first use (a plain attribute, as `sampling.static_decoder`)."""
+    if "_divergence" not in optimizer.__dict__:
+        optimizer.__dict__["_divergence"] = Divergence()
+    return optimizer.__dict__["_divergence"]
+
+
+def _weight_norm(model) -> float:
+    norm = torch.nn.utils.get_total_norm([p.detach() for p in model.parameters()])
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP2
+
+
 def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "", losses: dict | None = None,
-                   scaler: LossScaler | None = None) -> float:
+                   scaler: LossScaler | None = None, watch: str = "loss") -> float:
     """Set the learning rate, clip the global gradient norm, step, zero the gradients; returns the norm.
-    A non-finite gradient norm (over all ranks) or loss term stops the run here, before the step: the weights
-    stay as they were and nothing is written, so the last checkpoint in out_dir is the last good one.
-    where: the step, for the error ("step 17"); losses: {name: float} this step's loss terms. scaler: fp16's
-    (`Process.scaler`): the gradients are unscaled first, and non-finite ones with finite losses are an overflow
-    of the scaling: the step is skipped, weights and moments unchanged, and the norm (inf or NaN) returned."""
+    A non-finite gradient norm (over all ranks) or loss term, or a divergence (`Divergence`: losses[watch], or
+    the gradient norm with watch="grad_norm" or no such loss term, against its recent range; then the update's
+    growth of the weights), stops the run with a FloatingPointError naming the step and the last checkpoint this
+    run wrote, which no stopped step has touched. where: the step, for the error ("step 17"); losses: {name: float} this
+    step's loss terms. scaler: fp16's (`Process.scaler`): the gradients are unscaled first, and non-finite ones
+    with finite losses are an overflow of the scaling: the step is skipped, weights and moments unchanged, and
+    the norm (inf or NaN) returned."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     if scaler is not None:
@@ -237,16 +306,32 @@ def optimizer_step(model, optimizer, lr: float, grad_clip: float, where: str = "
         norm = norm.full_tensor()
     norm = norm.item()
     terms = {**(losses or {}), "grad_norm": norm}
+    state = divergence(optimizer)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
     if not all(math.isfinite(v) for v in terms.values()):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.overflowed(losses or {}):
             return norm
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
         raise FloatingPointError(f"{where or 'a step'}: non-finite training values ({shown}); stopped before "
-                                 f"the update, nothing written: the last checkpoint is the last good one (a lower "
-                                 f"--lr, or --grad_clip, may help)")
+                                 f"the update: {state.last_good()} (a lower --lr, or --grad_clip, may help)")
+    watch = watch if watch in terms else "grad_norm"
+    value = abs(terms[watch])
+    if state.history and state.reference() > 0 and value > DIVERGENCE * state.reference():
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"{where or 'a step'}: diverged: |{watch}| {value:.4g} is more than {DIVERGENCE:g}x "
+                                 f"its reference {state.reference():.4g} (the larger of its first value and its "
+                                 f"median over the last {DIVERGENCE_WINDOW} steps; {shown}); stopped before the "
+                                 f"update: {state.last_good()} (a lower --lr may help)")
+    state.history = state.history[:1] + state.history[1:][-DIVERGENCE_WINDOW + 1:] + [value]
+    before = _weight_norm(model)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    after = _weight_norm(model)
+    if not after <= WEIGHT_GROWTH * before:  # NaN fails too
+        raise FloatingPointError(f"{where or 'a step'}: diverged: the update took the weights' norm from "
+                                 f"{before:.4g} to {after:.4g} (more than {WEIGHT_GROWTH:g}x in one step; "
+                                 f"lr {lr:.4g}); "
+                                 f"stopped before any checkpoint of it: {state.last_good()} (a lower --lr may help)")
     if scaler is not None:
         scaler.stepped()
     return norm
@@ -270,12 +355,14 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 
 
 def save_resumable(out_dir, model, optimizer, tok, proc: Process, cfg, step: int, metrics: dict,
-                   extra: dict | None = None, children: dict | None = None, kind: str = "policy") -> None:
+                   extra: dict | None = None, children: dict | None = None, kind: str = "policy",
+                   finished: bool = False) -> None:
     """Gather the full model and optimizer state and write a resumable checkpoint of `kind` from rank 0; `extra`
     (JSON: a script's own state, e.g. PPO's β) goes into config.json; children {name: (model, optimizer)},
     critics, are written as resumable checkpoints in out_dir/name in the same commit (`resume(out_dir/name, ...)`
-    reads one)."""
-    rng, run = {"torch": torch.get_rng_state()}, {"run": dataclasses.asdict(cfg), "step": step}
+    reads one). config.json's "finished" says whether this is the run's last step (`finished`): a reader that
+    wants a trained model (`rlaif`'s feedback model) refuses an interrupted training by it."""
+    rng, run = {"torch": torch.get_rng_state()}, {"run": dataclasses.asdict(cfg), "step": step, "finished": finished}
     kids = {}
     for name, (child, child_optimizer) in (children or {}).items():  # every rank gathers, rank 0 writes
         child_state, child_optim_state = full_state(child, child_optimizer)
@@ -285,13 +372,14 @@ def save_resumable(out_dir, model, optimizer, tok, proc: Process, cfg, step: int
     if proc.master:
         meta = {"model": dataclasses.asdict(model.config), "kind": kind, **run, "metrics": metrics, **(extra or {})}
         write_checkpoint(out_dir, model_state, meta, tok, (optim_state, rng), kids)
+    divergence(optimizer).checkpoint = f"{out_dir} (step {step})"
 
 
 def save_final(out_dir, model, tok, proc: Process, meta: dict, children: dict | None = None) -> None:
-    """A finished run's plain checkpoint, meta as its config.json (no optimizer or RNG state: nothing to resume):
-    every rank gathers the full state, rank 0 writes; children {name: model}, critics, in out_dir/name in the
-    same commit, each with meta's fields but its own "model" and "kind"."""
-    state = full_state(model)
+    """A finished run's plain checkpoint, meta as its config.json (no optimizer or RNG state: nothing to resume)
+    with "finished": true: every rank gathers the full state, rank 0 writes; children {name: model}, critics, in
+    out_dir/name in the same commit, each with meta's fields but its own "model" and "kind"."""
+    meta, state = {**meta, "finished": True}, full_state(model)
     kids = {name: (full_state(child), {**meta, "model": dataclasses.asdict(child.config), "kind": "critic"}, None)
             for name, child in (children or {}).items()}
     if proc.master:
@@ -308,7 +396,9 @@ def resume(out_dir, model, optimizer) -> int:
     optim_state, rng = read_resume_state(out_dir)
     load_optimizer_state(model, optimizer, optim_state)
     torch.set_rng_state(rng["torch"])
-    return read_meta(out_dir)["step"]
+    step = read_meta(out_dir)["step"]
+    divergence(optimizer).checkpoint = f"{out_dir} (step {step})"
+    return step
 
 
 def curve_point_due(step: int, interval: int, last: int, model, reference, tok, data_dir, n: int,
