@@ -319,6 +319,9 @@ def main(cfg: Config) -> dict:
     model, tok = load_model(cfg.checkpoint)  # a policy: a reward model or critic is refused here
     model = model.to(dtype)
     reference = load_model(cfg.reference, tok)[0].to(dtype).eval() if cfg.reference else None
+    if cfg.best_of_n > 0:  # read (and its tokenizer checked against the policy's) before anything is written
+        rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
+        rm = rm.to(dtype)
     out = Path(cfg.out or cfg.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     metrics, prompts, answers = evaluate_policy(model, tok, cfg.data_dir, cfg.n, cfg.max_new_tokens,
@@ -328,8 +331,6 @@ def main(cfg: Config) -> dict:
     write_json(out / "eval.json", metrics)
     print(json.dumps(metrics, indent=2))
     if cfg.best_of_n > 0:
-        rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
-        rm = rm.to(dtype)
         rows, selected = best_of_n(model, tok, rm, gain, bias, prompts[:cfg.n_bon], cfg.best_of_n,
                                    cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.select)
         print(f"{'N':>4} {'KL':>6} {'proxy':>7} {'gold':>7}")
