@@ -315,6 +315,10 @@ def main(cfg: Config) -> dict:
     if cfg.best_of_n and (cfg.best_of_n & (cfg.best_of_n - 1) or not cfg.reward_model or cfg.select >= cfg.best_of_n):
         raise SystemExit(f"--best_of_n={cfg.best_of_n} needs a power of 2, --reward_model, and --select below it "
                          f"(got --select={cfg.select}, --reward_model={cfg.reward_model!r})")
+    for flag in ("reference", "reward_model"):  # their eval.json is their own run's result
+        if getattr(cfg, flag) and Path(getattr(cfg, flag)).resolve() == Path(cfg.out or cfg.checkpoint).resolve():
+            raise SystemExit(f"--out={cfg.out or cfg.checkpoint} is --{flag}={getattr(cfg, flag)}: evaluate writes "
+                             f"into the evaluated checkpoint or --out, never into a model it compares with")
     dtype = run_dtype(cfg.dtype, torch.device("cpu"))
     model, tok = load_model(cfg.checkpoint)  # a policy: a reward model or critic is refused here
     model = model.to(dtype)

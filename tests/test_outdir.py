@@ -284,6 +284,8 @@ def test_the_report_deletes_only_its_own_unchanged_runs(tmp_path):
 
 
 def test_best_of_n_checks_the_reward_models_tokenizer_before_writing(tiny_run, quick_world, pairs_dir, tmp_path):
+    """A reward model of another tokenizer is refused before eval.json is written; --out equal to the reward model
+    or the reference (whose eval.json is their own run's) is refused at once."""
     rm, tok = load_model(quick_world / "init", scalar_head=True)  # another tokenizer than tiny_run's
     write_checkpoint(tmp_path / "rm", rm.state_dict(), {"model": asdict(rm.config), "kind": "reward_model",
                                                         "reward_norm": {"gain": 1.0, "bias": 0.0}}, tok)
@@ -291,6 +293,13 @@ def test_best_of_n_checks_the_reward_models_tokenizer_before_writing(tiny_run, q
         evaluate.main(evaluate.Config(checkpoint=str(tiny_run / "init"), reward_model=str(tmp_path / "rm"),
                                       best_of_n=4, select=2, data_dir=str(pairs_dir), n=2, out=str(tmp_path / "e")))
     assert not (tmp_path / "e").exists()
+    with pytest.raises(SystemExit, match=rf"--out={tmp_path / 'rm'} is --reward_model={tmp_path / 'rm'}: evaluate "
+                                         r"writes into the evaluated checkpoint or --out"):
+        evaluate.main(evaluate.Config(checkpoint=str(tiny_run / "init"), reward_model=str(tmp_path / "rm"),
+                                      best_of_n=4, select=2, out=str(tmp_path / "rm")))
+    with pytest.raises(SystemExit, match=rf"--out={tiny_run / 'init'} is --reference={tiny_run / 'init'}"):
+        evaluate.main(evaluate.Config(checkpoint=str(tiny_run / "init"), reference=str(tiny_run / "init")))
+    assert not (tmp_path / "rm" / "eval.json").exists() and not (tiny_run / "init" / "eval.json").exists()
 
 
 def test_a_reader_beside_a_live_writer_gets_one_whole_checkpoint(tiny_run, tmp_path, monkeypatch):
