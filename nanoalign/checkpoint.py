@@ -286,6 +286,8 @@ def settled_read(path, read, wait_s: float = 60.0):
             else:
                 if _stamp(path) == before:
                     return result
+        else:
+            recover(path)  # finishes the commit if its writer has died meanwhile; a live writer's is left alone
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path}: another run kept committing checkpoints there for {wait_s:.0f} s while "
                                f"this one read it; read it again when that run is done")

@@ -64,7 +64,7 @@ class Process:
     device: torch.device
     dtype: torch.dtype = torch.float32  # of the run's forwards, --dtype (nanoalign.precision)
     scaler: LossScaler | None = None  # fp16's loss scaler
-    data: list = dataclasses.field(default_factory=list)  # [path, sha256] of each data file trained on (claim_out_dir)
+    data: list = dataclasses.field(default_factory=list)  # [path, sha256] of each data file trained on (run_inputs)
 
     @property
     def master(self) -> bool:
@@ -112,9 +112,9 @@ def keep_cpu_heap() -> None:
 
 
 READS = ("init_from", "reward_model")  # flags naming checkpoints a run reads (DPO's reference is its --init_from)
-# Flags a resumed run may change: they leave the training trajectory's arithmetic as it was (logging, checkpoint and
-# evaluation cadence, where and how fast it computes, the split of a batch into micro-batches), or, the run's length
-# (max_steps, n_updates, epochs), stretch or shorten the learning-rate schedule from the step reached.
+# Flags a resumed run may change: they leave the arithmetic of the training steps as it was (logging, checkpoint and
+# evaluation cadence, where and how fast it computes, the split of a batch into micro-batches), or set the run's
+# length (max_steps, n_updates, epochs), which stretches or shortens the learning-rate schedule from the step reached.
 MAY_CHANGE = frozenset({"resume", "out_dir", "max_steps", "n_updates", "epochs", "log_interval", "ckpt_interval",
                         "eval_interval", "n_eval", "eval_max_new_tokens", "device", "compile",
                         "activation_checkpointing", "fused_head", "micro_batch_size", "rows_per_forward", "cache_dir",
