@@ -42,8 +42,8 @@ from nanoalign.logger import Logger
 from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
 from nanoalign.sampling import logps_code_version, summed_logps
 from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
-                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
-                                world_size, wrap_model)
+                                make_optimizer, micro_batch, optimizer_step, resume, run_inputs, save_resumable, setup,
+                                teardown, world_size, wrap_model)
 from nanoalign.tokenizer import render_prompt
 
 
@@ -159,8 +159,10 @@ def main(cfg: Config) -> dict:
     # 1. processes, seeds, preference pairs
     proc = setup(cfg.seed, cfg.device, cfg.dtype, cfg.allow_slow_dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
-    claim_out_dir(out_dir, proc)  # one run per out_dir
+    claim_out_dir(cfg, proc)  # one run per out_dir
     pairs_path = data_dir / cfg.pairs_file
+    # a resumed run must be this run; the sampling flags only shape the evaluation, so they may change
+    run_inputs(cfg, proc, data=[pairs_path], may_change=("max_new_tokens", "temperature"))
     records = read_jsonl(pairs_path)  # schema detected: pairs, or HH text read as pairs
     if "chosen" not in records[0]:
         raise ValueError(f"{records[0]['where']}: expected preference pairs (prompt, chosen, rejected) or HH text")

@@ -50,8 +50,8 @@ from nanoalign.rollout import (all_sum, deal_minibatches, global_mean, global_to
                                row_generators)
 from nanoalign.sampling import join, reward_scores, sample, scored_forward, token_values
 from nanoalign.scaffold import (claim_out_dir, curve_point_due, gathered, global_backward, make_optimizer,
-                                optimizer_step, resume, save_final, save_resumable, setup, teardown, world_size,
-                                wrap_model)
+                                optimizer_step, resume, run_inputs, save_final, save_resumable, setup, teardown,
+                                world_size, wrap_model)
 
 @dataclass
 class Config:
@@ -295,7 +295,8 @@ def main(cfg: Config) -> dict:
     # 0. the config; processes and models
     check_rollout(cfg, world_size())
     proc = setup(cfg.seed, cfg.device, cfg.dtype, cfg.allow_slow_dtype)
-    claim_out_dir(cfg.out_dir, proc)  # one run per out_dir
+    claim_out_dir(cfg, proc)  # one run per out_dir
+    run_inputs(cfg, proc, data=[f"{cfg.data_dir}/prompts.jsonl"])  # a resumed run must be this run
     policy, tok, reference, reward, critic = load_models(cfg, proc)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, eps=cfg.adam_eps)
     critic_opt = make_optimizer(critic, cfg.critic_lr, 0.0, eps=cfg.adam_eps) if critic is not None else None

@@ -43,8 +43,8 @@ from nanoalign.losses import (best_of_k_loss, kwise_ranking_loss, plackett_luce_
 from nanoalign.model import GPT
 from nanoalign.sampling import group_rewards, join, reward_scores
 from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_backward, global_sum, lr_at,
-                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
-                                world_size, wrap_model)
+                                make_optimizer, micro_batch, optimizer_step, resume, run_inputs, save_resumable, setup,
+                                teardown, world_size, wrap_model)
 
 
 @dataclass
@@ -143,9 +143,13 @@ def main(cfg: Config) -> dict:
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
     proc = setup(cfg.seed, cfg.device, cfg.dtype, cfg.allow_slow_dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
-    claim_out_dir(out_dir, proc)  # one run per out_dir
-    ensure_world(data_dir, "prefs.jsonl", cfg.seed, proc)
-    train = read_jsonl(data_dir / (cfg.pairs_file if cfg.data == "pairs" else "prefs.jsonl"), cfg.data)
+    claim_out_dir(cfg, proc)  # one run per out_dir
+    needed = cfg.pairs_file if cfg.data == "pairs" else "prefs.jsonl"
+    ensure_world(data_dir, needed, cfg.seed, proc)
+    train_file = data_dir / needed
+    # a resumed run must be this run; the normalisation's samples come after training, so they may change
+    run_inputs(cfg, proc, data=[train_file], may_change=("n_norm", "max_new_tokens", "temperature"))
+    train = read_jsonl(train_file, cfg.data)
     if cfg.data == "pairs" and cfg.soft_labels:
         require_soft_labels(train)
     test = read_jsonl(data_dir / "prefs_test.jsonl", "prefs")
@@ -227,8 +231,8 @@ def main(cfg: Config) -> dict:
                           if k != "reliability"})
 
         # 6c. the checkpoint carries the normalisation; consumers load it with load_reward_model
-        meta = {"model": asdict(model.config), "kind": "reward_model", "run": asdict(cfg), "step": max_steps,
-                "finished": True, "metrics": result, "reward_norm": {"gain": gain, "bias": bias}}
+        meta = {"model": asdict(model.config), "kind": "reward_model", "run": asdict(cfg), "data_sha256": proc.data,
+                "step": max_steps, "finished": True, "metrics": result, "reward_norm": {"gain": gain, "bias": bias}}
         write_checkpoint(out_dir, model_state, meta, tok)
         write_json(out_dir / "eval.json", result)
     teardown()

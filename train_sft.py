@@ -27,8 +27,8 @@ from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
 from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
-                                make_optimizer, micro_batch, optimizer_step, resume, save_resumable, setup, teardown,
-                                world_size, wrap_model)
+                                make_optimizer, micro_batch, optimizer_step, resume, run_inputs, save_resumable, setup,
+                                teardown, world_size, wrap_model)
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -105,8 +105,10 @@ def main(cfg: Config) -> dict:
     # 1. processes, seeds, data (the helpdesk world is generated on first use)
     proc = setup(cfg.seed, cfg.device, cfg.dtype, cfg.allow_slow_dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
-    claim_out_dir(out_dir, proc)  # one run per out_dir
+    claim_out_dir(cfg, proc)  # one run per out_dir
     ensure_world(data_dir, "sft.jsonl", cfg.seed, proc)
+    # a resumed run must be this run; the sampling flags only shape the evaluation, so they may change
+    run_inputs(cfg, proc, data=[data_dir / "sft.jsonl"], may_change=("max_new_tokens", "temperature"))
     train = read_jsonl(data_dir / "sft.jsonl", "sft")
 
     # 2. tokenizer and model: resumed, chained from --init_from, or new

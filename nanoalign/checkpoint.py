@@ -2,25 +2,32 @@
 
     out_dir/model.safetensors   weights in fp32 for any --dtype (bf16 widens exactly); the tied lm_head dropped
                                 (safetensors refuses shared memory)
-    out_dir/config.json         {"model": GPTConfig, "kind", "run": run config, "tokenizer_hash", "step",
-                                "metrics"}, reward models also {"reward_norm": {"gain", "bias"}}
+    out_dir/config.json         {"model": GPTConfig, "kind", "run": run config, "data_sha256": [[data file,
+                                sha256], ...], "tokenizer_hash", "step", "metrics", "children"}, reward models also
+                                {"reward_norm": {"gain", "bias"}}
     out_dir/tokenizer.json      the tokenizer the weights were trained with
     out_dir/resume.safetensors  optimizer moments and RNG state (resume only; later stages ignore it)
-    out_dir/critic/             PPO's separate critic: a checkpoint of its own, written in the same commit
+    out_dir/critic/             PPO's separate critic: a checkpoint of its own, written in the same commit; the
+                                parent's config.json lists its children ("children"), the only subfolders it owns
 
 A checkpoint is written to `out_dir/.next`, marked complete, then committed file by file with `os.replace`, so
 that after a kill at any moment the next reader finds one complete checkpoint: the previous one, or the new one
-once `recover` has finished the commit. Each checkpoint records its kind (KINDS), and loaders refuse the wrong
-one: a reward model is not a policy. A missing or damaged file is an error naming it. Caches of computed tensors
-(DPO's reference log-probs) are safetensors files named by `content_hash` of their inputs, written to a temp
-file and renamed.
+once `recover` has finished the commit; a reader beside a live writer gets the files of one of them, never of
+both (`settled_read`). A commit replaces or deletes only the files a checkpoint holds (FILES) and the children
+its predecessor listed: anything else in out_dir (an HF export, another run) stays. The files of a whole run
+(RUN_FILES: the checkpoint, log.jsonl, eval.json) are moved aside together by the next run (`move_aside`).
+Each checkpoint records its kind (KINDS), and loaders refuse the wrong one: a reward model is not a policy. A
+missing or damaged file is an error naming it. Caches of computed tensors (DPO's reference log-probs) are
+safetensors files named by `content_hash` of their inputs, written to a temp file and renamed.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -58,7 +65,7 @@ def write_checkpoint(out_dir, model_state: dict, meta: dict, tokenizer: Tokenize
     out_dir.mkdir(parents=True, exist_ok=True)
     recover(out_dir)
     nxt = out_dir / NEXT
-    _write_files(nxt, model_state, meta, tokenizer, resume_state)
+    _write_files(nxt, model_state, {**meta, "children": sorted(children or {})}, tokenizer, resume_state)
     for name, (child_state, child_meta, child_resume) in (children or {}).items():
         _write_files(nxt / name, child_state, child_meta, tokenizer, child_resume)
     new = {p.name for p in nxt.iterdir()}
@@ -87,6 +94,26 @@ def hold_lock(out_dir, master: bool = True) -> None:
     path = _lock_path(out_dir)
     if not master or str(path) in _LOCKS:
         return
+    _LOCKS[str(path)] = _take_lock(out_dir)
+
+
+@contextlib.contextmanager
+def locked(out_dir):
+    """out_dir's lock, as `hold_lock` takes it, for the length of a block (the report clearing a stage's folder
+    before it reruns it): the same error while a live run holds it, so a live run's files are never touched."""
+    path = _lock_path(out_dir)
+    if str(path) in _LOCKS:
+        yield
+        return
+    f = _take_lock(out_dir)
+    try:
+        yield
+    finally:
+        f.close()  # closing the file drops the flock
+
+
+def _take_lock(out_dir):
+    path = _lock_path(out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
     try:
@@ -101,14 +128,14 @@ def hold_lock(out_dir, master: bool = True) -> None:
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _LOCKS[str(path)] = f
+    return f
 
 
 def _lock_path(out_dir) -> Path:
     return Path(f"{Path(out_dir).resolve()}.lock")
 
 
-def _written_by_another(out_dir) -> bool:
+def in_use(out_dir) -> bool:
     """Whether another live process holds out_dir's lock (a run that may be writing a checkpoint there now)."""
     path = _lock_path(out_dir)
     if str(path) in _LOCKS or not path.exists():
@@ -127,7 +154,7 @@ def recover(out_dir) -> None:
     incomplete one deleted; a replaced child left aside is deleted. Nothing is touched while another live run
     holds out_dir's lock: its write may be in progress (its checkpoint is complete while .next is incomplete)."""
     out_dir = Path(out_dir)
-    if _written_by_another(out_dir):
+    if in_use(out_dir):
         return
     nxt = out_dir / NEXT
     if (nxt / COMPLETE).exists():
@@ -161,9 +188,54 @@ def _commit(out_dir: Path) -> None:
 
 
 def _children(out_dir: Path) -> list[str]:
-    """The child checkpoints (subdirectories with a config.json) of the checkpoint in out_dir."""
-    return [p.name for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-            and (p / "config.json").exists()] if out_dir.exists() else []
+    """The child checkpoints of the checkpoint in out_dir: those its config.json lists (none when it has no readable
+    config.json). A subfolder is never taken for a child because it looks like a checkpoint: it may be another run."""
+    try:
+        children = json.loads((out_dir / "config.json").read_text()).get("children", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name for name in children if isinstance(name, str) and name and "/" not in name
+            and not name.startswith(".")]
+
+
+RUN_FILES = (*FILES, "log.jsonl", "eval.json", "best_of_n.json")  # a run's files in its out_dir, besides children
+PREV = ".prev-"  # out_dir/.prev-N: a previous run's files, moved aside whole by a new run (`move_aside`)
+
+
+def run_entries(out_dir) -> list[str]:
+    """The entries of out_dir that belong to the run there: those of RUN_FILES it holds and its checkpoint's
+    children. Empty for a folder that holds no run."""
+    out_dir = Path(out_dir)
+    return [name for name in (*RUN_FILES, *_children(out_dir)) if (out_dir / name).exists()]
+
+
+def foreign_runs(out_dir) -> list[Path]:
+    """The subfolders of out_dir that hold a checkpoint or a run's files (a config.json, model.safetensors,
+    log.jsonl or eval.json) and are not children of out_dir's checkpoint: other runs, or an export, that a run
+    writing into out_dir must not take for its own."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    owned = set(_children(out_dir))
+    return sorted(p for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in owned
+                  and any((p / name).exists() for name in ("config.json", "model.safetensors", "log.jsonl",
+                                                            "eval.json")))
+
+
+def move_aside(out_dir) -> Path | None:
+    """Move the run in out_dir (`run_entries`) into out_dir/.prev-N, N one above the highest there, so that a new run
+    starts in a folder of its own and nothing of the previous one is lost -> that folder, or None when out_dir
+    held no run. Entries are renamed within out_dir (out_dir may be a mount point); other files stay."""
+    out_dir = Path(out_dir)
+    entries = run_entries(out_dir)
+    if not entries:
+        return None
+    taken = [int(p.name[len(PREV):]) for p in out_dir.glob(f"{PREV}*") if p.name[len(PREV):].isdigit()]
+    aside = out_dir / f"{PREV}{max(taken, default=0) + 1}"
+    aside.mkdir()
+    for name in entries:
+        os.replace(out_dir / name, aside / name)
+    return aside
 
 
 def _fault(point: str) -> None:
@@ -207,6 +279,44 @@ def check_kind(path, meta: dict, kinds: tuple) -> None:
                          f"is expected")
 
 
+def settled_read(path, read, wait_s: float = 60.0):
+    """read() of the checkpoint in `path`, all of its files from one checkpoint although another live run may commit a
+    new one there meanwhile: a commit moves config.json first and is marked complete before it starts, so the
+    read (or the error it raised, a mix of two checkpoints' files) is repeated until config.json is the same file
+    before and after it with no commit marked; while a live run's commit is in progress it waits (up to wait_s,
+    then an error naming the folder)."""
+    path, deadline = Path(path), time.monotonic() + wait_s
+    while True:
+        before = _stamp(path)
+        if before is not None:
+            try:
+                result = read()
+            except Exception:
+                if _stamp(path) == before:  # an error of the checkpoint itself, not of a mix
+                    raise
+            else:
+                if _stamp(path) == before:
+                    return result
+        else:
+            recover(path)  # finishes the commit if its writer has died meanwhile; a live writer's is left alone
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: another run kept committing checkpoints there for {wait_s:.0f} s while "
+                               f"this one read it; read it again when that run is done")
+        time.sleep(0.05)
+
+
+def _stamp(path: Path):
+    """None while a commit is marked in path (a live writer's, `recover` having finished a dead one's); else the
+    identity of config.json (inode, modification time, size), which every commit replaces."""
+    if (path / NEXT / COMPLETE).exists():
+        return None
+    try:
+        st = (path / "config.json").stat()
+    except FileNotFoundError:
+        return ()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def read_resume_state(path) -> tuple[dict, dict]:
     """Inverse of the resume part of `write_checkpoint`: (optimizer state dict, RNG tensors)."""
     path = Path(path)
@@ -224,20 +334,24 @@ def load_model(path, tokenizer: Tokenizer | None = None, scalar_head: bool | Non
     `GPT.from_pretrained` (True turns an SFT model into a reward model; None keeps what is stored)."""
     path = Path(path)
     recover(path)
-    check_kind(path, read_meta(path), kinds)
-    tokenizer = tokenizer or Tokenizer.load(path)
-    check_tokenizer_hash(tokenizer, path)
-    model = GPT.from_pretrained(path, scalar_head=scalar_head)
-    model.resize_vocab(len(tokenizer))
-    return model, tokenizer
+
+    def read():
+        check_kind(path, read_meta(path), kinds)
+        tok = tokenizer or Tokenizer.load(path)
+        check_tokenizer_hash(tok, path)
+        model = GPT.from_pretrained(path, scalar_head=scalar_head)
+        model.resize_vocab(len(tok))
+        return model, tok
+
+    return settled_read(path, read)
 
 
 def load_reward_model(path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer, float, float]:
     """A reward model written by train_rm.py -> (model, tokenizer, gain, bias). Consumers score with
     `nanoalign.sampling.reward_scores(model, ..., gain, bias)` so that SFT samples score mean 0, std 1
     (Ziegler et al. 2019 §2)."""
-    model, tokenizer = load_model(path, tokenizer, scalar_head=True, kinds=("reward_model",))  # recovers, checks
-    meta = read_meta(path)
+    (model, tokenizer), meta = settled_read(path, lambda: (  # load_model recovers and checks
+        load_model(path, tokenizer, scalar_head=True, kinds=("reward_model",)), read_meta(path)))
     if "reward_norm" not in meta:
         raise ValueError(f"{path}/config.json: missing field 'reward_norm'; expected a reward model from train_rm.py")
     return model, tokenizer, meta["reward_norm"]["gain"], meta["reward_norm"]["bias"]

@@ -303,9 +303,19 @@ def write_world(data_dir, seed: int = 0, n_train: int = 4000, n_test: int = 200)
 
 
 def ensure_world(data_dir, needed: str, seed: int, proc) -> None:
-    """Write the helpdesk world into data_dir if `needed` (a file name) is missing: rank 0 writes, all wait."""
-    if not (Path(data_dir) / needed).exists():
-        if proc.master:
-            write_world(data_dir, seed=seed)
-        if proc.world > 1:
-            dist.barrier()
+    """Write the helpdesk world into data_dir if `needed` (a file name) is missing there and data_dir is missing or
+    empty: rank 0 writes, all wait. A folder that holds other files is someone's own data, never written over: it
+    is refused with one error (the world holds every file a script reads, so a folder with all of them never gets
+    here)."""
+    path = Path(data_dir)
+    if (path / needed).exists():
+        return
+    if proc.master:
+        held = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
+        if held:
+            raise SystemExit(f"--data_dir={data_dir}: no {needed}, and the folder holds other files "
+                             f"({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}): the helpdesk world is "
+                             f"written only into a missing or empty folder; add {needed} or choose another --data_dir")
+        write_world(data_dir, seed=seed)
+    if proc.world > 1:
+        dist.barrier()

@@ -339,10 +339,17 @@ def main(cfg: Config) -> dict:
     if cfg.best_of_n and (cfg.best_of_n & (cfg.best_of_n - 1) or not cfg.reward_model or cfg.select >= cfg.best_of_n):
         raise SystemExit(f"--best_of_n={cfg.best_of_n} needs a power of 2, --reward_model, and --select below it "
                          f"(got --select={cfg.select}, --reward_model={cfg.reward_model!r})")
+    for flag in ("reference", "reward_model"):  # their eval.json is their own run's result
+        if getattr(cfg, flag) and Path(getattr(cfg, flag)).resolve() == Path(cfg.out or cfg.checkpoint).resolve():
+            raise SystemExit(f"--out={cfg.out or cfg.checkpoint} is --{flag}={getattr(cfg, flag)}: evaluate writes "
+                             f"into the evaluated checkpoint or --out, never into a model it compares with")
     dtype = run_dtype(cfg.dtype, torch.device("cpu"), allow_slow=cfg.allow_slow_dtype)
     model, tok = load_model(cfg.checkpoint)  # a policy: a reward model or critic is refused here
     model = model.to(dtype)
     reference = load_model(cfg.reference, tok)[0].to(dtype).eval() if cfg.reference else None
+    if cfg.best_of_n > 0:  # read (and its tokenizer checked against the policy's) before anything is written
+        rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
+        rm = rm.to(dtype)
     out = Path(cfg.out or cfg.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     metrics, prompts, answers = evaluate_policy(model, tok, cfg.data_dir, cfg.n, cfg.max_new_tokens,
@@ -352,8 +359,6 @@ def main(cfg: Config) -> dict:
     write_json(out / "eval.json", metrics)
     print(json.dumps(metrics, indent=2))
     if cfg.best_of_n > 0:
-        rm, _, gain, bias = load_reward_model(cfg.reward_model, tok)
-        rm = rm.to(dtype)
         rows, selected = best_of_n(model, tok, rm, gain, bias, prompts[:cfg.n_bon], cfg.best_of_n,
                                    cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.select)
         print(f"{'N':>4} {'KL':>6} {'proxy':>7} {'gold':>7}")

@@ -9,6 +9,7 @@ changed files, changed code, or an input that was rerun.
 """
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoalign.checkpoint import in_use, locked, move_aside, run_entries
 from nanoalign.evaluate import write_json
 from nanoalign.scaffold import die_with_parent
 
@@ -262,6 +264,26 @@ def schedule(work: dict, needs: dict, jobs: int, running: dict | None = None) ->
     return clock
 
 
+def clear_stage(name: str, record: dict | None, cfg: Config) -> None:
+    """Before a stage runs again, its previous run leaves out/<stage>: deleted when the report made it and none of
+    its files changed since (the report wrote every one of them), else moved aside whole (`checkpoint.move_aside`):
+    a run made by hand, a partial one or one with an edited file is kept. Either way the report never reads a
+    stale result, and a folder never mixes two runs."""
+    where = Path(cfg.out_root) / name
+    if record is not None and "outputs" in record and output_digests(name, cfg) == record["outputs"]:
+        for entry in map(where.joinpath, run_entries(where)):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    elif aside := move_aside(where):
+        print(f"[report] {name}: the previous run in {where} moved aside to {aside}")
+
+
+def stage_dirs(name: str, cfg: Config) -> list[Path]:
+    """The run folders a stage writes (its own, and those under out_root it rebuilds: the feedback model): each
+    one's lock is checked before the report touches anything in it."""
+    return [Path(cfg.out_root) / name, *(Path(p.format(out=cfg.out_root)) for p in STAGES[name].rebuilds
+                                         if p.startswith("{out}/"))]
+
+
 def run_pipeline(cfg: Config) -> dict:
     """Run (or reuse) every selected stage, up to `cfg.jobs` side by side as soon as the stages they read are
     done -> the manifest {stage: record} of the current runs. Each run's output goes to out/report/logs/."""
@@ -289,6 +311,10 @@ def run_pipeline(cfg: Config) -> dict:
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} if cfg.jobs > 1 else None
     done = {name: manifest[name] for name, (_, reason) in steps.items() if reason is None}
     todo = [name for name in names if name not in done]
+    busy = [str(d) for name in todo for d in stage_dirs(name, cfg) if in_use(d)]
+    if busy:  # a live run's files are left alone: refused before any stage starts
+        raise SystemExit(f"[report] in use by another run: {', '.join(busy)}; wait for it to finish, then run the "
+                         f"report again")
     running, work, failed, t_start = {}, {}, [], time.time()
     t_poll = t_start
     while todo or running:
@@ -297,10 +323,16 @@ def run_pipeline(cfg: Config) -> dict:
             todo.remove(name)
             key = steps[name][0]
             key["inputs"] = {need: outputs_digest(done[need]) for need in STAGES[name].needs}
-            for stale in (STAGES[name].result, "eval.json", "best_of_n.json", "log.jsonl"):
-                (Path(cfg.out_root) / name / stale).unlink(missing_ok=True)
-            for old in STAGES[name].rebuilds:
-                shutil.rmtree(old.format(out=cfg.out_root, data=cfg.data_dir), ignore_errors=True)
+            try:
+                with contextlib.ExitStack() as held:  # each folder's lock first: a live run there is refused
+                    for d in stage_dirs(name, cfg):
+                        held.enter_context(locked(d))
+                    clear_stage(name, manifest.get(name), cfg)
+                    for old in STAGES[name].rebuilds:
+                        shutil.rmtree(old.format(out=cfg.out_root, data=cfg.data_dir), ignore_errors=True)
+            except SystemExit as e:
+                failed.append(f"[report] stage {name} not run: {e}")
+                continue
             manifest[name] = {"running": True}  # a kill from here on leaves a run the next call calls partial
             save()
             argv = command(name, cfg)

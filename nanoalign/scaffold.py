@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import hashlib
 import math
 import os
 import signal
@@ -25,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from nanoalign.checkpoint import hold_lock, read_meta, read_resume_state, recover, write_checkpoint
+from nanoalign.checkpoint import foreign_runs, hold_lock, read_meta, read_resume_state, recover, write_checkpoint
 from nanoalign.evaluate import curve_point
 from nanoalign.precision import LossScaler, loss_scaler, prepare, run_dtype
 
@@ -65,6 +66,7 @@ class Process:
     device: torch.device
     dtype: torch.dtype = torch.float32  # of the run's forwards, --dtype (nanoalign.precision)
     scaler: LossScaler | None = None  # fp16's loss scaler
+    data: list = dataclasses.field(default_factory=list)  # [path, sha256] of each data file trained on (run_inputs)
 
     @property
     def master(self) -> bool:
@@ -129,15 +131,95 @@ def die_with_parent():
     return arm
 
 
-def claim_out_dir(out_dir, proc: Process) -> None:
-    """One run per out_dir: rank 0 takes its lock for the run's life (`checkpoint.hold_lock`) and finishes or undoes
-    a checkpoint write that a killed run left (`checkpoint.recover`); the other ranks wait, so none reads out_dir
-    before that."""
+READS = ("init_from", "reward_model")  # flags naming checkpoints a run reads (DPO's reference is its --init_from)
+# Flags a resumed run may change: they leave the arithmetic of the training steps as it was (logging, checkpoint and
+# evaluation cadence, where and how fast it computes, the split of a batch into micro-batches), or set the run's
+# length (max_steps, n_updates, epochs), which stretches or shortens the learning-rate schedule from the step reached.
+MAY_CHANGE = frozenset({"resume", "out_dir", "max_steps", "n_updates", "epochs", "log_interval", "ckpt_interval",
+                        "eval_interval", "n_eval", "eval_max_new_tokens", "device", "compile",
+                        "activation_checkpointing", "fused_head", "micro_batch_size", "rows_per_forward", "cache_dir",
+                        "ref_cache", "allow_slow_dtype"})
+
+
+def claim_out_dir(cfg, proc: Process) -> None:
+    """An out_dir holds one run. Before anything is written, `check_out_dir` refuses an out_dir that holds other
+    runs or overlaps what the run reads; then rank 0 takes the lock for the run's life (`checkpoint.hold_lock`)
+    and finishes or undoes a checkpoint write that a killed run left (`checkpoint.recover`). A previous run's files
+    are moved aside by the run's first write, its log (`nanoalign.logger`). The other ranks wait, so none reads
+    out_dir before that."""
     if proc.master:
-        hold_lock(out_dir)
-        recover(out_dir)
+        check_out_dir(cfg)
+        hold_lock(cfg.out_dir)
+        recover(cfg.out_dir)
     if proc.world > 1:
         dist.barrier()
+
+
+def run_inputs(cfg, proc: Process, data=(), may_change=()) -> None:
+    """Hash the `data` files the run trains on, once they exist (every checkpoint records them); on resume, the run
+    in out_dir must be this one (`check_resume`, `may_change` adding the script's own flags to MAY_CHANGE)."""
+    if proc.master:
+        proc.data = [[str(path), sha256(path)] for path in data]
+        if cfg.resume:
+            check_resume(cfg, proc.data, MAY_CHANGE | set(may_change))
+
+
+def check_out_dir(cfg) -> None:
+    """Refuse, with one error naming the flags, an out_dir that is, lies inside or holds a checkpoint the run reads
+    (READS), that is its --data_dir, or that holds other runs' folders (`checkpoint.foreign_runs`: --out_dir=out
+    where out/sft was meant)."""
+    out = Path(cfg.out_dir).resolve()
+    for flag in READS:
+        value = getattr(cfg, flag, "")
+        if not value:
+            continue
+        read = Path(value).resolve()
+        if read == out or read in out.parents:
+            where = "is" if read == out else "is inside"
+            raise SystemExit(f"--out_dir={cfg.out_dir} {where} --{flag}={value}: a run never writes into a "
+                             f"checkpoint it reads; choose another --out_dir")
+        if out in read.parents:
+            raise SystemExit(f"--{flag}={value} is inside --out_dir={cfg.out_dir}: a run's folder holds that run "
+                             f"alone; choose another --out_dir")
+    if getattr(cfg, "data_dir", "") and Path(cfg.data_dir).resolve() == out:
+        raise SystemExit(f"--out_dir={cfg.out_dir} is --data_dir={cfg.data_dir}: choose another --out_dir")
+    others = foreign_runs(out)
+    if others:
+        raise SystemExit(f"--out_dir={cfg.out_dir} holds other runs or checkpoints ({', '.join(p.name for p in others)}"
+                         f"): a run's folder holds that run alone; choose a folder of its own (e.g. a new subfolder)")
+
+
+def check_resume(cfg, data: list, may_change=MAY_CHANGE) -> None:
+    """--resume=True continues the run in cfg.out_dir: every flag outside `may_change` must equal the value its
+    checkpoint records, and each data file its sha256 there; the differences are refused in one line. A missing
+    resume state is refused here too, before anything is removed."""
+    out_dir = Path(cfg.out_dir)
+    require_resume_state(out_dir)
+    meta = read_meta(out_dir)
+    run, now = meta.get("run", {}), dataclasses.asdict(cfg)
+    differ = [f"--{k}={now[k]} (was {run[k]})" for k in now if k in run and k not in may_change and now[k] != run[k]]
+    for (path, digest), (_, was) in zip(data, meta.get("data_sha256", [])):
+        if digest != was:
+            differ.append(f"{path} (sha256 {(digest or 'missing')[:12]}, was {(was or 'missing')[:12]})")
+    if differ:
+        raise SystemExit(f"--resume=True: these differ from the run in {out_dir}: {', '.join(differ)}")
+
+
+def require_resume_state(out_dir) -> None:
+    if not (Path(out_dir) / "resume.safetensors").exists():
+        raise FileNotFoundError(f"{out_dir}/resume.safetensors: missing; --resume=True continues from a checkpoint "
+                                "written during training (a finished reward model or PPO policy has none)")
+
+
+def sha256(path) -> str | None:
+    """The sha256 of a file's bytes, read in 1 MiB blocks; None for a missing file (its reader names it)."""
+    if not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def teardown() -> None:
@@ -362,7 +444,8 @@ def save_resumable(out_dir, model, optimizer, tok, proc: Process, cfg, step: int
     critics, are written as resumable checkpoints in out_dir/name in the same commit (`resume(out_dir/name, ...)`
     reads one). config.json's "finished" says whether this is the run's last step (`finished`): a reader that
     wants a trained model (`rlaif`'s feedback model) refuses an interrupted training by it."""
-    rng, run = {"torch": torch.get_rng_state()}, {"run": dataclasses.asdict(cfg), "step": step, "finished": finished}
+    rng = {"torch": torch.get_rng_state()}
+    run = {"run": dataclasses.asdict(cfg), "data_sha256": proc.data, "step": step, "finished": finished}
     kids = {}
     for name, (child, child_optimizer) in (children or {}).items():  # every rank gathers, rank 0 writes
         child_state, child_optim_state = full_state(child, child_optimizer)
@@ -383,16 +466,14 @@ def save_final(out_dir, model, tok, proc: Process, meta: dict, children: dict | 
     kids = {name: (full_state(child), {**meta, "model": dataclasses.asdict(child.config), "kind": "critic"}, None)
             for name, child in (children or {}).items()}
     if proc.master:
-        write_checkpoint(out_dir, state, meta, tok, children=kids or None)
+        write_checkpoint(out_dir, state, {"data_sha256": proc.data, **meta}, tok, children=kids or None)
 
 
 def resume(out_dir, model, optimizer) -> int:
     """Restore the optimizer moments and the RNG state written by `save_resumable`; returns the step. A checkpoint
     write that a kill interrupted is first finished or undone (`recover`)."""
     recover(out_dir)
-    if not (Path(out_dir) / "resume.safetensors").exists():
-        raise FileNotFoundError(f"{out_dir}/resume.safetensors: missing; --resume=True continues from a checkpoint "
-                                "written during training (a finished reward model or PPO policy has none)")
+    require_resume_state(out_dir)
     optim_state, rng = read_resume_state(out_dir)
     load_optimizer_state(model, optimizer, optim_state)
     torch.set_rng_state(rng["torch"])
