@@ -9,6 +9,8 @@ import pytest
 from conftest import REPO
 from nanoalign.precision import SLOW, half_slowdown
 
+pytestmark = pytest.mark.slow  # the benchmarks, each a subprocess: the full suite only
+
 
 def run_bench(script, tmp_path, *args) -> dict:
     out = tmp_path / "out.json"

@@ -3,12 +3,15 @@ logits, log-probs, gradients and samples."""
 
 import copy
 
+import pytest
 import torch
 
 from nanoalign.logprobs import token_logps
 from nanoalign.model import GPT, GPTConfig, KVCache
 from nanoalign.sampling import decode_step, model_logps, sample, static_decoder
 from nanoalign.scaffold import Process, wrap_model
+
+pytestmark = pytest.mark.slow  # torch.compile of every block: the full suite only
 
 CPU = Process(0, 1, torch.device("cpu"))
 

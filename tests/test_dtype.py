@@ -36,6 +36,8 @@ from nanoalign import precision
 from nanoalign.precision import LossScaler, run_dtype
 from nanoalign.scaffold import Process, make_optimizer, optimizer_step, setup, wrap_model
 
+pytestmark = pytest.mark.slow  # whole bf16 and fp32 runs of each script: the full suite only
+
 LOSS_RTOL, MOVE_RTOL = 0.02, 0.2
 BF16 = dict(dtype="bf16", allow_slow_dtype=True)  # tiny models: seconds where bf16 is emulated, as on AVX2-only CPUs
 

@@ -14,6 +14,8 @@ from nanoalign import helpdesk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import frontier  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a reproduction, --quick: the full suite only
+
 
 def test_labels_by_hand():
     gold = torch.tensor([[0.5, 0.2], [0.1, 0.1], [0.0, 0.3]], dtype=torch.float64)

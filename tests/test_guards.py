@@ -31,6 +31,8 @@ from nanoalign.model import GPT, GPTConfig
 from nanoalign.scaffold import DIVERGENCE, optimizer_step
 from nanoalign.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # whole runs with faults injected: the full suite only
+
 
 def sft(tiny_run, out, **kw):
     base = dict(data_dir=str(tiny_run / "data"), out_dir=str(out), init_from=str(tiny_run / "init"), batch_size=8,

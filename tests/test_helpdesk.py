@@ -355,6 +355,7 @@ def test_write_world_is_deterministic_and_splits_are_disjoint(tmp_path):
     assert len(test) == 60 and not train & set(test)
 
 
+@pytest.mark.slow  # the default world (4000 prompts), written once
 def test_file_schemas(world):
     for split, n in (("", 4000), ("_test", 200)):
         sft = read_jsonl(world / f"sft{split}.jsonl")
@@ -376,6 +377,7 @@ def test_file_schemas(world):
             assert len({(p["chosen"], p["rejected"]) for p in six}) == 6
 
 
+@pytest.mark.slow  # the default world (4000 prompts), written once
 def test_demonstration_failure_rates(world):
     sft = read_jsonl(world / "sft.jsonl")
     rates = gold_judge.judge_many([r["prompt"] for r in sft], [r["completion"] for r in sft])["failures"]
@@ -384,6 +386,7 @@ def test_demonstration_failure_rates(world):
         assert abs(rates[failure] - target) < 4 * math.sqrt(target * (1 - target) / n), (failure, rates[failure], n)
 
 
+@pytest.mark.slow  # the default world (4000 prompts), written once
 def test_candidates_show_every_failure_to_the_reward_model(world):
     for row in read_jsonl(world / "prefs.jsonl"):
         verdicts = [gold_judge.judge(row["prompt"], r) for r in row["responses"]]
@@ -392,6 +395,7 @@ def test_candidates_show_every_failure_to_the_reward_model(world):
         assert any(v["principles"]["helpful"] == 1.0 for v in verdicts)  # and a correct answer
 
 
+@pytest.mark.slow  # the default world (4000 prompts), written once
 def test_demonstrations_leave_room_between_worst_and_best(world):
     sft = read_jsonl(world / "sft.jsonl")
     prefs = read_jsonl(world / "prefs.jsonl")
@@ -401,6 +405,7 @@ def test_demonstrations_leave_room_between_worst_and_best(world):
     assert worst + 0.3 < demo_gold < best - 0.05, (worst, demo_gold, best)
 
 
+@pytest.mark.slow  # the default world (4000 prompts), written once
 def test_labels_agree_with_gold_at_the_bayes_ceiling(world):
     """Realised agreement of the noisy labels with the gold order ~ A* (ties count 1/2), and A* ~ 0.8 (KAPPA)."""
     agree, gold_pairs = 0.0, []

@@ -28,6 +28,8 @@ from nanoalign.model import GPT, GPTConfig
 from nanoalign.scaffold import sha256
 from nanoalign.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # whole runs into shared folders: the full suite only
+
 
 def sft(tiny_run, out, **kw):
     base = dict(data_dir=str(tiny_run / "data"), out_dir=str(out), init_from=str(tiny_run / "init"), batch_size=8,

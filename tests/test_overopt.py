@@ -16,6 +16,8 @@ from nanoalign.losses import best_of_n_kl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import overopt  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a reproduction, --quick: the full suite only
+
 NS = [1, 2, 4, 8, 16, 32, 64]
 
 

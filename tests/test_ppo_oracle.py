@@ -15,6 +15,8 @@ import train_ppo
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.scaffold import Process, make_optimizer
 
+pytestmark = pytest.mark.slow  # hundreds of PPO updates to the analytic optimum: the full suite only
+
 CTX = Process(0, 1, torch.device("cpu"))
 REWARD = torch.tensor([0.2, -0.4, 1.0, 0.5, 0.0, -0.5], dtype=torch.float64)  # r(y) for the 6 tokens
 PROMPT = 3

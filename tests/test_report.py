@@ -13,6 +13,8 @@ from nanoalign.data import write_world
 from nanoalign.evaluate import gao_fit
 from nanoalign.pipeline import Config, STAGES
 
+pytestmark = pytest.mark.slow  # the report's pipeline on tiny models: the full suite only
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):

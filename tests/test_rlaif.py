@@ -17,6 +17,8 @@ from nanoalign.data import read_jsonl
 from nanoalign.evaluate import calibration
 from nanoalign.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # RLAIF passes end to end: the full suite only
+
 
 def test_the_packaged_constitution():
     principles = constitution.read_constitution()

@@ -17,6 +17,8 @@ from nanoalign.data import read_jsonl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import rlaif_labels  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a reproduction, --quick: the full suite only
+
 
 def test_each_arm_reads_its_labels_from_the_preferences():
     p_ab = torch.tensor([[0.9, 0.2, 0.6], [0.3, 0.5, 0.8]], dtype=torch.float64)  # [n = 2 pairs, M = 3]

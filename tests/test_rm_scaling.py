@@ -12,6 +12,8 @@ from nanoalign.data import read_jsonl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import rm_scaling  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a reproduction, --quick: the full suite only
+
 
 def test_a_rankings_pairs_better_answer_first():
     ranking = {"prompt": "p", "responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1]}

@@ -94,6 +94,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and rusage page faults")
+@pytest.mark.slow  # counts page faults over many steps
 def test_keep_cpu_heap_reuses_freed_memory_without_page_faults():
     """Memory freed at the end of a step comes back from the heap in the next, not as fresh zero-filled pages
     (4096 page faults per 16 MB): glibc's default trims the heap top, or maps each large block anew."""

@@ -18,6 +18,8 @@ from nanoalign.evaluate import curve_point
 from nanoalign.logprobs import linear_logps
 from nanoalign.sampling import by_length, model_logps, summed_logps
 
+pytestmark = pytest.mark.slow  # whole runs of the script, torchrun: the full suite only
+
 
 
 def tiny(tiny_run, data_dir, out, **kw):

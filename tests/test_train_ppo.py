@@ -26,6 +26,8 @@ from nanoalign.rollout import row_generators
 from nanoalign.sampling import join, reward_scores, sample, scored_forward
 from nanoalign.scaffold import Process, gathered, setup, teardown, wrap_model
 
+pytestmark = pytest.mark.slow  # whole runs of the script, torchrun: the full suite only
+
 
 @pytest.fixture(scope="module")
 def ppo_dirs(tiny_run, tmp_path_factory):

@@ -18,6 +18,8 @@ from nanoalign.evaluate import pairwise_hits, ranked_above
 from nanoalign.sampling import group_rewards, join, reward_scores
 from conftest import run_killed_at, tiny_sft_records, torchrun
 
+pytestmark = pytest.mark.slow  # whole runs of the script, torchrun: the full suite only
+
 K = 3
 
 

@@ -15,6 +15,8 @@ from nanoalign.checkpoint import load_model
 from nanoalign.evaluate import curve_point
 from nanoalign.logprobs import linear_logps
 
+pytestmark = pytest.mark.slow  # whole runs of the script, torchrun: the full suite only
+
 
 
 def tiny(tiny_run, out, **kw):
