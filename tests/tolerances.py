@@ -20,9 +20,9 @@ BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2⁻⁷ ≈ 7.8e-3
 FP16_EPS = torch.finfo(torch.float16).eps  # 2⁻¹⁰ ≈ 9.8e-4
 
 
-def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in float64: the norm-wise relative difference, which rounding bounds by (a few) u times the
-    condition of the computation whatever the size of single entries (entries near 0 carry their neighbours'
-    absolute error and are not a relative scale of their own)."""
+def norm_close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    """‖a − b‖ ≤ rel·‖b‖ in float64: the norm-wise relative difference, which rounding bounds by a few u times the
+    condition of the computation whatever the size of single entries (an entry near 0 carries its neighbours'
+    absolute error and is no relative scale of its own). Two zero tensors are close."""
     a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm()).item()
+    return (a - b).norm().item() <= rel * b.norm().item()
