@@ -282,5 +282,5 @@ def test_linear_logps_under_autocast_match_the_plain_path(dtype):
             out = logps()
         grads.append(torch.autograd.grad((out * weights).sum(), (h, w)))
     for fused, plain in zip(*grads):
-        # both read the same bf16 (fp16) logits; their gradient matmuls round to it apart: mean ~1 u = 2⁻⁸ (2⁻¹¹)
+        # both read the same bf16 (fp16) logits; their gradient matmuls round apart in it: mean ~1 u, 2⁻⁸ (2⁻¹¹)
         assert (fused - plain).abs().mean() < 0.005 * plain.abs().mean()

@@ -202,7 +202,7 @@ def test_whitening_masked_statistics():
     # biased variance, as OAI-19; whiten divides by √(var + 1e-8): off 1 by 1e-8 / var ≈ 5e-9
     assert (real ** 2).mean().item() == pytest.approx(1, abs=1e-6)
     kept = whiten(x, mask, shift_mean=False)[mask.bool()]
-    assert kept.mean().item() == pytest.approx(3.0) and kept.var(unbiased=False).item() == pytest.approx(1, abs=1e-6)  # as above
+    assert kept.mean().item() == pytest.approx(3.0) and kept.var(unbiased=False).item() == pytest.approx(1, abs=1e-6)
     assert (w[~mask.bool()] == 0).all()
 
 

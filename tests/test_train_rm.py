@@ -236,7 +236,8 @@ def test_two_process_fsdp_matches_single_process(tiny_run, prefs_dir, tmp_path):
     assert log(tmp_path / "two") == pytest.approx(log(tmp_path / "one"), abs=1e-5)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert "scalar_head.weight" in a
-    assert steps_close(b, a, load_file(tiny_run / "init" / "model.safetensors"))  # the head is drawn from the seed: the same start, taken as 0
+    # the head, drawn from the seed, starts the same in both: taken as 0 there
+    assert steps_close(b, a, load_file(tiny_run / "init" / "model.safetensors"))
 
 
 def test_resume_continues_the_same_loss_curve(tiny_run, prefs_dir, tmp_path, monkeypatch):
