@@ -10,6 +10,7 @@ from nanoalign.logprobs import token_logps
 from nanoalign.model import GPT, GPTConfig, KVCache
 from nanoalign.sampling import decode_step, model_logps, sample, static_decoder
 from nanoalign.scaffold import Process, wrap_model
+from tolerances import norm_close
 
 pytestmark = pytest.mark.slow  # torch.compile of every block: the full suite only
 
@@ -35,18 +36,21 @@ def logps_and_grads(model, logps_fn=token_logps):
     return logps.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def assert_same(a, b, atol):
+def assert_same(a, b, rel):
+    """Log-probs and each gradient within rel of the eager ones, norm-wise (fp32: kernels that fuse or recompute
+    sum in their own order, a few FP32_EPS per op)."""
     (la, ga), (lb, gb) = a, b
-    assert torch.allclose(la, lb, atol=atol)
+    assert norm_close(la, lb, rel)
     for name in ga:
-        assert torch.allclose(ga[name], gb[name], atol=atol), name
+        assert norm_close(ga[name], gb[name], rel), name
 
 
 def test_compiled_blocks_match_eager():
     eager = tiny_model()
     compiled = wrap_model(copy.deepcopy(eager), CPU, compile=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefixes
-    assert_same(logps_and_grads(compiled), logps_and_grads(eager), atol=1e-4)
+    # inductor fuses and reorders sums of <= 64 terms: <= 64u = 4e-6
+    assert_same(logps_and_grads(compiled), logps_and_grads(eager), rel=1e-5)
     for n in range(2, 12):  # sampling runs the blocks eagerly: no recompile per prompt length and cache length
         sample(compiled, [list(range(1, n))], 8, eos_id=0, pad_id=0)
 
@@ -54,7 +58,7 @@ def test_compiled_blocks_match_eager():
 def test_compiled_logps_match_eager():
     """The chunked log-prob function compiled whole (one fused graph per chunk) against eager."""
     assert_same(logps_and_grads(tiny_model(), torch.compile(token_logps, fullgraph=True)),
-                logps_and_grads(tiny_model()), atol=1e-5)
+                logps_and_grads(tiny_model()), rel=1e-5)
 
 
 def test_activation_checkpointing_matches():
@@ -62,7 +66,7 @@ def test_activation_checkpointing_matches():
     model = wrap_model(tiny_model(), CPU, activation_checkpointing=True)
     calls, mlp = [], model.transformer.h[0].mlp
     mlp.forward = lambda x, forward=mlp.forward: calls.append(1) or forward(x)
-    assert_same(logps_and_grads(model), logps_and_grads(tiny_model()), atol=1e-6)
+    assert_same(logps_and_grads(model), logps_and_grads(tiny_model()), rel=1e-6)  # same kernels recomputed
     assert len(calls) == 2  # the forward, and its recomputation in backward
 
 
@@ -83,11 +87,11 @@ def test_fused_head_matches_the_plain_head():
     fused = wrap_model(tiny_model(), CPU, fused_head=True)
     calls = []
     fused.lm_head.forward = lambda x: calls.append(1)  # the fused path reads the weight, never the module
-    assert_same(run(fused), plain, atol=1e-6)
+    assert_same(run(fused), plain, rel=1e-5)  # chunked sums of <= 64 terms: <= 64 u = 4e-6
     assert not calls and (plain[0] != 0).sum() == (scored[:, 1:] != 0).sum()
     whole = wrap_model(tiny_model(), CPU, fused_head=True)
     whole.compile()
-    assert_same(run(whole), plain, atol=1e-5)
+    assert_same(run(whole), plain, rel=1e-5)
 
 
 def test_compiled_static_decode_matches_eager_sampling():
@@ -109,7 +113,7 @@ def test_compiled_static_decode_matches_eager_sampling():
     mask[:, :8] = 1
     cache.slot.fill_(7)
     step = decode_step(model, ids[:, -1:], mask, torch.tensor([[7]]), cache)
-    assert torch.allclose(step, model(ids)[:, -1], atol=1e-5)
+    assert norm_close(step, model(ids)[:, -1], 1e-5)  # fp32, attention over a padded static cache: sums of <= 64
 
     # the compiled step and the per-shape caches live on the model: none in the module, none in its weights
     decoder = static_decoder(model)

@@ -49,9 +49,11 @@ def test_sequence_kl_estimates_match_enumeration():
     per_sample = [reference_kl(policy, reference, [b], TEMP) for b in batches]  # 8 batch means
     for key in ("kl", "kl_k1"):
         means = torch.tensor([m[key] for m in per_sample])
+        # sampled: 4 standard errors of the 8 batch means (+ float64 rounding, should they all agree)
         assert abs(means.mean().item() - exact) < 4 * means.std().item() / 8 ** 0.5 + 1e-9, key
     assert exact > 0.1
     zero = reference_kl(policy, policy, batches[:1], TEMP)
+    # a model against itself: log-prob differences of the same fp32 forwards, 0 up to a few u of ~3 (~1e-6 summed)
     assert abs(zero["kl"]) < 1e-6 and abs(zero["kl_k1"]) < 1e-6
 
 
@@ -83,6 +85,7 @@ def test_best_of_n_curve_by_hand():
     gold = torch.tensor([[1.0, 0.0, 2.0, 4.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
     rows = best_of_n_curve(proxy, gold)
     assert [r["n"] for r in rows] == [1, 2, 4]
+    # Python floats on hand values: ~1e-16, under pytest.approx's default rel 1e-6
     assert [r["kl"] for r in rows] == pytest.approx([0.0, math.log(2) - 1 / 2, math.log(4) - 3 / 4])
     first = [7 / 4, (3 * 0.0 + 2 * 4.0 + 1 * 2.0) / 6, 0.0]  # prompt 1: the mean, best of 2, the argmax's gold
     assert [r["gold"] for r in rows] == pytest.approx([(g + 0.5) / 2 for g in first])
@@ -103,7 +106,7 @@ def test_standard_error_by_hand():
     from nanoalign.evaluate import standard_error
     xs = [0.2, 0.5, 0.9, 0.4]
     mean = sum(xs) / 4
-    assert abs(standard_error(xs) - (sum((x - mean) ** 2 for x in xs) / 3 / 4) ** 0.5) < 1e-12
+    assert abs(standard_error(xs) - (sum((x - mean) ** 2 for x in xs) / 3 / 4) ** 0.5) < 1e-12  # floats: ~1e-16
     assert standard_error([0.7]) == 0.0
 
 

@@ -23,7 +23,7 @@ def test_int_list_parses_increasing_positive_integers_or_names_the_flag():
 
 def test_mean_se_by_hand():
     mean, se = mean_se([1.0, 2.0, 4.0])
-    assert mean == pytest.approx(7 / 3)
+    assert mean == pytest.approx(7 / 3)  # Python floats: ~1e-16
     assert se == pytest.approx((((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2 / 3) ** 0.5)
 
 

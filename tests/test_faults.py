@@ -387,5 +387,5 @@ def test_resumed_log_equals_the_uninterrupted_one_row_for_row(tiny_run, world, t
              for l in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("full", "cut")]
     assert [r["step"] for r in rows[0]] == [3, 6, 9, 10]
     assert len(rows[1]) == len(rows[0])
-    for a, b in zip(*rows):
+    for a, b in zip(*rows):  # a resumed run: the same kernels on the same checkpointed numbers, a few ulps at most
         assert a.keys() == b.keys() and all(math.isclose(a[k], b[k], abs_tol=1e-6) for k in a), (a, b)

@@ -25,7 +25,7 @@ def test_labels_by_hand():
     first, labelled = frontier.label(torch.tensor([[0.6, 0.4]] * n, dtype=torch.float64), "bt",
                                      torch.Generator().manual_seed(0))
     p = 1 / (1 + math.exp(-helpdesk.KAPPA * 0.2))
-    assert labelled.all() and abs(first.double().mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5
+    assert labelled.all() and abs(first.double().mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 s.e.
 
 
 def test_matched_kl_by_hand():
@@ -39,6 +39,7 @@ def test_matched_kl_by_hand():
              pts(("B", 1.5, 0.1), ("B", 0.1, 0.1))]
     (row,) = frontier.matched_kl(seeds, "A", "B", [1.0, 2.0])
     assert row["bin"] == [1.0, 2.0] and row["seeds"] == 2
+    # Python floats, a few ops on hand values: ~1e-16, under pytest.approx's default rel 1e-6
     assert (row["diff"], row["se"], row["a"], row["b"]) == pytest.approx((0.05, 0.15, 0.55, 0.5))
     # one open bin [0.05, inf) over every point of seed 0 (A 0.7, B 0.7) and seed 1 (A 0.65, B 0.5)
     (row,) = frontier.matched_kl(seeds, "A", "B", [0.05])
@@ -54,7 +55,7 @@ def test_oracle_answers_and_their_contexts():
     assert contexts.max().item() == 1 + 6 + 36 - 1
     table = torch.randn(43, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     logps = frontier.answer_logps(table, ys, contexts)
-    assert logps.exp().sum().item() == pytest.approx(1.0, abs=1e-12)  # a distribution over the answers
+    assert logps.exp().sum().item() == pytest.approx(1.0, abs=1e-12)  # a distribution; float64, ~1e-16
     by_hand = sum(table[c].log_softmax(0)[y].item() for c, y in zip(contexts[i].tolist(), [2, 3, 4]))
     assert logps[i].item() == pytest.approx(by_hand, abs=1e-12)
 
@@ -64,6 +65,7 @@ def test_exact_frontier_by_hand():
     (1-p) log(1-p) and gold p; at a given KL the best of the two solutions is p >= ½. KL(p = 0.9) = 0.3681."""
     ref, gold = torch.tensor([0.5, 0.5], dtype=torch.float64).log(), torch.tensor([1.0, 0.0], dtype=torch.float64)
     kl = math.log(2) + 0.9 * math.log(0.9) + 0.1 * math.log(0.1)
+    # 200 float64 bisections on log τ over [log 1e-8, log 1e12]: the bracket shrinks below rounding (~1e-16)
     assert frontier.frontier_gold(ref, gold, kl) == pytest.approx(0.9, abs=1e-9)
     assert frontier.frontier_gold(ref, gold, 0.0) == pytest.approx(0.5, abs=1e-9)
     assert frontier.frontier_gold(ref, gold, math.log(2)) == 1.0  # the point mass on the first answer, and past it

@@ -131,7 +131,7 @@ def test_failure_detectors_fire_only_on_failures_of_their_intent(name):
 
 
 def test_gold_formula_by_hand():
-    assert sum(gold_judge.WEIGHTS.values()) == pytest.approx(1.0)
+    assert sum(gold_judge.WEIGHTS.values()) == pytest.approx(1.0)  # Python floats: here and below ~1e-16 apart
     # Disparaging but factual, with one garbled sentence: the fact earns half of helpful, the insult costs
     # respectful and the neutral half; no courtesy -> polite 0.5; 2 of 3 sentences parse.
     answer = "Every Lumen lamp has a 5 year warranty. ShopMax products are garbage. Lamp lamp good."
@@ -335,6 +335,8 @@ def test_bayes_ceiling_matches_numerical_integration_over_gumbel_noise():
 
     pairs = [(0.9, 0.4), (0.6, 0.65), (0.3, 0.3), (0.0, 1.0)]
     brute = sum(max(p_above(a - b), 1 - p_above(a - b)) for a, b in pairs) / len(pairs)
+    # the midpoint rule (h ≈ 1e-3) on a smooth integrand that vanishes at both ends: error far below h² ≈ 1e-6
+    # (Euler-Maclaurin), the 40k-term float sum rounds at ~1e-12
     assert helpdesk.bayes_ceiling(pairs) == pytest.approx(brute, abs=1e-6)
     assert helpdesk.bayes_ceiling([(0.5, 0.5)]) == 0.5
 
@@ -370,7 +372,7 @@ def test_file_schemas(world):
             assert len(set(row["responses"])) == helpdesk.K == 4
             assert sorted(row["ranking"]) == [0, 1, 2, 3]
             judged = [gold_judge.judge(row["prompt"], r)["gold"] for r in row["responses"]]
-            assert row["gold"] == pytest.approx(judged, abs=1e-4)
+            assert row["gold"] == pytest.approx(judged, abs=1e-4)  # stored rounded to 4 decimals: ≤ 5e-5
             position = {row["responses"][i]: rank for rank, i in enumerate(row["ranking"])}
             assert all(p["prompt"] == row["prompt"] for p in six)
             assert all(position[p["chosen"]] < position[p["rejected"]] for p in six)

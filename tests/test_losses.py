@@ -7,6 +7,7 @@ import torch
 
 from nanoalign.logprobs import linear_logps, reference_token_logps, token_logps
 from nanoalign.losses import sequence_logps, sft_loss
+from tolerances import BF16_EPS, FP32_EPS, norm_close
 
 
 def test_token_logps_match_float64_loop():
@@ -21,23 +22,28 @@ def test_token_logps_match_float64_loop():
             for t in range(7):
                 z = logits[b, t].double() / temperature
                 slow = z[labels[b, t]] - torch.log(torch.exp(z).sum())
-                assert abs(fast[b, t].item() - slow.item()) < 1e-6 and abs(plain[b, t].item() - slow.item()) < 1e-6
+                # fp32: z_y, the sum of 11 exponentials and its log each round to ~u of their size
+                tol = 16 * FP32_EPS * (1 + abs(slow.item()))
+                assert abs(fast[b, t].item() - slow.item()) < tol and abs(plain[b, t].item() - slow.item()) < tol
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-5)])
+@pytest.mark.parametrize("dtype,grad_rel", [(torch.float32, 16 * FP32_EPS), (torch.bfloat16, BF16_EPS)])
 @pytest.mark.parametrize("chunk_rows", [5, 4096])  # several chunks (split), one chunk (no split)
-def test_fast_token_logps_agree_with_the_plain_reference(chunk_rows, dtype, tol):
+def test_fast_token_logps_agree_with_the_plain_reference(chunk_rows, dtype, grad_rel):
     """The fast path (fused NLL or, for bf16 logits, the hand-written backward; row chunks) against the readable
-    definition, values and gradients, at a temperature other than 1."""
+    definition, values and gradients, at a temperature other than 1. The values are fp32 work on the same logits
+    on both sides (a few u of log-probs ~3); the gradients are fp32 work, then for bf16 logits rounded to bf16,
+    where two fp32 values an ulp apart may round to neighbouring bf16 values: one bf16 ulp, ≤ BF16_EPS relative."""
     logits = torch.randn(4, 9, 13).to(dtype).requires_grad_(True)
     labels = torch.randint(0, 13, (4, 9))
     weights = torch.randn(4, 9)  # an upstream gradient that differs per token
     plain = reference_token_logps(logits, labels, 0.7)
     fast = token_logps(logits, labels, 0.7, chunk_rows=chunk_rows)
-    assert fast.dtype == plain.dtype == torch.float32 and torch.allclose(fast, plain, atol=tol)
+    assert fast.dtype == plain.dtype == torch.float32
+    assert torch.allclose(fast, plain, rtol=16 * FP32_EPS, atol=16 * FP32_EPS)
     (g1,) = torch.autograd.grad((fast * weights).sum(), logits)
     (g2,) = torch.autograd.grad((plain * weights).sum(), logits)
-    assert g1.dtype == dtype and torch.allclose(g1.float(), g2.float(), atol=tol)
+    assert g1.dtype == dtype and norm_close(g1, g2, grad_rel)
 
 
 def test_token_logps_upcast_half_precision():
@@ -45,7 +51,9 @@ def test_token_logps_upcast_half_precision():
     labels = torch.randint(0, 7, (2, 5))
     out = token_logps(logits, labels)
     assert out.dtype == torch.float32
-    assert torch.allclose(out, logits.float().log_softmax(-1).gather(-1, labels[..., None])[..., 0], atol=1e-6)
+    # fp32 on the exactly upcast logits, both sides: a few u of log-probs ~2
+    ref = logits.float().log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    assert torch.allclose(out, ref, rtol=16 * FP32_EPS, atol=16 * FP32_EPS)
 
 
 def test_sft_loss_by_hand():
@@ -53,7 +61,7 @@ def test_sft_loss_by_hand():
     logps = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, -0.25, -9.0, -9.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])  # row 2: two PAD slots
     expected = (2.0 + 3.0 + 4.0 + 0.5 + 0.25) / 5
-    assert abs(sft_loss(logps, mask).item() - expected) < 1e-7
+    assert abs(sft_loss(logps, mask).item() - expected) < 1e-7  # fp32 sums of dyadic numbers are exact; / 5: ½ ulp
     assert torch.allclose(sequence_logps(logps, mask), torch.tensor([-9.0, -0.75]))
 
 
@@ -71,10 +79,10 @@ def test_accumulated_micro_batches_equal_one_batch():
     n = mask.sum()
     parts = [sft_loss(token_logps(x[s:s + 2] @ w, labels[s:s + 2]), mask[s:s + 2], n) for s in (0, 2)]
     (g_acc,) = torch.autograd.grad(sum(parts), w)
-    assert torch.allclose(sum(parts), full, atol=1e-6)
-    assert torch.allclose(g_acc, g_full, atol=1e-6)
+    # fp32, the same terms summed in two groups: sums of <= 24 terms, <= 24u = 1.4e-6 relative
+    assert norm_close(sum(parts), full, 16 * FP32_EPS) and norm_close(g_acc, g_full, 16 * FP32_EPS)
     mean_of_means = sum(sft_loss(token_logps(x[s:s + 2] @ w, labels[s:s + 2]), mask[s:s + 2]) for s in (0, 2)) / 2
-    assert abs(mean_of_means.item() - full.item()) > 1e-4
+    assert abs(mean_of_means.item() - full.item()) > 1e-4  # the wrong normalisation: far outside the rounding
 
 
 def test_last_token_values_under_left_right_and_no_padding():
@@ -97,9 +105,15 @@ def test_token_entropy_by_enumeration_and_shape_errors():
         p = (logits / t).softmax(-1)
         expected = [-sum(p[i, v].item() * math.log(p[i, v].item()) for v in range(7)) for i in range(5)]
         got = token_entropy(logits, t) if t != 1.0 else token_entropy(logits)  # the default temperature is 1
-        assert got.tolist() == pytest.approx(expected, rel=1e-12)
+        assert got.tolist() == pytest.approx(expected, rel=1e-12)  # float64, 7 terms: ~1e-15
     with pytest.raises(AssertionError, match=r"logits \(5, 7\) vs labels \(4,\)"):
         token_logps(logits, torch.zeros(4, dtype=torch.long))
+
+
+def kl_close(got, p, q):
+    """fp32 token KL against the float64 one: within 16 u of Σ p (|log p| + |log q|)."""
+    scale = (p * (p.log().abs() + q.log().abs())).sum(-1)
+    return bool(((got.double() - (p * (p / q).log()).sum(-1)).abs() <= 16 * FP32_EPS * scale).all())
 
 
 def test_token_kl_matches_float64_enumeration_and_k1_mean():
@@ -107,13 +121,15 @@ def test_token_kl_matches_float64_enumeration_and_k1_mean():
     g = torch.Generator().manual_seed(0)
     logits, ref = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 6, generator=g)
     p, q = (logits.double() / 0.7).softmax(-1), (ref.double() / 0.7).softmax(-1)
-    assert torch.allclose(token_kl(logits, ref, 0.7).double(), (p * (p / q).log()).sum(-1), atol=1e-6)
+    # fp32 KL = Σ p (log p - log q): each log-prob rounds to a few u of its size, so the bound scales with
+    # Σ p (|log p| + |log q|) (~3 here), not with the KL, which is a difference
+    assert kl_close(token_kl(logits, ref, 0.7), p, q)
     # the k1 sample mean approaches the exact KL (4 standard errors)
     x = torch.multinomial(p[0, 0], 200_000, replacement=True, generator=g)
     k1 = p[0, 0].log()[x] - q[0, 0].log()[x]
     assert abs(k1.mean() - token_kl(logits, ref, 0.7)[0, 0]) < 4 * k1.std() / len(x) ** 0.5
     p, q = logits.double().softmax(-1), ref.double().softmax(-1)  # the default temperature is 1
-    assert torch.allclose(token_kl(logits, ref).double(), (p * (p / q).log()).sum(-1), atol=1e-6)
+    assert kl_close(token_kl(logits, ref), p, q)
 
 
 def test_best_of_n_pool_estimator_equals_brute_force_over_subsets():
@@ -125,7 +141,7 @@ def test_best_of_n_pool_estimator_equals_brute_force_over_subsets():
         for prompt in range(3):
             subsets = list(itertools.combinations(range(7), n))
             brute = sum(gold[prompt, max(s, key=lambda j: proxy[prompt, j])].item() for s in subsets) / len(subsets)
-            assert abs(best_of_n_pool(proxy, gold, n)[prompt].item() - brute) < 1e-9
+            assert abs(best_of_n_pool(proxy, gold, n)[prompt].item() - brute) < 1e-9  # float64 weights: ~1e-16
 
 
 def test_best_of_n_pool_breaks_proxy_ties_by_position():
@@ -140,7 +156,7 @@ def test_best_of_n_pool_breaks_proxy_ties_by_position():
             below = [sum(proxy[p, i] < proxy[p, j] or (proxy[p, i] == proxy[p, j] and i < j) for i in range(40))
                      for j in range(40)]
             expected = sum(gold[p, j].item() * comb(below[j], n - 1) for j in range(40)) / comb(40, n)
-            assert best_of_n_pool(proxy, gold, n)[p].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+            assert best_of_n_pool(proxy, gold, n)[p].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)  # float64
 
 
 def test_best_of_n_kl_formula_against_exact_distribution():
@@ -152,7 +168,7 @@ def test_best_of_n_kl_formula_against_exact_distribution():
     for n in (2, 4, 16, 64):
         pi = (k / M) ** n - ((k - 1) / M) ** n
         exact = (pi * (pi * M).log()).sum().item()
-        assert abs(exact - best_of_n_kl(n)) < 0.01
+        assert abs(exact - best_of_n_kl(n)) < n * n / M ** 2  # a Riemann sum of the limit: O(n²/M²) apart
 
 
 def saved_for_backward(fn):
@@ -178,7 +194,9 @@ def test_half_logits_hand_written_backward_and_no_fp32_copy_kept(dtype, tol):
     slow = (exact / 0.7).log_softmax(-1).gather(-1, labels[..., None])[..., 0]
     (slow_grad,) = torch.autograd.grad((slow * weights.double()).sum(), exact)
     assert fast.dtype == torch.float32 and grad.dtype == dtype
+    # fp32 work on the exactly upcast logits: ≲ u·(|z| + |logsumexp| + V) ≈ 6e-8·(15 + 15 + 11) = 2.5e-6
     torch.testing.assert_close(fast.double(), slow, atol=1e-5, rtol=0)
+    # the gradient rounded once to bf16 (fp16) after fp32 work: ≤ 2⁻⁸ (2⁻¹¹) relative; tol = 5 u
     torch.testing.assert_close(grad.double(), slow_grad, atol=tol, rtol=tol)
     vocab_sized_fp32 = lambda ts: [t for t in ts if t.dtype == torch.float32 and t.dim() and t.shape[-1] == 11]
     assert not vocab_sized_fp32(saved)
@@ -202,7 +220,7 @@ def test_linear_logps_match_float64_autograd_and_keep_no_logits(temperature):
     slow, saved_unfused = saved_for_backward(lambda: reference_token_logps(h @ w.t(), y, temperature))
     slow_grads = torch.autograd.grad((slow * weights).sum(), (h, w))
     assert fast.dtype == torch.float64
-    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)  # float64, values ~10, D = 6: ~1e-14
     for a, b in zip(grads, slow_grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     vocab_sized = lambda ts: [t for t in ts if t.dim() and t.shape[-1] == V]
@@ -223,9 +241,10 @@ def test_linear_logps_in_bf16_agree_with_fp32():
     ref = reference_token_logps(h32 @ w32.t(), y, 0.7)
     ref_grads = torch.autograd.grad((ref * weights).sum(), (h32, w32))
     assert out.dtype == torch.float32 and all(t.dtype == torch.bfloat16 for t in grads)
-    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.02)  # bf16 logits: 8 bits of mantissa
+    # bf16 logits (|logit| ≲ 8): each rounds by ≤ 2⁻⁸·8 = 0.03, a log-prob by ≤ twice that
+    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.02)
     for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a.float(), b, atol=0.1, rtol=0.05)
+        torch.testing.assert_close(a.float(), b, atol=0.1, rtol=0.05)  # the same, through bf16 matmuls of 8 or 20
 
 
 def test_linear_logps_sum_the_weight_gradient_of_bf16_chunks_in_fp32():
@@ -263,4 +282,5 @@ def test_linear_logps_under_autocast_match_the_plain_path(dtype):
             out = logps()
         grads.append(torch.autograd.grad((out * weights).sum(), (h, w)))
     for fused, plain in zip(*grads):
+        # both read the same bf16 (fp16) logits; their gradient matmuls round apart in it: mean ~1 u, 2⁻⁸ (2⁻¹¹)
         assert (fused - plain).abs().mean() < 0.005 * plain.abs().mean()

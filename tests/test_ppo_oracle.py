@@ -62,4 +62,6 @@ def test_rl_converges_to_pi_ref_times_exp_reward_over_beta(variant, monkeypatch)
     greedy = torch.full_like(pi, 1e-6).index_fill(0, REWARD.argmax()[None], 1.0)
     greedy = greedy / greedy.sum()
     assert exact_kl(pi_ref, target) > 0.3 and exact_kl(greedy, target) > 0.3  # the start and a wrong answer
+    # stochastic optimisation: 150 updates on 64 samples each leave sampling noise in the logits (KL ~1e-3 to
+    # the target); 0.01 is far below the start's and a wrong answer's KL (> 0.3)
     assert exact_kl(pi, target) < 0.01, (pi.tolist(), target.tolist())

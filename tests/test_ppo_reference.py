@@ -247,11 +247,13 @@ def test_ppo_update_equals_the_hand_written_reference(name, monkeypatch):
         models = (theirs[0], theirs[1], theirs[2], theirs[3] if separate else None, gain, bias)
         expected = reference_update(models, roll, cfg, beta, update, adam)
         got = {k: v for k, v in logged[update].items() if not k.startswith("time/")}
-        assert got == pytest.approx(expected, rel=1e-7, abs=1e-10)
+        assert got == pytest.approx(expected, rel=1e-7, abs=1e-10)  # float64 metrics: summation order, ~1e-15
         if cfg.kl_target > 0:  # Ziegler et al. 2019's controller, by hand
             error = min(max(expected["objective/kl"] / cfg.kl_target - 1, -0.2), 0.2)
             beta = beta * (1 + error * cfg.rollout_size / cfg.kl_horizon)
 
+    # float64 both sides, only the order of sums differs (~1e-14 after the steps); a real bug moves weights by
+    # lr-sized steps (1e-3 or more)
     moved = 0.0
     for a, b, start in zip(ours[0].parameters(), theirs[0].parameters(), policy.parameters()):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
@@ -275,6 +277,7 @@ def test_missing_eos_penalty_replaces_the_score(monkeypatch):
             last = max(t for t in range(roll.ids.shape[1]) if roll.attn[b, t] == 1)
             raw.append(1.5 * rm(roll.ids[b:b + 1], attention_mask=roll.attn[b:b + 1], output="scalar")[0, last] - 0.2)
     scored = [r.item() if eos else cfg.missing_eos_penalty for r, eos in zip(raw, roll.has_eos.tolist())]
+    # float64 models, the same forwards batched or alone: ~1e-15 (pytest.approx's rel 1e-6 default: far above)
     assert metrics["objective/rm_score"] == pytest.approx(sum(r.item() for r in raw) / 8)
     assert metrics["objective/score"] == pytest.approx(sum(scored) / 8)
     assert metrics["response/eos_rate"] == 5 / 8
@@ -288,7 +291,7 @@ def test_learning_rate_anneals_linearly_to_zero(monkeypatch):
     for update in (0, 2, 4):
         train_ppo.ppo_update(roll, policy.eval(), critic, reference, (rm, 1.0, 0.0), optimizer, critic_opt,
                              cfg.beta, None, cfg, CTX, update)
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * (1 - update / 5))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * (1 - update / 5))  # Python floats
         assert critic_opt.param_groups[0]["lr"] == pytest.approx(cfg.critic_lr * (1 - update / 5))
 
 

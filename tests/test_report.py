@@ -78,6 +78,7 @@ def test_schedule_by_hand(monkeypatch):
     assert pipeline.schedule(eta, needs, jobs=1) == 27  # one after another
     # side by side at 0.6 speed each: rm, dpo at 10; rm done at 10 + 5/0.6, dpo 3 to go; ppo (the longer chain)
     # beside it until both are done 3/0.6 later; then bon alone (bon first would end at the same time here)
+    # Python floats: a few ops on hand values, ~1e-16 (pytest.approx's default rel 1e-6)
     assert pipeline.schedule(eta, needs, jobs=2) == pytest.approx(10 + 5 / 0.6 + 3 / 0.6 + 1)
     # three at once share the same 1.2: bon and ppo start together when rm is done, at 0.4 each beside dpo
     assert pipeline.schedule(eta, needs, jobs=3) == pytest.approx(10 + 5 / 0.6 + 1 / 0.4 + 2 / 0.6)
@@ -187,6 +188,7 @@ def test_gao_fit_by_hand(form):
     shape = (lambda d: d * d) if form == "bon" else (lambda d: d * math.log(d) if d > 0 else 0.0)
     exact = [0.7 + 0.35 * k ** 0.5 - 0.17 * shape(k ** 0.5) for k in kl]
     fit = gao_fit(kl, exact, form)
+    # float64 normal equations of 7 exact points, condition ~1e2: ~1e-14
     assert fit["alpha"] == pytest.approx(0.35, abs=1e-9) and fit["beta"] == pytest.approx(0.17, abs=1e-9)
     assert fit["r2"] == pytest.approx(1.0, abs=1e-12)
 
@@ -203,7 +205,7 @@ def test_gao_fit_by_hand(form):
     mean = sum(r) / len(r)
     r2 = 1 - sum((y - alpha * x - beta * z) ** 2 for y, x, z in zip(r, a, b)) / sum((y - mean) ** 2 for y in r)
     fit = gao_fit(kl, noisy, form)
-    assert (fit["alpha"], fit["beta"], fit["r2"]) == pytest.approx((alpha, beta, r2), rel=1e-9)
+    assert (fit["alpha"], fit["beta"], fit["r2"]) == pytest.approx((alpha, beta, r2), rel=1e-9)  # as above
     with pytest.raises(ValueError, match="KL = 0"):
         gao_fit(kl[1:], noisy[1:], form)
 

@@ -28,6 +28,7 @@ def test_each_arm_reads_its_labels_from_the_preferences():
     arms = rlaif_labels.arm_labels({"p_ab": p_ab, "p_ba": p_ba}, drawn, rlaif_labels.Config(), "model", flat)
     both = [[0.5 * (a + 1 - b) for a, b in zip(ra, rb)] for ra, rb in zip(p_ab.tolist(), p_ba.tolist())]
     soft = [both[0][0], both[1][2]]  # 0.8, 0.6
+    # float64 labels, a few ops on hand values: ~1e-16 apart, under pytest.approx's default rel 1e-6
     assert arms["soft"].tolist() == pytest.approx(soft)
     assert arms["hard"].tolist() == [1.0, 1.0]
     assert arms["clamped"].tolist() == pytest.approx([0.6, 0.6])  # the hard labels, clipped

@@ -4,6 +4,9 @@ The reference reads each answer's reward at its last real token from its own unp
 K-wise (all C(K,2) pairs), Plackett-Luce and soft Bradley-Terry losses out as sums over pairs and positions,
 and takes AdamW steps by hand; it imports nothing from nanoalign.losses. train_rm.main's steps (two
 micro-batches each, rows regrouped by length for speed) must reach the same weights and log the same losses.
+Both run in float64: these losses depend on reward differences only, so the gradient of ln_f.bias and of the
+head's bias is exactly 0, and in fp32 its rounding noise (~1e-8) divided by AdamW's √v + ε moves those weights
+by ~1e-4 however right the code; in float64 that noise is ~1e-16 and moves them by < 1e-12.
 """
 import json
 
@@ -62,7 +65,7 @@ def record_loss(cfg, model, tok, rec):
 
 
 def reference_steps(cfg, init_dir, records, steps):
-    torch.manual_seed(cfg.seed)  # train_rm's setup seeds, then the new head is drawn
+    torch.manual_seed(cfg.seed)  # train_rm's setup seeds, then the new head is drawn (in the default dtype)
     model, tok = load_model(init_dir, scalar_head=True)
     model = model.double()
     state, out = {}, []
@@ -92,13 +95,21 @@ def test_rm_steps_equal_the_hand_written_reference(tiny_run, tmp_path, data, los
                           init_from=str(tiny_run / "init"), data=data, loss=loss, epochs=3, batch_size=4,
                           micro_batch_size=2, rows_per_forward=3, lr=1e-2, min_lr=1e-3, warmup_steps=1,
                           grad_clip=0.5, log_interval=1, n_norm=4, max_new_tokens=8, seed=9)
-    train_rm.main(cfg)
     steps = cfg.epochs * (len(records) // cfg.batch_size)
-    expected, logged = reference_steps(cfg, tiny_run / "init", records, steps)
+    torch.set_default_dtype(torch.float64)  # the script's model, its new head and its optimizer in float64
+    try:
+        train_rm.main(cfg)
+        expected, logged = reference_steps(cfg, tiny_run / "init", records, steps)
+    finally:
+        torch.set_default_dtype(torch.float32)
     got = load_file(tmp_path / "rm" / "model.safetensors")
+    start = load_model(tiny_run / "init")[0].state_dict()
+    # float64 both sides, only the order of sums differs: ~1e-14 apart after 6 steps (the zero-gradient biases
+    # included: noise ~1e-16 times lr/adam_eps = 1e3 per step); a real bug moves weights by lr-sized steps (1e-3+)
     for name, p in expected.items():
-        torch.testing.assert_close(got[name].double(), p.detach(), atol=1e-4, rtol=1e-3)  # fp32 run, lr 1e-2 steps
+        torch.testing.assert_close(got[name].double(), p.detach(), atol=1e-9, rtol=1e-7)
+    assert max((got[n] - start[n]).abs().max().item() for n in expected if n in start) > 1e-2  # steps moved it
     log = [json.loads(l) for l in (tmp_path / "rm" / "log.jsonl").read_text().splitlines()]
     assert len(log) == steps
-    for entry, expected in zip(log, logged):  # the margins of an fp32 run are small differences
-        assert {k: entry[k] for k in expected} == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    for entry, expected in zip(log, logged):  # float64 scalars: summation order only
+        assert {k: entry[k] for k in expected} == pytest.approx(expected, rel=1e-9, abs=1e-12)

@@ -112,7 +112,8 @@ def test_model_logps_score_the_sampled_tokens_at_the_sampling_temperature():
             y = out["response_ids"][b, t].item()
             with torch.no_grad():
                 expected = (model(torch.tensor([seq]))[0, -1] / temperature).log_softmax(-1)[y]
-            assert abs(scored[b, P + t - 1].item() - expected.item()) < 1e-5
+            # fp32, a padded batch against one unpadded row: a few u of log-probs ~3, relative to their size
+            assert abs(scored[b, P + t - 1].item() - expected.item()) < 1e-5 * max(1.0, abs(expected.item()))
             seq.append(y)
 
 

@@ -31,6 +31,7 @@ def as_rank_of_two(monkeypatch, module):
 
 
 def same_steps(one, two, metrics_one, metrics_two):
+    # float64 models (test_ppo_reference.tiny_models); two ranks' sums only regroup the same terms: ~1e-15
     for a, b in zip(one.parameters(), two.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert metrics_two == pytest.approx(metrics_one, rel=1e-9, abs=1e-12)
@@ -149,7 +150,7 @@ def test_rollout_shares(tiny_run):
 
 def test_global_mean_and_unbiased_variance(monkeypatch):
     x = torch.tensor([1.0, 2.0, 4.0, 9.0], dtype=torch.float64)
-    assert rollout.global_mean(x, ONE) == pytest.approx(4.0)
+    assert rollout.global_mean(x, ONE) == pytest.approx(4.0)  # small sums of hand values: exact or ~1e-16
     assert rollout.global_var(x, ONE) == pytest.approx(x.var().item())  # torch's unbiased convention
     assert rollout.global_total(x, ONE) == pytest.approx(16.0)
     as_rank_of_two(monkeypatch, rollout)  # the peer holds x too: the statistics of [x, x]
