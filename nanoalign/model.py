@@ -26,6 +26,12 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoalign.logprobs import linear_logps, token_logps
 
+if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+    # ATen runs without vector kernels here (a CPU without AVX2 or NEON, or ATEN_CPU_CAPABILITY=default), yet
+    # torch.compile's C++ reductions would still use at::vec and fail to build (torch 2.13): scalar code builds
+    import torch._inductor.config
+    torch._inductor.config.cpp.simdlen = 1
+
 
 @dataclass
 class GPTConfig:
