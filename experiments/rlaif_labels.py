@@ -26,6 +26,7 @@ prompts. The published claims (CAI §4.3, RLAIF) are printed with PASS or FAIL a
 """
 
 import contextlib
+import math
 import random
 import sys
 import tempfile
@@ -163,7 +164,7 @@ def run_seed(cfg: Config, seed: int, principles, policy, tok, judge, judge_tok, 
                     metrics["ppo"] = train_policy(cfg, Path(work), seed)
             results[labeller][arm] = metrics
             ppo = metrics.get("ppo")
-            log(f"seed {seed} {labeller:9s} {arm:20s} labels agree {quality['agreement']:.3f}, RM accuracy vs gold "
+            log(f"seed {seed} {labeller:9s} {arm:20s} labels agree {over_seeds([results], labeller, arm, 'labels', 'agreement')[0]:.3f}, RM accuracy vs gold "
                 f"{metrics['rm']['accuracy_vs_gold']:.3f}"
                 + (f", PPO gold {ppo['gold']:.3f} (SFT {ppo['sft_gold']:.3f}), KL {ppo['kl']:.2f}" if ppo else "")
                 + f" ({time.time() - t0:.0f}s)")
@@ -176,13 +177,14 @@ def run_seed(cfg: Config, seed: int, principles, policy, tok, judge, judge_tok, 
 
 
 def over_seeds(runs: list[dict], labeller: str, arm: str, *path) -> list[float]:
-    """One metric (a path into an arm's metrics) for each seed."""
+    """One metric (a path into an arm's metrics) for each seed; NaN where it is undefined (None: a label metric on
+    a sample where no pair's gold differs), so every mean and difference over seeds that includes it is NaN."""
     values = []
     for run in runs:
         x = run[labeller][arm]
         for key in path:
             x = x[key]
-        values.append(x)
+        values.append(math.nan if x is None else x)
     return values
 
 
