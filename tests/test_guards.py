@@ -23,6 +23,7 @@ import train_ppo
 import train_rm
 import train_sft
 from conftest import REPO, run_killed_at
+from test_faults import sft, world  # noqa: F401 (world is a fixture): the same tiny runs as the fault tests
 from nanoalign import evaluate, helpdesk, rlaif, sampling
 from nanoalign.checkpoint import load_model, read_meta, write_checkpoint
 from nanoalign.config import parse_config
@@ -32,28 +33,6 @@ from nanoalign.scaffold import DIVERGENCE, optimizer_step
 from nanoalign.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow  # whole runs with faults injected: the full suite only
-
-
-def sft(tiny_run, out, **kw):
-    base = dict(data_dir=str(tiny_run / "data"), out_dir=str(out), init_from=str(tiny_run / "init"), batch_size=8,
-                max_steps=6, warmup_steps=2, lr=3e-3, log_interval=1, ckpt_interval=2, n_eval=0, seed=7)
-    return train_sft.Config(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def world(tiny_run, tmp_path_factory):
-    """The tiny data plus pairs.jsonl and prompts.jsonl, and a tiny reward model on the init trunk."""
-    root = tmp_path_factory.mktemp("guards")
-    demos = read_jsonl(tiny_run / "data" / "sft.jsonl", "sft")
-    rows = {"pairs.jsonl": [{"prompt": d["prompt"], "chosen": d["completion"], "rejected": "Go away."} for d in demos],
-            "prompts.jsonl": [{"prompt": d["prompt"]} for d in demos]}
-    for name, records in rows.items():
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    (root / "sft_test.jsonl").write_text((tiny_run / "data" / "sft_test.jsonl").read_text())
-    rm, tok = load_model(tiny_run / "init", scalar_head=True)
-    write_checkpoint(root / "rm", rm.state_dict(), {"model": asdict(rm.config), "kind": "reward_model",
-                                                    "reward_norm": {"gain": 1.0, "bias": 0.0}}, tok)
-    return root
 
 
 def ppo_config(tiny_run, world, out, **kw):
