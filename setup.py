@@ -8,5 +8,5 @@ setup(
     package_data={"nanoalign": ["constitution.txt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "tokenizers", "safetensors", "numpy", "einops"],
-    extras_require={"test": ["pytest", "transformers", "mutmut", "matplotlib"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "hypothesis", "transformers", "mutmut", "matplotlib"], "plot": ["matplotlib"]},
 )

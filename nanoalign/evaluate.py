@@ -6,10 +6,12 @@
     python -m nanoalign.evaluate --checkpoint=out/sft --reward_model=out/rm --best_of_n=64   # best-of-N curve
 
 eval.json is the contract every stage writes:
-    {"gold", "principles": {name: mean}, "failures": {"disparage", "canned", "leak"}, "n", "demo_gold"}
-plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included),
+    {"gold", "principles": {name: mean}, "failures": {"disparage", "canned", "leak"}, "failures_on_intent",
+     "degenerate", "n", "demo_gold"}
+(failure rates over all prompts, and over the prompts of the intent that tempts each; the share of answers with a
+degenerate sentence, by kind: nanoalign.gold_judge.judge_many) plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included),
 "samples" (the first 3 prompts, each with its answer and the judge's verdict) and, against a reference policy,
-"kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures" and "gain_vs_sft_se" (the standard error of the
+"kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures", "sft_failures_on_intent" and "gain_vs_sft_se" (the standard error of the
 paired gold difference gold - sft_gold). During training, the scripts' --eval_interval logs `curve_point`s;
 at the end of a run `finish` writes eval.json. A reward model is measured on held-out rankings by
 `reward_model_metrics` (train_rm.py's eval.json).
@@ -152,6 +154,7 @@ def evaluate_policy(model, tok, data_dir, n: int = 200, max_new_tokens: int = 96
         sft_answers, _ = sample_answers(reference, tok, prompts, max_new_tokens, temperature, batch_size, seed)
         sft = gold_judge.judge_many(prompts, sft_answers)
         metrics["sft_gold"], metrics["sft_failures"] = sft["gold"], sft["failures"]
+        metrics["sft_failures_on_intent"] = sft["failures_on_intent"]
         sft_gold = [gold_judge.judge(p, a)["gold"] for p, a in zip(prompts, sft_answers)]
         metrics["win_rate_vs_sft"] = win_rate(gold, sft_gold)
         metrics["gain_vs_sft_se"] = standard_error([a - b for a, b in zip(gold, sft_gold)])  # paired, same prompts
@@ -241,7 +244,8 @@ def best_of_n(model, tok, rm, gain: float, bias: float, prompts: list, n_max: in
     chosen = [a[i] for a, i in zip(answers, pick)]
     judged = gold_judge.judge_many(prompts, chosen)
     selected = {"n": select, "kl": best_of_n_kl(select), "gold": judged["gold"], "principles": judged["principles"],
-                "failures": judged["failures"],
+                "failures": judged["failures"], "failures_on_intent": judged["failures_on_intent"],
+                "degenerate": judged["degenerate"],
                 "win_rate_vs_sft": win_rate(gold[range(len(pick)), pick].tolist(), gold[:, -1].tolist()),
                 "samples": shown_samples(prompts, chosen)}
     return best_of_n_curve(proxy, gold), selected

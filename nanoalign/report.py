@@ -45,6 +45,7 @@ def policy_rows(results: dict, runs: dict) -> list[dict]:
         r = results[name]["selected"] if name == "bon" else results[name]
         row = {"stage": name, "title": STAGES[name].title, "gold": r["gold"], "se": r.get("gold_se"),
                "failures": r["failures"], "principles": r.get("principles", {}), "kl": r.get("kl", 0.0),
+               "degenerate": r.get("degenerate", {}).get("any"),
                "win_rate": r.get("win_rate_vs_sft"), "seconds": runs[name]["seconds"], "samples": r["samples"]}
         if "sft_gold" in r and name != "sft":
             row["gain"], row["gain_se"] = r["gold"] - r["sft_gold"], r["gain_vs_sft_se"]
@@ -58,15 +59,16 @@ def _num(x, fmt="{:.3f}", none="") -> str:
 
 
 def results_table(rows: list[dict], demo_gold: float) -> list[str]:
-    lines = ["| stage | gold | gain vs SFT | " + " | ".join(FAILURES) + " | KL (nats) | win rate vs SFT | time |",
-             "| --- " * (7 + len(FAILURES) - 1) + "|",
-             f"| demonstrations | {demo_gold:.3f} | " + " | " * (len(FAILURES) + 3) + " |"]
+    lines = ["| stage | gold | gain vs SFT | " + " | ".join(FAILURES) + " | degenerate | KL (nats) | win rate vs SFT "
+             "| time |", "| --- " * (8 + len(FAILURES) - 1) + "|",
+             f"| demonstrations | {demo_gold:.3f} | " + " | " * (len(FAILURES) + 4) + " |"]
     for r in rows:
         gold = f"{r['gold']:.3f}" + (f" ± {r['se']:.3f}" if r["se"] is not None else "")
         gain = f"{r['gain']:+.3f} ± {r['gain_se']:.3f}" if "gain" in r else ""
         kl = f"≤ {r['kl']:.2f}" if r["stage"] == "bon" else f"{r['kl']:.2f}"
         lines.append(f"| {r['title']} | {gold} | {gain} | " + " | ".join(f"{r['failures'][f]:.2f}" for f in FAILURES)
-                     + f" | {kl} | {_num(r['win_rate'], '{:.2f}')} | {minutes(r['seconds'])} |")
+                     + f" | {_num(r['degenerate'], '{:.2f}')} | {kl} | {_num(r['win_rate'], '{:.2f}')} "
+                       f"| {minutes(r['seconds'])} |")
     return lines
 
 
@@ -92,7 +94,10 @@ def write_report(cfg: Config, runs: dict) -> Path:
              f"`python -m nanoalign.report{' --quick=True' if cfg.quick else ''}`: stages "
              + ", ".join(f"{n} ({minutes(r['seconds'])})" for n, r in runs.items())
              + f"; data `{cfg.data_dir}`, runs under `{cfg.out_root}/`. Gold is the helpdesk judge's score (0–1) of "
-               "answers to the held-out prompts; ± is one standard error over the prompts; KL is to the SFT policy "
+               "answers to the held-out prompts; ± is one standard error over the prompts; failure rates are over all "
+               "the prompts (over each failure's own intent in `failures_on_intent` of the stage's eval.json); "
+               "degenerate is the share of answers with a degenerate sentence (a repeat, courtesy beyond one greeting "
+               "and one closing, another intent's content, rudeness); KL is to the SFT policy "
                "in nats per answer; each stage's time is the wall-clock time of the run that wrote it (which may have "
                "shared the machine with another stage: `--jobs`).", ""]
     if cfg.quick:
