@@ -345,7 +345,8 @@ def test_bayes_ceiling_matches_numerical_integration_over_gumbel_noise():
 
 
 def test_write_world_is_deterministic_and_splits_are_disjoint(tmp_path):
-    names = [f"{stem}{split}.jsonl" for stem in ("sft", "prefs", "pairs", "prompts") for split in ("", "_test")]
+    names = [f"{stem}{split}.jsonl" for stem in ("sft", "prefs", "pairs", "feedback", "prompts")
+             for split in ("", "_test")]
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         write_world(tmp_path / name, seed=seed, n_train=300, n_test=60)
     for file in names:

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoalign.losses import (best_of_k_loss, bradley_terry_loss, dpo_loss, kwise_ranking_loss, plackett_luce_loss,
-                              soft_bradley_terry_loss)
+from nanoalign.losses import (Answers, LossParams, best_of_k_loss, bradley_terry_loss, kwise_ranking_loss,
+                              plackett_luce_loss, preference_loss, soft_bradley_terry_loss)
 
 
 def test_bradley_terry_equals_bce_and_hand_value():
@@ -79,6 +79,14 @@ def test_soft_labels_reduce_to_bt_and_have_bounded_minimiser():
     assert abs(grad.item()) < 1e-12
 
 
+def pair_loss(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None,
+              rejected_lengths=None, simpo_gamma=1.0, rpo_alpha=0.0):
+    """A pairwise loss of the registry on [P] tensors -> (losses [P], chosen rewards [P], rejected rewards [P])."""
+    a = Answers.pairs(pc, pr, rc, rr, chosen_lengths, rejected_lengths, label_smoothing)
+    losses, rewards = preference_loss(loss_type, a, LossParams(beta, simpo_gamma, rpo_alpha=rpo_alpha))
+    return (losses, *Answers.halves(rewards))
+
+
 def dpo_inputs(h_values, beta=1.0):
     """Policy/reference sums giving log-ratio difference h per pair, lengths 4 (chosen) and 2 (rejected)."""
     h = torch.tensor(h_values, dtype=torch.float64)
@@ -89,19 +97,19 @@ def dpo_inputs(h_values, beta=1.0):
 
 def test_dpo_sigmoid_hand_values_and_bt_equivalence():
     (pc, pr, rc, rr), _ = dpo_inputs([0.0, 1.0, -2.0])
-    losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    losses, cr, rj = pair_loss(pc, pr, rc, rr, beta=0.5)
     expected = [math.log(2), math.log1p(math.exp(-0.5)), math.log1p(math.exp(1.0))]
     assert losses.tolist() == pytest.approx(expected, abs=1e-12)
     assert torch.allclose(losses.mean(), bradley_terry_loss(cr, rj))  # DPO = BT on the implicit rewards
     # adding any f(x) to both log-ratios changes nothing
     shift = torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64)
-    assert torch.allclose(dpo_loss(pc + shift, pr + shift, rc, rr, beta=0.5)[0], losses)
+    assert torch.allclose(pair_loss(pc + shift, pr + shift, rc, rr, beta=0.5)[0], losses)
 
 
 def test_dpo_gradient_matches_closed_form():
     """∇L = -β σ(r̂_l - r̂_w) (∇S(y_w) - ∇S(y_l)) (DPO §4): w.r.t. S(y_w) it is -β σ(-βh)."""
     (pc, pr, rc, rr), _ = dpo_inputs([0.7, -0.4])
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3)
+    losses, _, _ = pair_loss(pc, pr, rc, rr, beta=0.3)
     gc, gr = torch.autograd.grad(losses.sum(), (pc, pr))
     expected = -0.3 * torch.sigmoid(-0.3 * torch.tensor([0.7, -0.4], dtype=torch.float64))
     assert torch.allclose(gc, expected) and torch.allclose(gr, -expected)
@@ -113,45 +121,45 @@ def test_dpo_variants_by_hand():
     beta, eps = 0.5, 0.1
     bh = 0.5 * torch.tensor([0.0, 0.8, 3.0], dtype=torch.float64)
     ls = lambda x: -math.log1p(math.exp(-x))  # log σ(x)
-    cdpo, _, _ = dpo_loss(pc, pr, rc, rr, beta, label_smoothing=eps)
+    cdpo, _, _ = pair_loss(pc, pr, rc, rr, beta, label_smoothing=eps)
     assert cdpo.tolist() == pytest.approx([-(1 - eps) * ls(x) - eps * ls(-x) for x in bh.tolist()])
-    robust, _, _ = dpo_loss(pc, pr, rc, rr, beta, "robust", label_smoothing=eps)  # a float ε, float64 exact
+    robust, _, _ = pair_loss(pc, pr, rc, rr, beta, "robust", label_smoothing=eps)  # a float ε, float64 exact
     assert robust.tolist() == pytest.approx([(-(1 - eps) * ls(x) + eps * ls(-x)) / 0.8 for x in bh.tolist()],
                                             rel=1e-14)
     for b in (0.25, 2.0):  # the IPO target 1/(2β), away from β = ½ where it equals 2β
         h = torch.tensor([0.0, 0.8, 3.0], dtype=torch.float64)
-        assert dpo_loss(pc, pr, rc, rr, b, "ipo_sum")[0].tolist() == pytest.approx(((h - 1 / (2 * b)) ** 2).tolist())
-        assert dpo_loss(pc, pr, rc, rr, b, "ipo", **lengths)[0].tolist() == pytest.approx(
+        assert pair_loss(pc, pr, rc, rr, b, "ipo_sum")[0].tolist() == pytest.approx(((h - 1 / (2 * b)) ** 2).tolist())
+        assert pair_loss(pc, pr, rc, rr, b, "ipo", **lengths)[0].tolist() == pytest.approx(
             ((h / 4 - 1 / (2 * b)) ** 2).tolist())
-    hinge, _, _ = dpo_loss(pc, pr, rc, rr, beta, "hinge")
+    hinge, _, _ = pair_loss(pc, pr, rc, rr, beta, "hinge")
     assert hinge.tolist() == pytest.approx([1.0, 0.6, 0.0])
-    ipo_sum, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo_sum")
+    ipo_sum, _, _ = pair_loss(pc, pr, rc, rr, beta, "ipo_sum")
     assert ipo_sum.tolist() == pytest.approx([1.0, 0.04, 4.0])  # (h - 1/(2β))², 1/(2β) = 1
-    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo", **lengths)  # h̄ = h/4 (chosen length 4, rejected 0)
+    ipo, _, _ = pair_loss(pc, pr, rc, rr, beta, "ipo", **lengths)  # h̄ = h/4 (chosen length 4, rejected 0)
     assert ipo.tolist() == pytest.approx([1.0, 0.64, 0.0625])
-    simpo, cw, _ = dpo_loss(pc, pr, rc, rr, 2.0, "simpo", simpo_gamma=1.0, **lengths)
+    simpo, cw, _ = pair_loss(pc, pr, rc, rr, 2.0, "simpo", simpo_gamma=1.0, **lengths)
     assert simpo.tolist() == pytest.approx([-ls(2.0 * h / 4 - 1.0) for h in (0.0, 0.8, 3.0)])
     assert cw.tolist() == pytest.approx([2.0 * h / 4 for h in (0.0, 0.8, 3.0)])
-    assert dpo_loss(pc, pr, rc, rr, 2.0, "simpo", **lengths)[0].tolist() == simpo.tolist()  # γ defaults to 1
-    rpo, _, _ = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha=1.0, **lengths)
-    base, _, _ = dpo_loss(pc, pr, rc, rr, beta)
+    assert pair_loss(pc, pr, rc, rr, 2.0, "simpo", **lengths)[0].tolist() == simpo.tolist()  # γ defaults to 1
+    rpo, _, _ = pair_loss(pc, pr, rc, rr, beta, rpo_alpha=1.0, **lengths)
+    base, _, _ = pair_loss(pc, pr, rc, rr, beta)
     assert (rpo - base).tolist() == pytest.approx([-h / 4 for h in (0.0, 0.8, 3.0)])
-    with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
-        dpo_loss(pc, pr, rc, rr, beta, "kto")
+    with pytest.raises(ValueError, match="unknown loss_type 'dpo'; expected one of sigmoid, robust"):
+        pair_loss(pc, pr, rc, rr, beta, "dpo")
 
 
 def test_robust_dpo_is_unbiased_under_label_flips_and_cdpo_is_soft_labels():
     h = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
     z = torch.zeros(3, dtype=torch.float64)
     eps = 0.2
-    clean = dpo_loss(h, z, z, z, 1.0, "sigmoid")[0]
-    flipped = dpo_loss(-h, z, z, z, 1.0, "robust", label_smoothing=eps)[0]
-    kept = dpo_loss(h, z, z, z, 1.0, "robust", label_smoothing=eps)[0]
+    clean = pair_loss(h, z, z, z, 1.0, "sigmoid")[0]
+    flipped = pair_loss(-h, z, z, z, 1.0, "robust", label_smoothing=eps)[0]
+    kept = pair_loss(h, z, z, z, 1.0, "robust", label_smoothing=eps)[0]
     assert torch.allclose((1 - eps) * kept + eps * flipped, clean)  # E over ε-flipped labels = clean loss
-    cdpo = dpo_loss(h, z, z, z, 1.0, label_smoothing=eps)[0]
+    cdpo = pair_loss(h, z, z, z, 1.0, label_smoothing=eps)[0]
     soft = torch.stack([soft_bradley_terry_loss(h[i:i + 1], z[i:i + 1], torch.tensor([1 - eps])) for i in range(3)])
     assert torch.allclose(cdpo, soft)
-    per_pair = dpo_loss(h, z, z, z, 1.0, label_smoothing=torch.tensor([0.0, eps, 0.0]))[0]
+    per_pair = pair_loss(h, z, z, z, 1.0, label_smoothing=torch.tensor([0.0, eps, 0.0]))[0]
     assert torch.allclose(per_pair[1], cdpo[1]) and torch.allclose(per_pair[0], clean[0])
 
 
@@ -161,13 +169,13 @@ def test_robust_dpo_tie_is_zero_with_finite_gradients():
     h = torch.tensor([0.7, -0.4], dtype=torch.float64, requires_grad=True)
     z = torch.zeros(2, dtype=torch.float64)
     eps = torch.tensor([0.5, 0.2], dtype=torch.float64)
-    losses, _, _ = dpo_loss(h, z, z, z, 1.0, "robust", label_smoothing=eps)
+    losses, _, _ = pair_loss(h, z, z, z, 1.0, "robust", label_smoothing=eps)
     losses.sum().backward()
     assert losses[0].item() == 0.0 and h.grad[0].item() == 0.0
     ls = lambda x: -math.log1p(math.exp(-x))
     assert losses[1].item() == pytest.approx((-(0.8) * ls(-0.4) + 0.2 * ls(0.4)) / 0.6)
     assert torch.isfinite(h.grad).all()
-    assert dpo_loss(h, z, z, z, 1.0, "robust", label_smoothing=0.5)[0].tolist() == [0.0, 0.0]
+    assert pair_loss(h, z, z, z, 1.0, "robust", label_smoothing=0.5)[0].tolist() == [0.0, 0.0]
 
 
 def test_length_normalised_losses_divide_each_side_by_its_own_length():
@@ -180,8 +188,8 @@ def test_length_normalised_losses_divide_each_side_by_its_own_length():
     lengths = dict(chosen_lengths=torch.tensor([4.0, 4.0], dtype=torch.float64),
                    rejected_lengths=torch.tensor([2.0, 2.0], dtype=torch.float64))
     beta, gamma = 0.5, 0.3
-    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo", **lengths)
-    simpo, _, _ = dpo_loss(pc, pr, rc, rr, beta, "simpo", simpo_gamma=gamma, **lengths)
+    ipo, _, _ = pair_loss(pc, pr, rc, rr, beta, "ipo", **lengths)
+    simpo, _, _ = pair_loss(pc, pr, rc, rr, beta, "simpo", simpo_gamma=gamma, **lengths)
     for i in range(2):
         h_bar = (pc[i] - rc[i]).item() / 4 - (pr[i] - rr[i]).item() / 2
         assert ipo[i].item() == pytest.approx((h_bar - 1 / (2 * beta)) ** 2)
