@@ -229,7 +229,7 @@ def kto_reference_point(logps: Tensor, ref_logps: Tensor, all_sum=None) -> Tenso
     all_sum = all_sum or (lambda t: t)
     logratio = (logps - ref_logps).detach()
     total = all_sum(torch.stack([logratio.sum(), logratio.new_tensor(float(logratio.numel()))]))
-    return (total[0] / total[1]).clamp(min=0)
+    return (total[0] / total[1]).clamp(min=0).detach()
 
 
 def kto_loss(a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
