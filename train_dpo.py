@@ -71,7 +71,7 @@ class Config:
     kto_lambda_d: float = 1.0  # KTO's weight λ_D of desirable answers (kto only)
     kto_lambda_u: float = 1.0  # KTO's weight λ_U of undesirable answers (kto only)
     batch_size: int = 32  # pairs (or feedback records) per optimizer step (global, over ranks and micro-batches)
-    micro_batch_size: int = 0  # pairs per backward per process, 2x rows (0 = the process's whole share of the batch)
+    micro_batch_size: int = 0  # pairs (records) per backward per process (0 = the process's whole share of the batch)
     rows_per_forward: int = 16  # rows per forward, length-sorted in a micro-batch (speed; FSDP gathers per forward)
     max_steps: int = 200  # optimizer steps (0.27 epochs of the helpdesk pairs)
     lr: float = 2e-4  # peak AdamW learning rate
@@ -113,6 +113,7 @@ def reference_cache(cache_dir, reference, tok, seqs: list, max_len: int, device_
 
 
 def loss_params(cfg: Config) -> LossParams:
+    """The loss flags, as the preference losses read them."""
     return LossParams(cfg.beta, cfg.simpo_gamma, cfg.kto_lambda_d, cfg.kto_lambda_u, cfg.rpo_alpha)
 
 
