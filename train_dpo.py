@@ -242,7 +242,8 @@ def main(cfg: Config) -> dict:
 
     # 3. records -> distinct token sequences; each pair points at its chosen and its rejected row, each feedback
     #    record at its answer's; KTO adds each answer's prompt with another answer, for its reference point
-    prefs = encode_preferences(tok, records, max_len, cfg.seed if cfg.loss_type in PER_ANSWER else None)
+    prefs = encode_preferences(tok, records, max_len, cfg.seed if cfg.loss_type in PER_ANSWER else None,
+                               feedback=bool(cfg.feedback_file))
     seqs = prefs.seqs
     check_batch(len(records), cfg.batch_size)
     check_eval_prompts(tok, data_dir, cfg.n_eval, model.config.block_size)

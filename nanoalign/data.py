@@ -257,9 +257,10 @@ class Preferences:
     mismatched: list[tuple] | None = None
 
 
-def encode_preferences(tok: Tokenizer, records: list[dict], max_len: int, mismatch_seed: int | None = None
-                       ) -> Preferences:
-    """Pairs or feedback records -> `Preferences`, with the sequences of pairs in `encode_pairs`'s order.
+def encode_preferences(tok: Tokenizer, records: list[dict], max_len: int, mismatch_seed: int | None = None,
+                       feedback: bool = False) -> Preferences:
+    """Pairs (or, with feedback=True, feedback records) -> `Preferences`, the sequences of pairs in `encode_pairs`'s
+    order.
 
     mismatch_seed: also give each distinct (prompt, answer) a mismatched partner for KTO's KL estimate
     (Ethayarajh et al. 2024 §4): the distinct answers in a seeded shuffle, each one's prompt with the next one's
@@ -267,11 +268,11 @@ def encode_preferences(tok: Tokenizer, records: list[dict], max_len: int, mismat
     so the estimate is the same however the batch is split over micro-batches and processes, and the reference's
     log-probs of the partners are cached with the rest. Two neighbours may share a prompt (rarely: helpdesk has
     4 answers per prompt among thousands), which only makes that term an answer to its own prompt."""
-    fields = ("answer",) if "answer" in records[0] else ("chosen", "rejected")
+    fields = ("answer",) if feedback else ("chosen", "rejected")
     table = SequenceTable(tok, max_len)
     columns = [[table.row(r["prompt"], r[f], r.get("where", "")) for r in records] for f in fields]
     rows = list(zip(*columns))
-    desirable = [(r["label"],) if fields == ("answer",) else (True, False) for r in records]
+    desirable = [(r["label"],) if feedback else (True, False) for r in records]
     if mismatch_seed is None:
         return Preferences(table.seqs, rows, desirable)
     first = {}  # each distinct row's (prompt, answer, where), as first seen

@@ -138,4 +138,4 @@ def test_encoded_preferences_keep_pairs_order_and_give_each_answer_another_answe
     assert encode_preferences(tok, pairs, 64, mismatch_seed=3).mismatched == kto.mismatched
     feedback = [{"prompt": "Where is order 1?", "answer": "It ships 1.", "label": True},
                 {"prompt": "Where is order 2?", "answer": "It is lost 2.", "label": False}]
-    assert encode_preferences(tok, feedback, 64).desirable == [(True,), (False,)]
+    assert encode_preferences(tok, feedback, 64, feedback=True).desirable == [(True,), (False,)]
