@@ -2,9 +2,9 @@
 
 The reference scores each answer with its own unpadded forward, sums the log-softmax of the response tokens
 one position at a time, counts the response tokens (never the prompt), writes every preference loss out by
-hand (KTO's reference point from its mismatched pairs as well), and takes AdamW steps by hand with warmup + cosine
-learning rates; it imports nothing from nanoalign.losses. Three steps of train_dpo.main (two micro-batches each), run in float64, must reach the same
-weights and log the same losses and gradient norms.
+hand (KTO's reference point from its mismatched pairs as well), and takes AdamW steps by hand with warmup +
+cosine learning rates; it imports nothing from nanoalign.losses. Three steps of train_dpo.main (two
+micro-batches each), run in float64, must reach the same weights and log the same losses and gradient norms.
 """
 import copy
 import json
