@@ -1,12 +1,15 @@
 """Direct preference optimisation: fit the policy to preference pairs without a reward model (Rafailov et al. 2023).
 
     python train_dpo.py                                   # helpdesk pairs, out/sft -> out/dpo, ~1.5 min on 2 CPU cores
-    python train_dpo.py --loss_type=ipo_sum --beta=0.5    # any of the DPO family in nanoalign.losses.dpo_loss
+    python train_dpo.py --loss_type=ipo_sum --beta=0.5    # any loss of nanoalign.losses.PREFERENCE_LOSSES
+    python train_dpo.py --loss_type=kto --feedback_file=feedback.jsonl    # KTO on unpaired thumbs up/down
+    python train_dpo.py --loss_type=orpo                  # ORPO: SFT + odds-ratio term, no reference model
     python train_dpo.py --ref_cache=False                 # a live reference forward each step instead of the cache
     python train_dpo.py --eval_interval=100               # + gold and KL on held-out prompts every 100 steps
     torchrun --nproc_per_node=2 train_dpo.py --compile=True
 
-The policy starts from --init_from and the frozen reference is the same checkpoint. Reference log-probs are
+The policy starts from --init_from and the frozen reference is the same checkpoint (a reference-free loss, SimPO or
+ORPO, loads none: `nanoalign.losses.REFERENCE_FREE`). Reference log-probs are
 computed once per distinct (prompt, answer), cached in cache_dir keyed by a hash of all they depend on (the
 reference's weights and config, tokenizer, chat template, data, max_len, device type and the log-prob code:
 `reference_cache`), and the reference model is dropped while training. At the end the policy
@@ -36,10 +39,11 @@ import torch
 
 from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_meta
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, check_batch, encode_pairs, read_jsonl, require_soft_labels
+from nanoalign.data import batch_indices, check_batch, encode_preferences, read_jsonl, require_soft_labels
 from nanoalign.evaluate import check_eval_prompts, finish
 from nanoalign.logger import Logger
-from nanoalign.losses import DPO_LOSS_TYPES, dpo_loss
+from nanoalign.losses import (PER_ANSWER, PREFERENCE_LOSSES, REFERENCE_FREE, Answers, LossParams, kto_reference_point,
+                              preference_loss)
 from nanoalign.sampling import logps_code_version, summed_logps
 from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, run_inputs, save_resumable, setup,
@@ -51,20 +55,23 @@ from nanoalign.tokenizer import render_prompt
 class Config:
     data_dir: str = "data"  # pairs_file for training, sft_test.jsonl for the held-out evaluation prompts
     pairs_file: str = "pairs.jsonl"  # in data_dir: {"prompt","chosen","rejected","p"?} or Anthropic-HH lines
+    feedback_file: str = ""  # in data_dir, instead of pairs_file: {"prompt","answer","label"} thumbs up/down (kto only)
     out_dir: str = "out/dpo"  # checkpoint, log.jsonl and eval.json go here
     init_from: str = "out/sft"  # nanoalign or local HF GPT-2 dir; gives the policy and the frozen reference
     resume: bool = False  # continue from out_dir's checkpoint (optimizer, RNG, data position)
     cache_dir: str = "out/cache"  # reference log-probs, one safetensors file per content hash
     ref_cache: bool = True  # False = a live reference forward every step (reference kept in memory)
     max_len: int | None = None  # tokens per prompt + answer; None = the model's block_size
-    beta: float = 0.1  # pull toward the reference (DPO Eq. 7); smaller drifts further. SimPO wants ~2
-    loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo | ipo_sum | simpo (nanoalign.losses.dpo_loss)
+    beta: float = 0.1  # pull toward the reference (DPO Eq. 7); smaller drifts further. SimPO wants ~2; ORPO's λ
+    loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo | ipo_sum | simpo | kto | orpo (PREFERENCE_LOSSES)
     label_smoothing: float = 0.0  # cDPO / robust ε, the assumed label-flip rate; a pair's "p" overrides (ε = 1-p)
     soft_labels: bool = False  # every pair must carry "p" (AI feedback labels, nanoalign.rlaif)
     simpo_gamma: float = 1.0  # SimPO target margin γ (simpo only)
     rpo_alpha: float = 0.0  # weight of the NLL on the chosen answer (RPO); 0 = off
-    batch_size: int = 32  # pairs per optimizer step (global, over ranks and micro-batches)
-    micro_batch_size: int = 0  # pairs per backward per process, 2x rows (0 = the process's whole share of the batch)
+    kto_lambda_d: float = 1.0  # KTO's weight λ_D of desirable answers (kto only)
+    kto_lambda_u: float = 1.0  # KTO's weight λ_U of undesirable answers (kto only)
+    batch_size: int = 32  # pairs (or feedback records) per optimizer step (global, over ranks and micro-batches)
+    micro_batch_size: int = 0  # pairs (records) per backward per process (0 = the process's whole share of the batch)
     rows_per_forward: int = 16  # rows per forward, length-sorted in a micro-batch (speed; FSDP gathers per forward)
     max_steps: int = 200  # optimizer steps (0.27 epochs of the helpdesk pairs)
     lr: float = 2e-4  # peak AdamW learning rate
@@ -105,74 +112,125 @@ def reference_cache(cache_dir, reference, tok, seqs: list, max_len: int, device_
     return Path(cache_dir) / f"ref_logps-{key}.safetensors"
 
 
-def dpo_step(model, reference, ref_logps, optimizer, pairs: tuple, rows: list, step: int, cfg: Config,
+def loss_params(cfg: Config) -> LossParams:
+    """The loss flags, as the preference losses read them."""
+    return LossParams(cfg.beta, cfg.simpo_gamma, cfg.kto_lambda_d, cfg.kto_lambda_u, cfg.rpo_alpha)
+
+
+def answer_rows(per_record: list[tuple], records: list[int]) -> list:
+    """The records' answers, first answers of all then second answers of all: a batch of pairs' chosen rows, then
+    their rejected rows, as `nanoalign.losses.Answers` holds them."""
+    return [per_record[k][j] for j in range(len(per_record[0])) for k in records]
+
+
+def dpo_step(model, reference, ref_logps, optimizer, data: tuple, rows: list, step: int, cfg: Config,
              proc) -> tuple[dict, int]:
-    """One optimizer step on this rank's `rows` (pair indices): per micro-batch, chosen and rejected rows go
-    through the model together (the DPO authors concatenate them into one forward), here length-sorted into
-    forwards of --rows_per_forward rows so that little is padding; the losses summed over pairs / the global batch, then
-    AdamW. pairs = (seqs, chosen, rejected, smoothing, pad_id) from main; ref_logps [N sequences] when cached,
-    else None and the reference runs live -> (metrics, means over the global batch; tokens read here)."""
-    seqs, chosen, rejected, smoothing, pad_id = pairs
-    sums, tokens = {}, 0
-    for micro in accumulate(model, rows, cfg.micro_batch_size):
-        c, r = [chosen[i] for i in micro], [rejected[i] for i in micro]
-        both = [seqs[i] for i in c + r]  # chosen then rejected, through the model length-sorted (`by_length`)
-        policy_chosen, policy_rejected = summed_logps(model, both, pad_id, proc.device,
-                                                      cfg.rows_per_forward).chunk(2)  # [P] each
+    """One optimizer step on this rank's `rows` (record indices): per micro-batch, the records' answers (a pair's
+    chosen and rejected together: the DPO authors concatenate them into one forward) go through the model
+    length-sorted into forwards of --rows_per_forward rows, so that little is padding; the loss
+    (`nanoalign.losses.preference_loss`) summed over its terms / the global batch's terms, then AdamW. KTO first
+    measures its reference point z₀ on the whole global batch. data = (prefs, smoothing, pad_id) from main;
+    ref_logps [N sequences] when cached, else None and the reference runs live (or not at all, for a
+    reference-free loss) -> (metrics, means over the global batch; tokens read here)."""
+    prefs, smoothing, pad_id = data
+    params, paired = loss_params(cfg), len(prefs.rows[0]) == 2
+
+    def forward(net, answers: list):
+        return summed_logps(net, [prefs.seqs[i] for i in answers], pad_id, proc.device, cfg.rows_per_forward)
+
+    def reference_logps(answers: list):
+        if cfg.loss_type in REFERENCE_FREE:
+            return None
         if ref_logps is not None:
-            ref_chosen, ref_rejected = ref_logps[c], ref_logps[r]
-        else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = summed_logps(reference, both, pad_id, proc.device,
-                                                        cfg.rows_per_forward).chunk(2)
-        lengths = torch.tensor([float(len(ids) - n) for ids, n in both], device=proc.device)  # [2P] for ipo, simpo, rpo
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
-            label_smoothing=smoothing[micro], chosen_lengths=lengths[:len(micro)],
-            rejected_lengths=lengths[len(micro):], simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
-        global_backward(losses.sum() / cfg.batch_size, proc)  # summed over pairs / the global batch's pairs
-        stats = {"loss": losses.detach(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-                 "rewards/margins": chosen_rewards - rejected_rewards, "rewards/chosen": chosen_rewards,
-                 "rewards/rejected": rejected_rewards, "logps/chosen": policy_chosen.detach(),
-                 "logps/rejected": policy_rejected.detach()}
+            return ref_logps[answers]
+        with torch.no_grad():
+            return forward(reference, answers)
+
+    kl, tokens = 0.0, 0
+    if cfg.loss_type in PER_ANSWER:  # KTO's z₀: every answer's prompt with another answer, over all ranks' batch
+        mismatched = answer_rows(prefs.mismatched, rows)
+        with torch.no_grad():
+            kl = kto_reference_point(forward(model, mismatched), reference_logps(mismatched),
+                                     lambda t: global_sum(t, proc))
+        tokens += sum(len(prefs.seqs[i][0]) for i in mismatched)
+    terms = cfg.batch_size * (len(prefs.rows[0]) if cfg.loss_type in PER_ANSWER else 1)  # the global batch's
+    sums = {}
+    for micro in accumulate(model, rows, cfg.micro_batch_size):
+        answers = answer_rows(prefs.rows, micro)  # pairs: chosen then rejected, forwarded length-sorted
+        logps = forward(model, answers)  # [N]
+        lengths = torch.tensor([float(len(prefs.seqs[i][0]) - prefs.seqs[i][1]) for i in answers],
+                               device=proc.device)  # for ipo, simpo, orpo, rpo
+        desirable = torch.tensor(answer_rows(prefs.desirable, micro), device=proc.device)
+        batch = Answers(logps, reference_logps(answers), lengths, desirable, smoothing[micro], kl)
+        losses, rewards = preference_loss(cfg.loss_type, batch, params)
+        global_backward(losses.sum() / terms, proc)  # summed over terms / the global batch's terms
+        if paired:
+            chosen_rewards, rejected_rewards = Answers.halves(rewards)
+            policy_chosen, policy_rejected = Answers.halves(logps.detach())
+            stats = {"loss": losses.detach(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                     "rewards/margins": chosen_rewards - rejected_rewards, "rewards/chosen": chosen_rewards,
+                     "rewards/rejected": rejected_rewards, "logps/chosen": policy_chosen,
+                     "logps/rejected": policy_rejected}
+        else:  # thumbs up/down: the mean reward of each kind, from sums and counts
+            stats = {"loss": losses.detach(), "rewards/desirable": torch.where(desirable, rewards, 0.0),
+                     "rewards/undesirable": torch.where(desirable, 0.0, rewards), "desirable": desirable.float()}
         sums = {name: sums.get(name, 0.0) + v.sum().item() for name, v in stats.items()}
-        tokens += sum(len(ids) for ids, _ in both)
+        tokens += sum(len(prefs.seqs[i][0]) for i in answers)
     lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
     grad_norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, f"step {step + 1}", {"loss": sums["loss"]},
                                proc.scaler)
-    return {**{name: global_sum(v, proc) / cfg.batch_size for name, v in sums.items()},
-            "lr": lr, "grad_norm": grad_norm}, tokens
+    metrics = {name: global_sum(v, proc) / (terms if name == "loss" else cfg.batch_size) for name, v in sums.items()}
+    if not paired:
+        share = metrics.pop("desirable")  # of the global batch's answers
+        metrics["rewards/desirable"] /= max(share, 1 / cfg.batch_size)
+        metrics["rewards/undesirable"] /= max(1 - share, 1 / cfg.batch_size)
+    if cfg.loss_type in PER_ANSWER:
+        metrics["kl"] = float(kl)
+    return {**metrics, "lr": lr, "grad_norm": grad_norm}, tokens
 
 
 def main(cfg: Config) -> dict:
     # 0. the config, checked before anything is written
     check_config(cfg, positive="beta batch_size rows_per_forward max_steps lr log_interval ckpt_interval max_len",
                  nonneg="micro_batch_size min_lr warmup_steps weight_decay grad_clip n_eval eval_interval "
-                        "max_new_tokens temperature label_smoothing simpo_gamma rpo_alpha",
-                 choices={"loss_type": DPO_LOSS_TYPES})
+                        "max_new_tokens temperature label_smoothing simpo_gamma rpo_alpha kto_lambda_d kto_lambda_u",
+                 choices={"loss_type": tuple(PREFERENCE_LOSSES)})
     if cfg.eval_interval and not cfg.n_eval:
         raise SystemExit(f"--eval_interval={cfg.eval_interval} needs held-out prompts to answer: --n_eval > 0")
+    if cfg.feedback_file and cfg.loss_type not in PER_ANSWER:
+        raise SystemExit(f"--feedback_file={cfg.feedback_file}: unpaired thumbs up/down trains a loss of labelled "
+                         f"answers ({', '.join(PER_ANSWER)}); --loss_type={cfg.loss_type} compares pairs")
+    if cfg.rpo_alpha and cfg.loss_type in PER_ANSWER:
+        raise SystemExit(f"--rpo_alpha={cfg.rpo_alpha}: RPO adds an NLL to each pair's loss; --loss_type="
+                         f"{cfg.loss_type} has one term per answer")
     if not cfg.label_smoothing < 0.5:
         raise SystemExit(f"--label_smoothing={cfg.label_smoothing}: the assumed label-flip rate must be below 0.5")
     cfg = replace(cfg, micro_batch_size=micro_batch(cfg.batch_size, cfg.micro_batch_size, world_size()))
 
-    # 1. processes, seeds, preference pairs
+    # 1. processes, seeds, preference pairs (or thumbs up/down)
     proc = setup(cfg.seed, cfg.device, cfg.dtype, cfg.allow_slow_dtype)
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     claim_out_dir(cfg, proc)  # one run per out_dir
-    pairs_path = data_dir / cfg.pairs_file
+    data_path = data_dir / (cfg.feedback_file or cfg.pairs_file)
     # a resumed run must be this run; the sampling flags only shape the evaluation, so they may change
-    run_inputs(cfg, proc, data=[pairs_path], may_change=("max_new_tokens", "temperature"))
-    records = read_jsonl(pairs_path)  # schema detected: pairs, or HH text read as pairs
-    if "chosen" not in records[0]:
-        raise ValueError(f"{records[0]['where']}: expected preference pairs (prompt, chosen, rejected) or HH text")
+    run_inputs(cfg, proc, data=[data_path], may_change=("max_new_tokens", "temperature"))
+    if cfg.feedback_file:
+        records = read_jsonl(data_path, "feedback")
+    else:
+        records = read_jsonl(data_path)  # schema detected: pairs, or HH text read as pairs
+        if "chosen" not in records[0]:
+            raise ValueError(f"{records[0]['where']}: expected preference pairs (prompt, chosen, rejected) or HH text")
     if cfg.soft_labels:
         require_soft_labels(records)
 
-    # 2. policy from --init_from (or out_dir on resume); the reference is the --init_from model, frozen
+    # 2. policy from --init_from (or out_dir on resume); the reference is the --init_from model, frozen. A
+    #    reference-free loss loads it only to measure the KL of --eval_interval's curve points
     model, tok = load_model(out_dir if cfg.resume else cfg.init_from)
     step = 0  # set by resume() below
-    reference = load_model(cfg.init_from, tok)[0].to(proc.device, proc.dtype).eval().requires_grad_(False)
+    uses_reference = cfg.loss_type not in REFERENCE_FREE
+    reference = None
+    if uses_reference or cfg.eval_interval:
+        reference = load_model(cfg.init_from, tok)[0].to(proc.device, proc.dtype).eval().requires_grad_(False)
     if cfg.max_len is not None and cfg.max_len > model.config.block_size:
         raise SystemExit(f"--max_len={cfg.max_len}: longer than the context of {cfg.init_from} "
                          f"({model.config.block_size} tokens); use at most {model.config.block_size}, or None for it")
@@ -182,19 +240,22 @@ def main(cfg: Config) -> dict:
               + (" (inherited)" if cfg.max_len is None else ""))
     model = wrap_model(model, proc, cfg.compile, cfg.activation_checkpointing, cfg.fused_head)
 
-    # 3. pairs -> distinct token sequences; each pair points at its chosen and its rejected row
-    seqs, chosen, rejected = encode_pairs(tok, records, max_len)
+    # 3. records -> distinct token sequences; each pair points at its chosen and its rejected row, each feedback
+    #    record at its answer's; KTO adds each answer's prompt with another answer, for its reference point
+    prefs = encode_preferences(tok, records, max_len, cfg.seed if cfg.loss_type in PER_ANSWER else None,
+                               feedback=bool(cfg.feedback_file))
+    seqs = prefs.seqs
     check_batch(len(records), cfg.batch_size)
     check_eval_prompts(tok, data_dir, cfg.n_eval, model.config.block_size)
     # cDPO soft labels: a pair's own "p" (AI feedback) or the global label_smoothing
     smoothing = torch.tensor([1 - r.get("p", 1 - cfg.label_smoothing) for r in records], device=proc.device)
     if proc.master:
-        print(f"{len(records)} pairs, {len(seqs)} distinct sequences, "
+        print(f"{len(records)} {'feedback records' if cfg.feedback_file else 'pairs'}, {len(seqs)} distinct sequences, "
               f"{cfg.max_steps * cfg.batch_size / len(records):.2f} epochs")
 
     # 4. reference log-probs: computed once, cached on disk, then the reference leaves memory
     ref_logps = None
-    if cfg.ref_cache:
+    if cfg.ref_cache and uses_reference:
         cache = reference_cache(cfg.cache_dir, reference, tok, seqs, max_len, proc.device.type)
         t0, hit = time.time(), cache.exists()
         if not proc.master and proc.world > 1:
@@ -218,11 +279,11 @@ def main(cfg: Config) -> dict:
 
     # 6. train
     model.train()
-    pairs = (seqs, chosen, rejected, smoothing, tok.pad_id)
+    data = (prefs, smoothing, tok.pad_id)
     t_last, tokens_seen, metrics = time.time(), 0, {}
     while step < cfg.max_steps:
         rows = batch_indices(len(records), cfg.batch_size, step, cfg.seed)[proc.rank::proc.world]
-        metrics, tokens = dpo_step(model, reference, ref_logps, optimizer, pairs, rows, step, cfg, proc)
+        metrics, tokens = dpo_step(model, reference, ref_logps, optimizer, data, rows, step, cfg, proc)
         tokens_seen += tokens
         step += 1
         window.append(metrics)  # one pair batch is noisy: log the means over the interval

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from nanoalign.losses import dpo_loss
+from nanoalign.losses import Answers, LossParams, dpo_loss
 from nanoalign.model import GPTConfig
 from nanoalign.sampling import model_logps
 from nanoalign.scaffold import optimizer_step
@@ -78,7 +78,7 @@ def dpo_step(model, optimizer, batch: dict, beta: float, lr: float, reference=No
         with torch.no_grad():
             ref_logps = model_logps(reference, **batch).sum(-1)
     ref_chosen, ref_rejected = ref_logps.chunk(2)
-    losses, _, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    losses, _ = dpo_loss(Answers.pairs(policy_chosen, policy_rejected, ref_chosen, ref_rejected), LossParams(beta))
     losses.mean().backward()
     optimizer_step(model, optimizer, lr, 1.0)
     return losses.mean().item()

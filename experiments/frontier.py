@@ -72,7 +72,7 @@ from nanoalign.checkpoint import load_model  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
 from nanoalign.experiment import finish, logged, mean_se, quick  # noqa: E402
-from nanoalign.losses import dpo_loss  # noqa: E402
+from nanoalign.losses import Answers, LossParams, dpo_loss  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
 
 QUICK = dict(dpo_betas="0.1,1", ppo_kl_targets="2", gt_kl_targets="2", n_prompts=8, max_new_tokens=12,
@@ -290,7 +290,7 @@ def oracle_seed(cfg: Config, seed: int, log) -> dict:
         def closure():  # the mean DPO loss over the pairs (DPO Eq. 7), each (winner, loser) once with its count
             opt.zero_grad()
             logps = answer_logps(table, ys, contexts)
-            losses, _, _ = dpo_loss(logps[w], logps[lose], ref[w], ref[lose], beta)
+            losses, _ = dpo_loss(Answers.pairs(logps[w], logps[lose], ref[w], ref[lose]), LossParams(beta))
             loss = (counts[w, lose] * losses).sum() / counts.sum()
             loss.backward()
             return loss

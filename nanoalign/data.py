@@ -4,6 +4,7 @@ Schemas (TRL-style JSONL, one object per line):
     sft       {"prompt", "completion"}
     prefs     {"prompt", "responses": [K str], "ranking": [indices into responses, best first], "gold"?: [K]}
     pairs     {"prompt", "chosen", "rejected", "p"?: probability that chosen is better (soft label, default 1)}
+    feedback  {"prompt", "answer", "label"}: one answer with a thumbs up (true) or down (false), for KTO
     prompts   {"prompt"}
     hh        {"chosen", "rejected"}: Anthropic-HH text ("\n\nHuman: ...\n\nAssistant: ..."), read as pairs
 A prompt is a user message (str) or a list of {"role", "content"} messages. Bad input raises one
@@ -13,6 +14,7 @@ ValueError naming file, line and field, before anything is written.
 import json
 import math
 import random
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -27,6 +29,7 @@ SCHEMAS = {  # name -> required fields (checked in this order when detecting)
     "pairs": ("prompt", "chosen", "rejected"),
     "sft": ("prompt", "completion"),
     "hh": ("chosen", "rejected"),
+    "feedback": ("prompt", "answer", "label"),
     "prompts": ("prompt",),
 }
 
@@ -71,7 +74,7 @@ def _validate(rec: dict, schema: str, where: str) -> dict:
     for key in SCHEMAS[schema]:
         if key not in rec:
             raise ValueError(f"{where}: missing field {key!r} (schema {schema}: {list(SCHEMAS[schema])})")
-    for key in ("completion", "chosen", "rejected"):
+    for key in ("completion", "chosen", "rejected", "answer"):
         if key in SCHEMAS[schema]:
             _check_text(rec[key], where, key)
     if schema == "hh":
@@ -100,6 +103,9 @@ def _validate(rec: dict, schema: str, where: str) -> dict:
         i = next(i for i, r in enumerate(rec["responses"]) if rec["responses"].index(r) < i)
         raise ValueError(f"{where}: field 'responses[{i}]' repeats an earlier answer; a ranking must order "
                          f"different answers")
+    if schema == "feedback" and not isinstance(rec["label"], bool):
+        raise ValueError(f"{where}: field 'label' must be true (a thumbs up) or false (a thumbs down), "
+                         f"got {rec['label']!r}")
     if schema == "pairs" and not (_is_number(rec.get("p", 1.0)) and 0 <= rec.get("p", 1.0) <= 1):
         raise ValueError(f"{where}: field 'p' (probability that 'chosen' is better) must be a number in [0, 1], "
                          f"got {rec['p']!r}")
@@ -215,22 +221,70 @@ def check_prompts(tok: Tokenizer, records: list[dict], block_size: int) -> None:
                              f"({block_size} tokens, leaving no room for a response)")
 
 
+class SequenceTable:
+    """Distinct (prompt, answer) token sequences, each encoded once (`encode_example`) and numbered in the order
+    first seen: .seqs [(ids, n_prompt)], .row(prompt, answer) its number. An answer ranked among K appears in K-1
+    pairs (helpdesk: 4 answers, 6 pairs, 4 sequences), so per-sequence reference log-probs need 3x fewer forwards."""
+
+    def __init__(self, tok: Tokenizer, max_len: int):
+        self.tok, self.max_len, self.seqs, self.rows = tok, max_len, [], {}
+
+    def row(self, prompt, answer: str, where: str = "") -> int:
+        key = json.dumps([prompt, answer])
+        if key not in self.rows:
+            self.rows[key] = len(self.seqs)
+            self.seqs.append(encode_example(self.tok, prompt, answer, self.max_len, where))
+        return self.rows[key]
+
+
 def encode_pairs(tok: Tokenizer, records: list[dict], max_len: int) -> tuple[list, list[int], list[int]]:
-    """Pairs records -> (distinct (ids, n_prompt) sequences, chosen row per pair, rejected row per pair).
-    Each (prompt, answer) is encoded once: an answer ranked among K appears in K-1 pairs (helpdesk: 4
-    answers, 6 pairs, 4 sequences), so per-sequence reference log-probs need 3x fewer forwards."""
-    seqs, rows = [], {}
+    """Pairs records -> (distinct (ids, n_prompt) sequences, chosen row per pair, rejected row per pair)."""
+    table = SequenceTable(tok, max_len)
+    chosen = [table.row(r["prompt"], r["chosen"], r.get("where", "")) for r in records]
+    rejected = [table.row(r["prompt"], r["rejected"], r.get("where", "")) for r in records]
+    return table.seqs, chosen, rejected
 
-    def row(prompt, response, where):
-        key = json.dumps([prompt, response])
-        if key not in rows:
-            rows[key] = len(seqs)
-            seqs.append(encode_example(tok, prompt, response, max_len, where))
-        return rows[key]
 
-    chosen = [row(r["prompt"], r["chosen"], r.get("where", "")) for r in records]
-    rejected = [row(r["prompt"], r["rejected"], r.get("where", "")) for r in records]
-    return seqs, chosen, rejected
+@dataclass
+class Preferences:
+    """Pairs or feedback records as token sequences (`encode_preferences`). Per record: `rows`, its answers' rows
+    in `seqs` ((chosen, rejected) of a pair, (answer,) of a feedback record); `desirable`, their labels ((True,
+    False) of a pair); `mismatched`, for KTO's reference point, the rows of each answer's prompt with another
+    answer (None when not asked for)."""
+    seqs: list
+    rows: list[tuple]
+    desirable: list[tuple]
+    mismatched: list[tuple] | None = None
+
+
+def encode_preferences(tok: Tokenizer, records: list[dict], max_len: int, mismatch_seed: int | None = None,
+                       feedback: bool = False) -> Preferences:
+    """Pairs (or, with feedback=True, feedback records) -> `Preferences`, the sequences of pairs in `encode_pairs`'s
+    order.
+
+    mismatch_seed: also give each distinct (prompt, answer) a mismatched partner for KTO's KL estimate
+    (Ethayarajh et al. 2024 §4): the distinct answers in a seeded shuffle, each one's prompt with the next one's
+    answer (cyclically), as TRL pairs each answer with its neighbour's in a batch. The partner is fixed per answer,
+    so the estimate is the same however the batch is split over micro-batches and processes, and the reference's
+    log-probs of the partners are cached with the rest. Two neighbours may share a prompt (rarely: helpdesk has
+    4 answers per prompt among thousands), which only makes that term an answer to its own prompt."""
+    fields = ("answer",) if feedback else ("chosen", "rejected")
+    table = SequenceTable(tok, max_len)
+    columns = [[table.row(r["prompt"], r[f], r.get("where", "")) for r in records] for f in fields]
+    rows = list(zip(*columns))
+    desirable = [(r["label"],) if feedback else (True, False) for r in records]
+    if mismatch_seed is None:
+        return Preferences(table.seqs, rows, desirable)
+    first = {}  # each distinct row's (prompt, answer, where), as first seen
+    for f, column in zip(fields, columns):
+        for r, row in zip(records, column):
+            first.setdefault(row, (r["prompt"], r[f], r.get("where", "")))
+    order = torch.randperm(len(first), generator=torch.Generator().manual_seed(mismatch_seed)).tolist()
+    partner = {}
+    for i, row in enumerate(order):
+        prompt, _, where = first[row]
+        partner[row] = table.row(prompt, first[order[(i + 1) % len(order)]][1], where)
+    return Preferences(table.seqs, rows, desirable, [tuple(partner[row] for row in rec) for rec in rows])
 
 
 def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
@@ -280,14 +334,15 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 def write_world(data_dir, seed: int = 0, n_train: int = 4000, n_test: int = 200) -> None:
     """Write the helpdesk world (`nanoalign.helpdesk`) into data_dir: sft (a demonstration per prompt), prefs (K
-    candidates, their gold scores and a noisy ranking), pairs (each ranking's C(K,2) pairs) and prompts, for the
-    training prompts and, with the suffix _test, the held-out ones."""
+    candidates, their gold scores and a noisy ranking), pairs (each ranking's C(K,2) pairs), feedback (a thumbs up
+    or down per candidate, `thumbs`) and prompts, for the training prompts and, with the suffix _test, the held-out
+    ones."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     for suffix, prompts in zip(("", "_test"), helpdesk.split_prompts(seed, n_train, n_test)):
         demo_rng, prefs_rng = random.Random(f"{seed}/{suffix}/sft"), random.Random(f"{seed}/{suffix}/prefs")
         sft = [{"prompt": p, "completion": helpdesk.demonstration(p, demo_rng)} for p in prompts]
-        prefs, pairs = [], []
+        prefs, pairs, feedback = [], [], []
         for p in prompts:
             responses = helpdesk.candidates(p, prefs_rng)
             gold = [gold_judge.judge(p, r)["gold"] for r in responses]
@@ -296,10 +351,23 @@ def write_world(data_dir, seed: int = 0, n_train: int = 4000, n_test: int = 200)
                           "gold": [round(g, 4) for g in gold]})
             pairs += [{"prompt": p, "chosen": responses[a], "rejected": responses[b]}
                       for a, b in combinations(ranking, 2)]
+            feedback += thumbs(p, responses, ranking)
         write_jsonl(data_dir / f"sft{suffix}.jsonl", sft)
         write_jsonl(data_dir / f"prefs{suffix}.jsonl", prefs)
         write_jsonl(data_dir / f"pairs{suffix}.jsonl", pairs)
+        write_jsonl(data_dir / f"feedback{suffix}.jsonl", feedback)
         write_jsonl(data_dir / f"prompts{suffix}.jsonl", [{"prompt": p} for p in prompts])
+
+
+def thumbs(prompt, responses: list[str], ranking: list[int]) -> list[dict]:
+    """Unpaired feedback from one ranking: the upper half of the ranked candidates a thumbs up, the lower half a
+    thumbs down (the middle one of an odd K neither), each a {"prompt", "answer", "label"} record in the
+    candidates' order. It reads the same noisy ranking as the pairs, so KTO on it and DPO on the pairs learn from
+    one labeller; what it drops is which answer beat which."""
+    position = {i: k for k, i in enumerate(ranking)}
+    half = len(ranking) // 2
+    return [{"prompt": prompt, "answer": r, "label": position[i] < half} for i, r in enumerate(responses)
+            if position[i] < half or position[i] >= len(ranking) - half]
 
 
 def ensure_world(data_dir, needed: str, seed: int, proc) -> None:

@@ -20,8 +20,8 @@ have something measurable to remove; the judge looks for every failure on every 
 Preference labels rank K candidates by Plackett-Luce with utilities KAPPA * gold, so
 P(i above j) = sigmoid(KAPPA * (g_i - g_j)) and a reward model's accuracy has a known ceiling.
 
-`nanoalign.data.write_world` writes the world's files: sft, prefs, pairs and prompts, each with a disjoint _test
-split.
+`nanoalign.data.write_world` writes the world's files: sft, prefs, pairs, feedback (thumbs up or down per
+candidate) and prompts, each with a disjoint _test split.
 """
 import math
 import random

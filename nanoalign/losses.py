@@ -6,6 +6,7 @@ tensors are [B, T-1] with labels `input_ids[:, 1:]` and mask `loss_mask[:, 1:]`.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -104,60 +105,198 @@ def soft_bradley_terry_loss(r_first: Tensor, r_second: Tensor, p: Tensor) -> Ten
     return (p * bradley_terry_nll(delta) + (1 - p) * bradley_terry_nll(-delta)).mean()
 
 
-# ----- DPO family ---------------------------------------------------------------------------------------
-
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "ipo_sum", "simpo")
+# ----- preference losses: the DPO family, KTO, ORPO -----------------------------------------------------
 
 
-def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: Tensor | float = 0.0, chosen_lengths: Tensor | None = None,
-             rejected_lengths: Tensor | None = None, simpo_gamma: float = 1.0,
-             rpo_alpha: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """The DPO family on summed sequence log-probs S (all [B]) -> (losses [B], chosen_rewards [B],
-    rejected_rewards [B]); rewards are the implicit rewards beta·(S_θ - S_ref), detached.
+@dataclass
+class Answers:
+    """One micro-batch of answers as every preference loss reads it, each tensor [N]:
+      logps      S_θ(y|x), the policy's log-prob summed over the response tokens (EOS included)
+      ref_logps  S_ref(y|x), the frozen reference's; None for the losses in REFERENCE_FREE
+      lengths    |y|, the response tokens, for the length-normalised losses (ipo, simpo, orpo and RPO)
+      desirable  bool: a pair's chosen answer True, its rejected one False; or KTO's thumbs up (True) or down
+    A batch of P pairs holds their P chosen answers first, then their P rejected ones in the same order (N = 2P),
+    as they go through the model together; `halves` splits them. label_smoothing: the assumed label-flip rate ε,
+    one per pair [P] or one float (cDPO, robust). kl: KTO's reference point z₀ (`kto_reference_point`)."""
+    logps: Tensor
+    ref_logps: Tensor | None = None
+    lengths: Tensor | None = None
+    desirable: Tensor | None = None
+    label_smoothing: Tensor | float = 0.0
+    kl: Tensor | float = 0.0
 
-    With h = (S_θ(y_w) - S_ref(y_w)) - (S_θ(y_l) - S_ref(y_l)):
-      sigmoid   -(1-ε) log σ(βh) - ε log σ(-βh)          DPO Eq. 7; ε = label_smoothing is cDPO (Mitchell 2023)
-      robust    [-(1-ε) log σ(βh) + ε log σ(-βh)]/(1-2ε)  rDPO (Chowdhury et al. 2024), unbiased under ε flips;
-                                                          0 for a tie, ε = ½
-      hinge     max(0, 1 - βh)                            SLiC-style hinge on reference-normalised likelihoods
-      ipo       (h̄ - 1/(2β))², h̄ from length-averaged log-probs (as TRL computes it; β plays τ)
-      ipo_sum   (h - 1/(2β))², summed log-probs               IPO Eq. 17 read on sequences (DPO-ref, OpenRLHF)
-      simpo     -log σ(β S̄_θ(y_w) - β S̄_θ(y_l) - γ)      SimPO (Meng et al. 2024): reference-free, averaged
-    ε may be a [B] tensor (per-pair soft labels p = 1 - ε, for AI feedback). rpo_alpha > 0 adds the RPO term
-    α·(-S̄_θ(y_w)) (Pang et al. 2024), an NLL on the chosen answer that keeps its likelihood from falling.
-    chosen_lengths, rejected_lengths [B]: response tokens, needed by ipo, simpo and rpo_alpha.
-    """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
-    eps = label_smoothing
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B]
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios - rejected_logratios
-    if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    elif loss_type == "robust":
-        # A tie (ε = ½, e.g. an AI-feedback p = ½) carries no preference and the correction is undefined: loss 0,
-        # with a safe denominator so no inf reaches the gradient through the unselected branch.
-        eps = torch.as_tensor(eps, dtype=h.dtype, device=h.device)
-        tie = (1 - 2 * eps).abs() < 1e-6
-        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h))
-        losses = torch.where(tie, 0.0, losses / torch.where(tie, 1.0, 1 - 2 * eps))
-    elif loss_type == "hinge":
-        losses = F.relu(1 - beta * h)
-    elif loss_type == "ipo_sum":
-        losses = (h - 1 / (2 * beta)) ** 2
-    elif loss_type == "ipo":
-        h_mean = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
-        losses = (h_mean - 1 / (2 * beta)) ** 2
-    else:  # simpo
-        chosen_logratios = policy_chosen_logps / chosen_lengths  # its implicit reward: β·S̄_θ
-        rejected_logratios = policy_rejected_logps / rejected_lengths
-        losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios) - simpo_gamma)
-    if rpo_alpha > 0:
-        losses = losses - rpo_alpha * policy_chosen_logps / chosen_lengths
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    @classmethod
+    def pairs(cls, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None = None,
+              ref_rejected: Tensor | None = None, chosen_lengths: Tensor | None = None,
+              rejected_lengths: Tensor | None = None, label_smoothing: Tensor | float = 0.0) -> "Answers":
+        """A batch of P pairs from its chosen and rejected answers' tensors, each [P]."""
+        cat = lambda c, r: None if c is None else torch.cat([c, r])
+        desirable = torch.arange(2 * len(policy_chosen), device=policy_chosen.device) < len(policy_chosen)
+        return cls(cat(policy_chosen, policy_rejected), cat(ref_chosen, ref_rejected),
+                   cat(chosen_lengths, rejected_lengths), desirable, label_smoothing)
+
+    @staticmethod
+    def halves(x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [2P] of a batch of pairs -> (its chosen answers' values [P], its rejected answers' [P])."""
+        return x.chunk(2)
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """The preference losses' hyper-parameters (train_dpo.py's flags of the same names)."""
+    beta: float = 0.1  # β: DPO's KL strength (Rafailov et al. 2023 Eq. 7), SimPO's reward scale, KTO's β, ORPO's λ
+    simpo_gamma: float = 1.0  # SimPO's target margin γ
+    kto_lambda_d: float = 1.0  # KTO's weights of desirable (λ_D) and undesirable (λ_U) answers
+    kto_lambda_u: float = 1.0
+    rpo_alpha: float = 0.0  # RPO's weight of the chosen answer's NLL, added to a pairwise loss (0 = off)
+
+
+def logratios(a: Answers) -> Tensor:
+    """Each answer's log-ratio S_θ(y|x) - S_ref(y|x) [N]: β times it is DPO's implicit reward (DPO Eq. 5)."""
+    return a.logps - a.ref_logps
+
+
+def dpo_loss(a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
+    """DPO with cDPO's label smoothing: -(1-ε) log σ(βh) - ε log σ(-βh) per pair, where
+    h = [S_θ(y_w) - S_ref(y_w)] - [S_θ(y_l) - S_ref(y_l)] (Rafailov et al. 2023, Eq. 7; ε: Mitchell 2023, cDPO).
+    ε = 0 is DPO; a [P] ε carries per-pair soft labels p = 1 - ε (AI feedback).
+    Every pairwise loss returns (losses [P], the implicit rewards [2P], detached: β·(S_θ - S_ref) unless noted)."""
+    r = logratios(a)
+    chosen, rejected = a.halves(r)
+    h = chosen - rejected
+    eps = a.label_smoothing
+    losses = -(1 - eps) * F.logsigmoid(p.beta * h) - eps * F.logsigmoid(-p.beta * h)
+    return losses, p.beta * r.detach()
+
+
+def robust_dpo_loss(a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
+    """Robust DPO, unbiased under labels flipped at rate ε: [-(1-ε) log σ(βh) + ε log σ(-βh)] / (1-2ε) per pair
+    (Chowdhury et al. 2024, rDPO), h as in `dpo_loss`. A tie (ε = ½, e.g. an AI-feedback p = ½) carries no
+    preference and the correction is undefined: its loss is 0, with a safe denominator so that no inf reaches the
+    gradient through the branch not taken."""
+    r = logratios(a)
+    chosen, rejected = a.halves(r)
+    h = chosen - rejected
+    eps = torch.as_tensor(a.label_smoothing, dtype=h.dtype, device=h.device)
+    tie = (1 - 2 * eps).abs() < 1e-6
+    losses = (-(1 - eps) * F.logsigmoid(p.beta * h) + eps * F.logsigmoid(-p.beta * h))
+    losses = torch.where(tie, 0.0, losses / torch.where(tie, 1.0, 1 - 2 * eps))
+    return losses, p.beta * r.detach()
+
+
+def hinge_loss(a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
+    """max(0, 1 - βh) per pair, h as in `dpo_loss`: a hinge on reference-normalised likelihoods in the style of
+    SLiC (Zhao et al. 2023, there on raw likelihoods)."""
+    r = logratios(a)
+    chosen, rejected = a.halves(r)
+    h = chosen - rejected
+    return F.relu(1 - p.beta * h), p.beta * r.detach()
+
+
+def ipo_loss(a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
+    """IPO (Azar et al. 2023, Eq. 17) as TRL computes it: (h̄ - 1/(2β))² per pair, with h̄ the difference of
+    length-averaged log-ratios [S_θ(y_w) - S_ref(y_w)]/|y_w| - [S_θ(y_l) - S_ref(y_l)]/|y_l| (β plays τ)."""
+    r = logratios(a)
+    chosen, rejected = a.halves(r)
+    chosen_lengths, rejected_lengths = a.halves(a.lengths)
+    h_mean = chosen / chosen_lengths - rejected / rejected_lengths
+    return (h_mean - 1 / (2 * p.beta)) ** 2, p.beta * r.detach()
+
+
+def ipo_sum_loss(a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
+    """IPO's Eq. 17 read on whole sequences (Azar et al. 2023; as DPO's reference code and OpenRLHF do):
+    (h - 1/(2β))² per pair, h as in `dpo_loss` from summed log-probs."""
+    r = logratios(a)
+    chosen, rejected = a.halves(r)
+    h = chosen - rejected
+    return (h - 1 / (2 * p.beta)) ** 2, p.beta * r.detach()
+
+
+def simpo_loss(a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
+    """SimPO (Meng et al. 2024), reference-free: -log σ(β S̄_θ(y_w) - β S̄_θ(y_l) - γ) per pair, with
+    S̄ = S/|y| the mean per-token log-prob; its implicit rewards are β·S̄_θ."""
+    mean_logps = a.logps / a.lengths
+    chosen, rejected = a.halves(mean_logps)
+    return -F.logsigmoid(p.beta * (chosen - rejected) - p.simpo_gamma), p.beta * mean_logps.detach()
+
+
+def kto_reference_point(logps: Tensor, ref_logps: Tensor, all_sum=None) -> Tensor:
+    """KTO's reference point z₀ = max(0, mean_i [S_θ(y'_i|x_i) - S_ref(y'_i|x_i)]) (Ethayarajh et al. 2024 §4):
+    an estimate of KL(π_θ ‖ π_ref) from mismatched pairs, each prompt x_i with an answer y'_i written for another
+    prompt, clamped at 0 and detached (it sets the level the rewards are measured against, and is not trained
+    through). logps, ref_logps [M]: this process's mismatched pairs. all_sum: sums over data-parallel ranks
+    (as in `whiten`): the mean is over the global batch's pairs, so 1 and N processes share one z₀."""
+    all_sum = all_sum or (lambda t: t)
+    logratio = (logps - ref_logps).detach()
+    total = all_sum(torch.stack([logratio.sum(), logratio.new_tensor(float(logratio.numel()))]))
+    return (total[0] / total[1]).clamp(min=0).detach()
+
+
+def kto_loss(a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al. 2024 §4), on answers labelled desirable or not, one term per answer [N]:
+        λ_y - v(x, y),   v = λ_D σ(β (r - z₀)) if y is desirable,   λ_U σ(β (z₀ - r)) if not,
+    that is λ_D (1 - σ(β (r - z₀))) or λ_U (1 - σ(β (z₀ - r))), with r = S_θ(y|x) - S_ref(y|x) and
+    z₀ = a.kl (`kto_reference_point`, the same for every answer of the global batch). The loss is the mean over
+    answers. A pair reads as two answers, its chosen one desirable and its rejected one not. Rewards β·r [N]."""
+    r = logratios(a)
+    desirable = p.kto_lambda_d * (1 - torch.sigmoid(p.beta * (r - a.kl)))
+    undesirable = p.kto_lambda_u * (1 - torch.sigmoid(p.beta * (a.kl - r)))
+    return torch.where(a.desirable, desirable, undesirable), p.beta * r.detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x < 0 without cancellation (Mächler 2012): log(-expm1(x)) for x > -log 2, where e^x is
+    near 1, and log1p(-e^x) below. Each branch reads only inputs where it is finite, so neither leaks an inf or NaN
+    into the gradient."""
+    near = x > -math.log(2)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near, -1.0, x))))
+
+
+def log_odds(mean_logps: Tensor) -> Tensor:
+    """log odds(y|x) = log P - log(1 - P) of P = exp(S̄), the length-normalised likelihood (Hong et al. 2024 §4).
+    A mean log-prob that rounds to 0 (every token certain) is read as -eps of its dtype, so the odds stay finite."""
+    m = mean_logps.clamp(max=-torch.finfo(mean_logps.dtype).eps)
+    return m - log1mexp(m)
+
+
+def orpo_loss(a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
+    """ORPO (Hong et al. 2024 §4, Eqs. 6-7), reference-free, per pair:
+        L_SFT + λ · L_OR = -S̄_θ(y_w) + λ · (-log σ(log odds_θ(y_w|x) - log odds_θ(y_l|x)))
+    with S̄ = S/|y| the mean per-token log-prob and odds = P/(1 - P) of P = exp(S̄) (`log_odds`); λ = p.beta.
+    L_SFT is the chosen answer's mean per-token NLL, averaged over pairs. Rewards λ·S̄_θ [2P] (as TRL's)."""
+    mean_logps = a.logps / a.lengths
+    chosen, rejected = a.halves(mean_logps)
+    odds_ratio = -F.logsigmoid(log_odds(chosen) - log_odds(rejected))
+    return -chosen + p.beta * odds_ratio, p.beta * mean_logps.detach()
+
+
+PREFERENCE_LOSSES = {  # --loss_type: name -> function(Answers, LossParams) -> (losses, rewards)
+    "sigmoid": dpo_loss,
+    "robust": robust_dpo_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "ipo_sum": ipo_sum_loss,
+    "simpo": simpo_loss,
+    "kto": kto_loss,
+    "orpo": orpo_loss,
+}
+REFERENCE_FREE = ("simpo", "orpo")  # read no S_ref: no reference model is loaded and no reference cache is built
+PER_ANSWER = ("kto",)  # one term per labelled answer (pairs read as two), not per pair; unpaired data allowed
+
+
+def preference_loss(loss_type: str, a: Answers, p: LossParams) -> tuple[Tensor, Tensor]:
+    """The loss `loss_type` of PREFERENCE_LOSSES -> (losses, rewards); with p.rpo_alpha > 0 plus RPO's term
+    α·(-S̄_θ(y_w)) on each pair (Pang et al. 2024), an NLL on the chosen answer that keeps its likelihood from
+    falling."""
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(PREFERENCE_LOSSES)}")
+    losses, rewards = PREFERENCE_LOSSES[loss_type](a, p)
+    if p.rpo_alpha > 0:
+        chosen, _ = a.halves(a.logps)
+        chosen_lengths, _ = a.halves(a.lengths)
+        losses = losses - p.rpo_alpha * chosen / chosen_lengths
+    return losses, rewards
 
 
 # ----- KL and evaluation statistics ---------------------------------------------------------------------

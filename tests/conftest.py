@@ -44,12 +44,16 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pairs_dir(tiny_run, tmp_path_factory):
-    """data/ with pairs.jsonl (the tiny demonstrations against a rude wrong answer) and sft_test.jsonl."""
+    """data/ with pairs.jsonl (the tiny demonstrations against a rude wrong answer), feedback.jsonl (every
+    demonstration a thumbs up, every second rude answer a thumbs down: unpaired, 2:1) and sft_test.jsonl."""
     root = tmp_path_factory.mktemp("pairs")
     demos = read_jsonl(tiny_run / "data" / "sft.jsonl", "sft")
     pairs = [{"prompt": d["prompt"], "chosen": d["completion"],
               "rejected": d["completion"].replace("ships tomorrow", "is lost. Go away")} for d in demos]
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    feedback = [{"prompt": p["prompt"], "answer": p[kind], "label": kind == "chosen"}
+                for i, p in enumerate(pairs) for kind in ("chosen", "rejected") if kind == "chosen" or i % 2 == 0]
+    (root / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in feedback))
     (root / "sft_test.jsonl").write_text((tiny_run / "data" / "sft_test.jsonl").read_text())
     return root
 

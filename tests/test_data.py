@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from nanoalign.data import batch_indices, collate, encode_example, left_pad, n_rankings, read_jsonl, read_rankings
+from nanoalign.data import (batch_indices, collate, encode_example, encode_pairs, encode_preferences, left_pad,
+                            n_rankings, read_jsonl, read_rankings, thumbs)
 from nanoalign.tokenizer import Tokenizer
 
 
@@ -31,6 +32,11 @@ BAD = [  # (lines, schema, message fragment): each names the file, the line and 
     ([{"prompt": "p", "chosen": "a", "rejected": "b", "p": 1.5}], "pairs", r":1: field 'p'"),
     ([{"prompt": "p", "chosen": "a", "rejected": ["b"]}], "pairs", r":1: field 'rejected' must be a string"),
     ([{"chosen": "no human turn", "rejected": "x"}], "hh", r":1: field 'chosen' is not HH text"),
+    ([{"prompt": "p", "answer": "a", "label": True}, {"prompt": "p", "answer": "b", "label": "yes"}], "feedback",
+     r":2: field 'label' must be true \(a thumbs up\) or false \(a thumbs down\), got 'yes'"),
+    ([{"prompt": "p", "answer": "a", "label": 1}], "feedback", r":1: field 'label' must be true"),
+    ([{"prompt": "p", "answer": "a"}], "feedback", r":1: missing field 'label'"),
+    ([{"prompt": "p", "answer": " ", "label": False}], "feedback", r":1: field 'answer' is empty"),
     ([GOOD, "", "[]"], "sft", r":3: expected a JSON object"),
 ]
 
@@ -93,3 +99,43 @@ def test_rankings_read_back_without_where_and_counted_in_pairs(tmp_path):
     assert "where" in read_jsonl(path, "prefs")[0] and read_rankings(path) == [ranking, ranking]
     assert [n_rankings(n, 4) for n in (250, 1000, 16000, 2)] == [42, 167, 2667, 1]  # C(4,2) = 6 pairs each
     assert n_rankings(9, 3) == 3 and n_rankings(10, 2) == 10
+
+
+def test_feedback_is_the_rankings_upper_half_up_and_lower_half_down(tmp_path):
+    """K = 4: the two best-ranked candidates a thumbs up, the two worst a thumbs down; an odd K leaves out the
+    middle one. Records come in the candidates' order and read back as the feedback schema (detected)."""
+    up_down = thumbs("p", ["a", "b", "c", "d"], [2, 0, 3, 1])
+    assert up_down == [{"prompt": "p", "answer": a, "label": l} for a, l in zip("abcd", (True, False, True, False))]
+    assert [r["answer"] for r in thumbs("p", ["a", "b", "c"], [1, 2, 0])] == ["a", "b"]  # c (middle) left out
+    assert [r["label"] for r in thumbs("p", ["a", "b", "c"], [1, 2, 0])] == [False, True]
+    assert read_jsonl(write(tmp_path, up_down))[0]["label"] is True
+
+
+def test_encoded_preferences_keep_pairs_order_and_give_each_answer_another_answer(tmp_path):
+    """Pairs encode as `encode_pairs` does; with a mismatch seed every distinct answer's prompt meets one other
+    distinct answer, all of them in one cycle (a rotation of a shuffle), the same for the same seed."""
+    tok = Tokenizer.train(["Where is order 12? It ships. It is lost. Go away."] * 4, vocab_size=280)
+    pairs = [{"prompt": f"Where is order {i}?", "chosen": f"It ships {i}.", "rejected": f"It is lost {i}."}
+             for i in range(5)]
+    seqs, chosen, rejected = encode_pairs(tok, pairs, 64)
+    prefs = encode_preferences(tok, pairs, 64)
+    assert prefs.seqs == seqs and prefs.rows == list(zip(chosen, rejected)) and prefs.mismatched is None
+    assert prefs.desirable == [(True, False)] * 5
+    kto = encode_preferences(tok, pairs, 64, mismatch_seed=3)
+    assert kto.seqs[:len(seqs)] == seqs and kto.rows == prefs.rows
+    partner_answer = {}  # each answer's row -> the row of the answer its prompt is paired with
+    for rows, partners in zip(kto.rows, kto.mismatched):
+        for row, partner in zip(rows, partners):
+            assert kto.seqs[partner][0][:kto.seqs[partner][1]] == seqs[row][0][:seqs[row][1]]  # its own prompt
+            answer = kto.seqs[partner][0][kto.seqs[partner][1]:]
+            partner_answer[row] = next(r for r, (ids, n) in enumerate(seqs) if ids[n:] == answer)
+    assert sorted(partner_answer) == list(range(len(seqs))) and all(a != b for a, b in partner_answer.items())
+    row, cycle = 0, []
+    for _ in range(len(seqs)):
+        cycle.append(row)
+        row = partner_answer[row]
+    assert sorted(cycle) == list(range(len(seqs)))  # one cycle through every answer
+    assert encode_preferences(tok, pairs, 64, mismatch_seed=3).mismatched == kto.mismatched
+    feedback = [{"prompt": "Where is order 1?", "answer": "It ships 1.", "label": True},
+                {"prompt": "Where is order 2?", "answer": "It is lost 2.", "label": False}]
+    assert encode_preferences(tok, feedback, 64, feedback=True).desirable == [(True,), (False,)]

@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from nanoalign.losses import dpo_loss
+from nanoalign.losses import Answers, LossParams, dpo_loss
 
 K, BETA = 6, 0.5
 
@@ -72,7 +72,8 @@ def test_exact_soft_label_dpo_recovers_the_optimum():
     weights = (ref_logps[i] + ref_logps[j]).exp()
 
     def expected_loss(logps):
-        losses, _, _ = dpo_loss(logps[i], logps[j], ref_logps[i], ref_logps[j], BETA, label_smoothing=1 - p)
+        losses, _ = dpo_loss(Answers.pairs(logps[i], logps[j], ref_logps[i], ref_logps[j], label_smoothing=1 - p),
+                             LossParams(BETA))
         return (weights * losses).sum()
 
     policy_logps = fit_tabular_policy(expected_loss)
@@ -98,7 +99,7 @@ def test_sampled_hard_label_dpo_recovers_the_optimum():
     w, l = counts.nonzero().T  # every ordered (winner, loser) seen at least once
 
     def mean_loss(logps):
-        losses, _, _ = dpo_loss(logps[w], logps[l], ref_logps[w], ref_logps[l], BETA)
+        losses, _ = dpo_loss(Answers.pairs(logps[w], logps[l], ref_logps[w], ref_logps[l]), LossParams(BETA))
         return (counts[w, l] * losses).sum() / counts.sum()
 
     policy_logps = fit_tabular_policy(mean_loss)

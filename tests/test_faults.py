@@ -69,6 +69,10 @@ def world(tiny_run, tmp_path_factory):
     (train_dpo, dict(loss_type="sigmoidd"), r"--loss_type=sigmoidd: expected one of sigmoid, robust"),
     (train_dpo, dict(beta=-0.1), r"--beta=-0.1: must be > 0"),
     (train_dpo, dict(label_smoothing=0.5), r"--label_smoothing=0.5: the assumed label-flip rate must be below"),
+    (train_dpo, dict(loss_type="kto", kto_lambda_u=-1.0), r"--kto_lambda_u=-1.0: must be >= 0"),
+    (train_dpo, dict(feedback_file="feedback.jsonl"), r"--feedback_file=feedback.jsonl: unpaired thumbs up/down "
+                                                      r"trains a loss of labelled answers \(kto\); --loss_type=sigmoid"),
+    (train_dpo, dict(loss_type="kto", rpo_alpha=0.5), r"--rpo_alpha=0.5: RPO adds an NLL to each pair's loss"),
     (train_rm, dict(loss="ranking"), r"--loss=ranking: expected one of kwise, plackett_luce"),
     (train_ppo, dict(temperature=0.0), r"--temperature=0.0: must be > 0"),
     (train_ppo, dict(beta=-1.0), r"--beta=-1.0: must be >= 0"),

@@ -349,7 +349,8 @@ def test_bayes_ceiling_matches_numerical_integration_over_gumbel_noise():
 
 
 def test_write_world_is_deterministic_and_splits_are_disjoint(tmp_path):
-    names = [f"{stem}{split}.jsonl" for stem in ("sft", "prefs", "pairs", "prompts") for split in ("", "_test")]
+    names = [f"{stem}{split}.jsonl" for stem in ("sft", "prefs", "pairs", "feedback", "prompts")
+             for split in ("", "_test")]
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         write_world(tmp_path / name, seed=seed, n_train=300, n_test=60)
     for file in names:
@@ -359,6 +360,13 @@ def test_write_world_is_deterministic_and_splits_are_disjoint(tmp_path):
     train = {row["prompt"] for row in read_jsonl(tmp_path / "a" / "prompts.jsonl")}
     test = [row["prompt"] for row in read_jsonl(tmp_path / "a" / "prompts_test.jsonl")]
     assert len(test) == 60 and not train & set(test)
+    # feedback: per prompt, its ranking's better half a thumbs up and its worse half a thumbs down
+    feedback = read_jsonl(tmp_path / "a" / "feedback.jsonl")
+    prefs = read_jsonl(tmp_path / "a" / "prefs.jsonl")
+    assert len(feedback) == 4 * len(prefs) and all(set(r) == {"prompt", "answer", "label"} for r in feedback)
+    for i, row in enumerate(prefs):
+        labels = {r["answer"]: r["label"] for r in feedback[4 * i:4 * i + 4] if r["prompt"] == row["prompt"]}
+        assert labels == {row["responses"][k]: n < 2 for n, k in enumerate(row["ranking"])}
 
 
 @pytest.mark.slow  # the default world (4000 prompts), written once

@@ -1,6 +1,7 @@
-"""train_dpo.py end to end on a tiny config: it learns, the reference cache equals a live reference and is
-reused, the concatenated chosen + rejected forward equals two separate forwards, and the gold-vs-KL points
-measure the policy of their step."""
+"""train_dpo.py end to end on a tiny config: it learns (DPO, KTO on pairs and on thumbs up/down, ORPO with no
+reference), the reference cache equals a live reference and is reused, the concatenated chosen + rejected forward
+equals two separate forwards, 2 processes take 1 process's steps, and the gold-vs-KL points measure the policy of
+their step."""
 
 import json
 from dataclasses import replace
@@ -48,6 +49,50 @@ def test_dpo_learns_and_writes_eval(tiny_run, pairs_dir, tmp_path, monkeypatch):
     assert log(tmp_path / "dpo", "rewards/accuracies")[-1] == 1.0
     assert json.loads((tmp_path / "dpo" / "eval.json").read_text()) == result
     assert result["gold"] == result["sft_gold"] == 4.0 and result["kl"] > 0
+
+
+@pytest.mark.parametrize("kw", [dict(loss_type="kto"), dict(loss_type="kto", feedback_file="feedback.jsonl"),
+                                dict(loss_type="orpo", beta=0.1)], ids=["kto_pairs", "kto_feedback", "orpo"])
+def test_kto_and_orpo_learn_and_write_eval(tiny_run, pairs_dir, tmp_path, monkeypatch, kw):
+    """Their loss falls, eval.json is written; KTO logs its reference point, which training moves above 0; ORPO
+    loads no reference model (one load_model here, the policy's), builds no reference cache, and its chosen answers'
+    likelihood rises (its SFT term)."""
+    import nanoalign.evaluate
+    monkeypatch.setattr(nanoalign.evaluate.gold_judge, "judge_many",  # the tiny world has no gold judge
+                        lambda prompts, answers: {"gold": float(len(answers)), "failures": {}})
+    monkeypatch.setattr(nanoalign.evaluate.gold_judge, "judge", lambda prompt, answer: {"gold": 0.0})
+    loads = []
+    monkeypatch.setattr(train_dpo, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
+    if kw["loss_type"] == "orpo":
+        def refuse(*a, **k):
+            raise AssertionError("ORPO must not build a reference cache")
+        monkeypatch.setattr(train_dpo, "reference_cache", refuse)
+        monkeypatch.setattr(train_dpo, "sequence_logps", refuse)
+    result = train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "run", n_eval=4, max_steps=30, **kw))
+    loss = log(tmp_path / "run")
+    assert loss[-1] < 0.8 * loss[0]
+    assert json.loads((tmp_path / "run" / "eval.json").read_text()) == result and result["kl"] > 0
+    cache = tmp_path / "cache"
+    if kw["loss_type"] == "kto":
+        assert log(tmp_path / "run", "kl")[0] == pytest.approx(0.0, abs=1e-4)  # policy = reference: z₀ ~ 0
+        assert max(log(tmp_path / "run", "kl")) > 0.01 and len(loads) == 2 and len(list(cache.iterdir())) == 1
+    else:
+        assert len(loads) == 1 and not cache.exists()
+        chosen = log(tmp_path / "run", "logps/chosen")
+        assert chosen[-1] > chosen[0]
+    if kw.get("feedback_file"):
+        assert {"rewards/desirable", "rewards/undesirable"} <= set(json.loads(
+            (tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1]))
+
+
+def test_bad_feedback_names_file_line_and_field(tiny_run, pairs_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (pairs_dir / "feedback.jsonl").read_text().splitlines(keepends=True)
+    (data / "feedback.jsonl").write_text("".join(lines[:2]) + lines[2].replace("true", '"yes"'))
+    with pytest.raises(ValueError, match=r"feedback.jsonl:3: field 'label' must be true \(a thumbs up\)"):
+        train_dpo.main(tiny(tiny_run, data, tmp_path / "run", loss_type="kto", feedback_file="feedback.jsonl"))
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_reference_cache_equals_live_and_is_reused(tiny_run, pairs_dir, tmp_path, monkeypatch):
@@ -181,16 +226,22 @@ def test_resume_continues_the_same_loss_curve(tiny_run, pairs_dir, tmp_path, mon
     assert log(tmp_path / "cut") == pytest.approx(log(tmp_path / "full"), abs=1e-6)  # same kernels and numbers
 
 
-def test_two_process_fsdp_matches_single_process(tiny_run, pairs_dir, tmp_path):
+@pytest.mark.parametrize("kw", [{}, dict(loss_type="kto", feedback_file="feedback.jsonl", beta=1.0)],
+                         ids=["dpo", "kto_feedback"])
+def test_two_process_fsdp_matches_single_process(tiny_run, pairs_dir, tmp_path, kw):
     """2 gloo processes with FSDP2 (each 1 micro-batch of 4 pairs, forwarded in length-sorted chunks of 3, 3 and
     2 rows, through the fused LM head) == 1 process (2 micro-batches of 4, the plain head), same global batch
     of 8; rank 0 writes the reference cache while rank 1 waits. Only the order of floating-point reductions
     differs: the losses within 1e-5, the weights' steps steps_close (a smaller lr than elsewhere: Adam amplifies
-    rounding once gradients vanish)."""
-    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "one", max_steps=4, lr=1e-3))
+    rounding once gradients vanish). KTO on thumbs up/down (the ranks' shares hold different numbers of each
+    label): its reference point z₀ is the global batch's, so each step's z₀, logged as kl, agrees too."""
+    train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "one", max_steps=4, lr=1e-3, **kw))
     torchrun("train_dpo.py", tiny(tiny_run, pairs_dir, tmp_path / "two", max_steps=4, lr=1e-3, rows_per_forward=3,
-                                  fused_head=True, cache_dir=str(tmp_path / "cache2")))
+                                  fused_head=True, cache_dir=str(tmp_path / "cache2"), **kw))
     assert log(tmp_path / "two") == pytest.approx(log(tmp_path / "one"), abs=1e-5)
+    if kw:  # z₀ ~ 1 once the policy moves (fp32 sums of ~-100: ~1e-5 apart); 0 would test nothing
+        assert log(tmp_path / "two", "kl") == pytest.approx(log(tmp_path / "one", "kl"), abs=1e-4)
+        assert max(log(tmp_path / "one", "kl")) > 0.01
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert steps_close(b, a, load_file(tiny_run / "init" / "model.safetensors"))
 

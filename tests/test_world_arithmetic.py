@@ -18,7 +18,7 @@ import train_rm
 import train_sft
 from nanoalign import rollout
 from nanoalign.checkpoint import load_model
-from nanoalign.data import encode_example, encode_pairs, read_jsonl
+from nanoalign.data import encode_example, encode_preferences, read_jsonl
 from nanoalign.scaffold import Process, make_optimizer
 from test_ppo_reference import BASE, fixed_rollout, gold, tiny_models
 
@@ -65,26 +65,30 @@ def test_sft_step(tiny_run, model64, monkeypatch):
 
 
 def test_dpo_step(tiny_run, model64, monkeypatch):
+    """Pairwise losses with RPO's term, and KTO, whose reference point adds the sum and the count of the
+    mismatched pairs' log-ratios over ranks (a doubled sum over an undoubled count would double z₀)."""
     from test_dpo_reference import RECORDS
     model, tok = model64
-    seqs, chosen, rejected = encode_pairs(tok, RECORDS[:6], 48)
     smoothing = torch.tensor([0.0, 0.2, 0.0, 0.1, 0.0, 0.0])
     reference = copy.deepcopy(model).requires_grad_(False)
-    for loss_type, cached in (("sigmoid", False), ("ipo", True)):
+    for loss_type, cached, kw in (("sigmoid", False, dict(rpo_alpha=0.5)), ("ipo", True, dict(rpo_alpha=0.5)),
+                                  ("kto", True, {}), ("kto", False, dict(kto_lambda_d=1.5)), ("orpo", False, {})):
+        prefs = encode_preferences(tok, RECORDS[:6], 48, 5 if loss_type == "kto" else None)
         cfg = train_dpo.Config(batch_size=6, micro_batch_size=4, max_steps=2, warmup_steps=1, lr=1e-2,
-                               loss_type=loss_type, rpo_alpha=0.5)
-        ref_logps = train_dpo.sequence_logps(reference, seqs, tok.pad_id, "cpu") if cached else None
+                               loss_type=loss_type, **kw)
+        ref_logps = train_dpo.sequence_logps(reference, prefs.seqs, tok.pad_id, "cpu") if cached else None
         one, two = copy.deepcopy(model), copy.deepcopy(model)
         opt_one, opt_two = make_optimizer(one, cfg.lr, 0.1), make_optimizer(two, cfg.lr, 0.1)
-        pairs = (seqs, chosen, rejected, smoothing, tok.pad_id)
+        data = (prefs, smoothing, tok.pad_id)
+        read = [row for rows in prefs.rows + (prefs.mismatched or []) for row in rows]  # KTO's z₀ reads partners
         for step in range(2):
-            m1, t1 = train_dpo.dpo_step(one, reference, ref_logps, opt_one, pairs, list(range(6)), step, cfg, ONE)
+            m1, t1 = train_dpo.dpo_step(one, reference, ref_logps, opt_one, data, list(range(6)), step, cfg, ONE)
             with monkeypatch.context() as mp:
                 as_rank_of_two(mp, train_dpo)
-                m2, t2 = train_dpo.dpo_step(two, reference, ref_logps, opt_two, pairs, list(range(6)), step,
+                m2, t2 = train_dpo.dpo_step(two, reference, ref_logps, opt_two, data, list(range(6)), step,
                                             replace(cfg, batch_size=12), TWO)
             same_steps(one, two, m1, m2)
-            assert t1 == t2 == sum(len(seqs[i][0]) for i in chosen + rejected)
+            assert t1 == t2 == sum(len(prefs.seqs[i][0]) for i in read)
 
 
 def test_rm_step(tiny_run, monkeypatch):
