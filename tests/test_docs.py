@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
+TEST_MAP = ROOT / "tests" / "README.md"  # the map from each equation and detail to its tests: checked like a page
 
 SPAN = re.compile(r"`([^`\n]+)`")  # inline code on one line
 PREFIXES = ("nanoalign.", "train_", "experiments.")
@@ -56,7 +57,7 @@ def defines_test(path: Path, name: str) -> bool:
 
 
 def page_id(page: Path) -> str:
-    return page.name
+    return str(page.relative_to(ROOT))
 
 
 def test_there_are_pages_and_an_index():
@@ -64,7 +65,7 @@ def test_there_are_pages_and_an_index():
     assert len(PAGES) > 1, f"no pages besides the index in {DOCS}"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=page_id)
+@pytest.mark.parametrize("page", [*PAGES, TEST_MAP], ids=page_id)
 def test_every_dotted_name_resolves(page):
     missing = []
     for span in spans(page):
@@ -77,10 +78,10 @@ def test_every_dotted_name_resolves(page):
             resolve(span)
         except (ImportError, AttributeError) as e:
             missing.append(f"`{span}`: {type(e).__name__}: {e}")
-    assert not missing, f"docs/{page.name}: names that do not resolve:\n  " + "\n  ".join(missing)
+    assert not missing, f"{page_id(page)}: names that do not resolve:\n  " + "\n  ".join(missing)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=page_id)
+@pytest.mark.parametrize("page", [*PAGES, TEST_MAP], ids=page_id)
 def test_every_cited_test_exists(page):
     missing = []
     for span in spans(page):
@@ -95,7 +96,7 @@ def test_every_cited_test_exists(page):
             missing.append(f"`{span}`: no file {match[1]}")
         elif not defines_test(path, name):
             missing.append(f"`{span}`: {match[1]} defines no top-level `def {name}(`")
-    assert not missing, f"docs/{page.name}: cited tests that do not exist:\n  " + "\n  ".join(missing)
+    assert not missing, f"{page_id(page)}: cited tests that do not exist:\n  " + "\n  ".join(missing)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
