@@ -1,6 +1,6 @@
 """Reward model: a scalar score learned from ranked answers, on the SFT trunk (step 2 of RLHF).
 
-    python train_rm.py                                     # helpdesk rankings from out/sft, ~2 min on 2 CPU cores
+    python train_rm.py                                     # helpdesk rankings from out/sft -> out/rm
     python train_rm.py --loss=plackett_luce                # likelihood of the full ranking instead of its pairs
     python train_rm.py --loss=best_of_k                    # likelihood of the top answer only (Ziegler §2)
     python train_rm.py --data=pairs                        # pairs.jsonl, an optional soft label "p" per pair

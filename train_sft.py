@@ -1,6 +1,6 @@
 """Supervised fine-tuning: imitate the demonstrations, loss on response tokens only (step 1 of RLHF).
 
-    python train_sft.py                                    # helpdesk world, tiny GPT from scratch, 2.5 min on 2 CPU cores
+    python train_sft.py                                    # helpdesk world, tiny GPT from scratch -> out/sft
     python train_sft.py --init_from=path/to/gpt2           # a local HF GPT-2 directory (tokenizer.json beside it)
     python train_sft.py --init_from=out/sft --data_dir=d --eval_interval=50   # fine-tune; gold and KL to out/sft
     torchrun --nproc_per_node=2 train_sft.py --compile=True
@@ -45,7 +45,7 @@ class Config:
     block_size: int = 160  # context length in tokens, new model only
     batch_size: int = 32  # sequences per optimizer step (global, over ranks and micro-batches)
     micro_batch_size: int = 0  # sequences per forward per process (0 = the process's whole share of the batch)
-    max_steps: int = 1200  # optimizer steps (about 2.5 min on 2 CPU cores)
+    max_steps: int = 1200  # optimizer steps
     lr: float = 2e-3  # peak AdamW learning rate
     min_lr: float = 1e-4  # end of the cosine
     warmup_steps: int = 50  # linear warmup

@@ -1,9 +1,9 @@
 """Reproduction T2: gold reward against KL, DPO against PPO (Rafailov et al. 2023, DPO §6.1, Fig. 2 left).
 
     python train_sft.py                                    # once: out/sft and the helpdesk world in data/
-    python experiments/frontier.py                         # 3 seeds, about 12 min on 2 CPU cores (estimated)
+    python experiments/frontier.py                         # 3 seeds (run time: docs/reproductions.md, "T2")
     python experiments/frontier.py --dpo_betas=0.05,0.1,1,5 --ppo_kl_targets=1,2,4,8 --gt_kl_targets=1,2,4,8
-                                                           # the paper's grid: about 26 min
+                                                           # the paper's grid, four of each
     python experiments/frontier.py --quick=True            # a smoke run in seconds (tiny grid): not results
 
 Helpdesk part, per seed: the SFT policy answers --n_prompts training prompts 4 times, and every pair of two
@@ -36,7 +36,8 @@ Decisions, and why:
   prompts per run; two β's, two PPO targets and one PPO-GT target by default, the paper's four each by flag.
   Timed stage by stage on one seed at one thread (a PPO run 74 s, a DPO run 37 s, the RM 29 s, Preferred-FT
   17 s, the pairs 6 s, the oracle 5 s: 18 min for 3 seeds), over the 1.3-1.6x two threads give (1.6x for a PPO
-  update: 3.1 s at one thread, 1.95 s at two): 11-14 min. Preferred-FT fine-tunes at DPO's rate, no weight decay.
+  update: 3.1 s at one thread, 1.95 s at two): an estimated 11-14 min (the measured time: docs/reproductions.md,
+  "T2"). Preferred-FT fine-tunes at DPO's rate, no weight decay.
 - PPO's adaptive β (Ziegler et al. 2019) has horizon --kl_horizon = 64 episodes, one rollout, not 10000: over 20
   updates OAI-19's horizon would move β by under 3% in all, where a gain of 1 lets β move by up to the
   controller's clip, 20%, per update. lr 1e-4, not train_ppo.py's 3e-5, so that 20 updates travel a few nats

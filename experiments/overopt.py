@@ -2,8 +2,8 @@
 (Gao et al. 2022, "Scaling laws for reward model overoptimization", §3).
 
     python train_sft.py                                    # once: out/sft and the helpdesk world in data/
-    python experiments/overopt.py                          # 3 seeds, about 12 min on 2 CPU cores (estimate)
-    python experiments/overopt.py --n_pairs=500,2000,8000 --ppo_proxies=4:500,4:2000,4:8000   # ~5 min more
+    python experiments/overopt.py                          # 3 seeds (run time: docs/reproductions.md, "T1")
+    python experiments/overopt.py --n_pairs=500,2000,8000 --ppo_proxies=4:500,4:2000,4:8000   # larger proxies
     python experiments/overopt.py --quick=True             # a smoke run in seconds (tiny grid): not results
 
 Gold is the helpdesk judge. Each proxy is a reward model trained by train_rm.py's own code, in this process, for
@@ -33,11 +33,12 @@ size (best-of-N), and over the PPO proxies in order of data; at equal d, RL's go
 same proxy. results.json holds every seed's curves; with matplotlib, overopt.png.
 
 Decisions, and why:
-- 15 minutes on 2 cores. Measured in one thread on this (shared) machine, on one seed of part of the grid: the
-  pool of 64 x 64 answers takes 24 s; a proxy about 2.5, 4.9 and 9.8 ms per training pair at 1, 2 and 4 blocks
+- A budget of 15 minutes on 2 cores. Timed in one thread on the 2-core development machine, on one seed of part
+  of the grid: the pool of 64 x 64 answers takes 24 s; a proxy about 2.5, 4.9 and 9.8 ms per training pair at 1, 2 and 4 blocks
   (T3's figures), plus 2.5 s (1 block) to 9 s (4 blocks) to load it, score the pool's 4096 answers and measure
   its held-out accuracy; a PPO update of 32 episodes about 1.5 s. Hence 200, 800 and 3200 pairs (about 120 s of
-  proxies per seed) and 3 PPO runs of 20 updates (about 100 s per seed): about 12 min for 3 seeds. Gao's 500 to
+  proxies per seed) and 3 PPO runs of 20 updates (about 100 s per seed): an estimated 12 min for 3 seeds (the
+  measured time: docs/reproductions.md, "T1"). Gao's 500 to
   32k pairs would not fit (the world holds 24k). The proxies train as in experiments/rm_scaling.py: 8 rankings
   per step, warmup over the first 10% of the steps, one epoch, the K-wise loss.
 - Sizes are the SFT trunk cut to its first 1, 2 or 4 blocks (`nanoalign.checkpoint.cut_trunk`), as in T3: one
@@ -47,13 +48,13 @@ Decisions, and why:
   are independent samples, and two answers tie on a proxy only when they are the same tokens (then their gold
   agrees too), so no tie-breaking shuffle is needed. n stops at 64 (Gao: 512): d reaches 1.78.
 - The analytic KL is exact only without repeated answers (Beirami et al. 2024); the pool's distinct answers per
-  prompt are reported (56.7 of 64 in the measurement above). With repeats best-of-N's true d is smaller than
+  prompt are reported (results.json's "distinct_per_prompt"). With repeats best-of-N's true d is smaller than
   plotted, which flatters RL in the comparison, not best-of-N.
 - RL on the pool's prompts, so that RL and best-of-N are measured on the same prompts against the same SFT
   baseline; each point averages a whole pass over them (64 episodes: a point's gold has a standard error of
   about 1/8 SFT std per seed). PPO on 3 proxies (the largest trunk at each data size) x 3 seeds, 20 updates of
-  32 episodes at lr 1e-4, the README's reward-hacking run's (gold there peaks at update 5 and collapses by update
-  41; here the KL passed 1 nat in 8 updates), train_ppo.py's defaults otherwise, no held-out evaluation. The KL
+  32 episodes at lr 1e-4, the rate of the reward-hacking run (docs/results.md, "Reward hacking"), so that 20
+  updates travel past the gold peak, train_ppo.py's defaults otherwise, no held-out evaluation. The KL
   is the rollouts' k1 estimate, a noisy mean that can dip below 0 near the start (counted as 0 in d).
 - Only the proxies PPO trains on get 64 normalisation samples: PPO's missing-EOS penalty is in units of the
   stored normalisation; best-of-N is indifferent to it.

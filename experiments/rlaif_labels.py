@@ -11,7 +11,9 @@ from those preferences:
 
     soft                  one principle drawn per comparison (CAI §4.1), both orders averaged: P
     hard                  1[P > ½]: over-confident labels, as chain-of-thought labels are (CAI §4.3: near 0 or 1)
-    clamped               the hard labels clipped to [0.4, 0.6], as CAI clamps its chain-of-thought labels
+    clamped               the hard labels clipped to [0.4, 0.6] (0.6 for the preferred answer, ½ on a tie, however
+                          sure P was), as CAI clamps its over-confident chain-of-thought labels; not
+                          `python -m nanoalign.rlaif --labels=clamped`, which clips P itself
     ensemble              P averaged over every principle (feedback model)
     principle m alone     every comparison under principle m (feedback model; --principles=single)
     one order             the drawn principle, slot A only: no order averaging

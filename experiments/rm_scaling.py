@@ -2,8 +2,8 @@
 §3.5; Gao et al. 2022 §3; Ziegler et al. 2019 §2; N+ D18).
 
     python train_sft.py                                    # once: out/sft and the helpdesk world in data/
-    python experiments/rm_scaling.py                       # 3 seeds, about 12 min on 2 CPU cores
-    python experiments/rm_scaling.py --n_pairs=250,500,1000,2000,4000,8000,16000   # T3's full grid, ~32 min
+    python experiments/rm_scaling.py                       # 3 seeds (run time: docs/reproductions.md, "T3")
+    python experiments/rm_scaling.py --n_pairs=250,500,1000,2000,4000,8000,16000   # T3's full grid
     python experiments/rm_scaling.py --quick=True          # a smoke run in seconds (tiny grid): not results
 
 The world's rankings are noisy: each prompt's K = 4 answers are ranked by Plackett-Luce on kappa·gold, so a pair's
@@ -36,7 +36,8 @@ Decisions, and why:
   otherwise. One epoch on the data-size grid, as Gao and InstructGPT train.
 - The shuffled arm takes the C(K,2) = 6 pairs of each of the grouped arm's rankings per step, so both take the same
   steps on the same pairs under the same schedule: only the grouping differs (and the forwards, 3x).
-- The grid fits 15 min on 2 cores. Measured on one seed of part of it (one thread, a shared machine), a pair costs
+- The grid fits a budget of 15 min on 2 cores. Timed on one seed of part of it (one thread, the 2-core
+  development machine), a pair costs
   about 2.5, 4.9 and 9.8 ms at 1, 2 and 4 blocks, so the data-size grid costs about 150 s per seed up to 4000 pairs
   (8000 and 16000 would add about 410 s per seed), and the batching arms about 80 s per seed on 1000 pairs for 3
   epochs on the 2-block trunk: on 1000 pairs the held-out loss already rises in the second epoch.

@@ -1,6 +1,6 @@
 """The pipeline behind `python -m nanoalign.report`: its stages, and which of them must run again.
 
-Each stage is one command of the repository's scripts with their defaults, the commands of the README's tables,
+Each stage is one command of the repository's scripts with their defaults, the commands of docs/results.md,
 run as a child process (the package imports no script) that dies with the report, even of a SIGKILL
 (`scaffold.die_with_parent`). A stage is reused when out/report/stages.json says
 that the report ran it with the same command, code and inputs, and its files have not changed since; otherwise
@@ -228,7 +228,7 @@ def plan(names: list[str], manifest: dict, cfg: Config) -> dict:
     return steps
 
 
-SHARED = 0.6  # the speed of each of two stages side by side, against one alone: RM 2m40s alone, 4m25s beside DPO
+SHARED = 0.6  # the speed of each of two stages side by side, against one alone (bench/RESULTS.md, "Two stages")
 
 
 def speed(active: int) -> float:

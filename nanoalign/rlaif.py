@@ -53,7 +53,7 @@ class Config:
     n_prompts: int = 1000  # training prompts whose answers are labelled
     k: int = 4  # answers sampled per prompt; each of their C(k, 2) pairs is labelled (as the human rankings)
     principles: str = "sample"  # sample: one principle per comparison (CAI) | ensemble: P averaged over all
-    labels: str = "soft"  # soft: p = P | hard: p = 1 | clamped: p clipped to [0.4, 0.6] (CAI §4.3)
+    labels: str = "soft"  # soft: p = P | hard: p = 1 | clamped: p = P clipped to [0.4, 0.6] (CAI §4.3)
     order_average: bool = True  # average both orders (False: y1 always in slot A)
     labeller: str = "model"  # model: the feedback model | synthetic: logit kappa*(s(A) - s(B)) + bias + noise
     kappa: float = 5.0  # synthetic: logit per unit of principle score

@@ -110,8 +110,9 @@ def reference_update(models, roll, cfg, beta, update, adam):
         earned = raw
     scores = [e if roll.has_eos[b] else cfg.missing_eos_penalty for b, e in enumerate(earned)]
 
-    def kl(o, r):
-        return o - r if cfg.kl_estimator == "k1" else math.exp(r - o) - 1 - (r - o)
+    def kl(o, r):  # Schulman 2020's estimators of KL(π ‖ π_ref) from one sampled token, u = r - o
+        u = r - o
+        return {"k1": -u, "k2": u * u / 2, "k3": math.exp(u) - 1 - u}[cfg.kl_estimator]
 
     rewards = [[-beta * kl(o, r) for o, r in zip(old[b], ref[b])] for b in range(B)]
     for b in range(B):
@@ -204,6 +205,7 @@ VARIANTS = {
     "head": {},
     "separate_critic": dict(critic="separate"),
     "adaptive_beta": dict(kl_target=0.01, kl_horizon=20),
+    "k2": dict(kl_estimator="k2"),
     "k3": dict(kl_estimator="k3"),
     "whiten_rewards": dict(whiten_rewards=True),
     "reward_gold": dict(reward="gold"),
