@@ -117,7 +117,7 @@ def test_evaluate_and_the_benchmarks_check_their_flags(tmp_path):
 
 
 def test_torchrun_with_the_default_micro_batch(tiny_run, tmp_path):
-    """The README's torchrun command with the defaults: each of 2 processes takes half of the batch of 8."""
+    """torchrun with the defaults (docs/scripts.md): each of 2 processes takes half of the batch of 8."""
     torchrun("train_sft.py", sft(tiny_run, tmp_path / "two", max_steps=2))
     assert read_meta(tmp_path / "two")["run"]["micro_batch_size"] == 4
 
