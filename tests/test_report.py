@@ -168,9 +168,11 @@ def test_a_stage_depends_on_the_code_it_runs():
     for name in STAGES:
         code = pipeline.code_digests(name)
         assert "nanoalign/losses.py" in code and "nanoalign/model.py" in code
+        assert {"nanoalign/world/__init__.py", "nanoalign/world/gold_judge.py"} <= set(code)  # every stage is judged
         assert not [path for path in code if path.startswith("nanoalign/report/")]
         assert not {"train_dpo.py", "train_ppo.py"} & set(code) or name in ("dpo", "ppo", "ppo_rlaif", "ppo_hack")
     assert "nanoalign/rlaif.py" not in pipeline.code_digests("dpo")
+    assert "nanoalign/distributed.py" in pipeline.code_digests("ppo")
     rlaif = set(pipeline.code_digests("rlaif"))
     assert {"nanoalign/rlaif.py", "nanoalign/world/constitution.txt", "nanoalign/world/__init__.py",
             "train_sft.py"} <= rlaif
