@@ -38,12 +38,12 @@ import torch
 from nanoalign.checkpoint import cached_tensors, content_hash, load_model, read_meta
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, check_batch, encode_preferences, read_jsonl, require_soft_labels
-from nanoalign.evaluate import check_eval_prompts, finish
+from nanoalign.evaluate import check_eval_prompts, curve_point_due, finish
 from nanoalign.logger import Logger
 from nanoalign.losses import (PER_ANSWER, PREFERENCE_LOSSES, REFERENCE_FREE, Answers, LossParams, kto_reference_point,
                               preference_loss)
 from nanoalign.sampling import logps_code_version, summed_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
+from nanoalign.scaffold import (accumulate, claim_out_dir, global_backward, global_sum, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, run_inputs, save_resumable, setup,
                                 teardown, world_size, wrap_model)
 from nanoalign.tokenizer import render_prompt

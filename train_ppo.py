@@ -21,7 +21,7 @@ Under torchrun the policy and a separate critic are sharded with FSDP2, their we
 rollout; the frozen reference and reward model are forward-only, so every rank keeps an unsharded replica. Which
 episodes each rank samples (whole prompts, one generator per episode), its rows of each minibatch, and the sums,
 means and variances over all ranks (whitening, the loss and gold normalisations, β, the logs) are
-nanoalign/rollout.py's: 1 and N processes sample the same episodes and take the same steps.
+nanoalign/distributed.py's: 1 and N processes sample the same episodes and take the same steps.
 Departures: no micro-batching (each minibatch is one forward and backward; the reference recipes accumulate
 gradients over micro-batches, which at these sizes would change nothing but speed); RLOO and GRPO are
 aggregated per token like PPO (the loss is a mean over the minibatch's response tokens, where the RLOO and
@@ -37,21 +37,21 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanoalign import gold_judge
 from nanoalign.checkpoint import load_model, load_reward_model, read_meta
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import batch_indices, check_batch, check_prompts, read_jsonl
-from nanoalign.evaluate import check_eval_prompts, finish
+from nanoalign.distributed import (all_sum, deal_minibatches, global_mean, global_total, global_var, rank_share,
+                                   row_generators)
+from nanoalign.evaluate import check_eval_prompts, curve_point_due, finish
 from nanoalign.logger import Logger
 from nanoalign.losses import (adaptive_kl_beta, gae, grpo_advantages, kl_estimate, masked_mean, per_token_rewards,
                               ppo_policy_loss, ppo_value_loss, reward_normalisation, rloo_advantages, token_entropy,
                               unpack, whiten)
-from nanoalign.rollout import (all_sum, deal_minibatches, global_mean, global_total, global_var, rank_share,
-                               row_generators)
 from nanoalign.sampling import join, reward_scores, sample, scored_forward, token_values
-from nanoalign.scaffold import (claim_out_dir, curve_point_due, gathered, global_backward, make_optimizer,
+from nanoalign.scaffold import (claim_out_dir, gathered, global_backward, make_optimizer,
                                 optimizer_step, resume, run_inputs, save_final, save_resumable, setup, teardown,
                                 world_size, wrap_model)
+from nanoalign.world import gold_judge
 
 @dataclass
 class Config:
@@ -153,7 +153,7 @@ def ppo_update(roll: Rollout, policy, critic, reference, reward: tuple, optimize
                gold_norm, cfg: Config, proc, update: int) -> tuple[dict, tuple | None]:
     """Steps 2-5 on one rollout: score it, price the KL, estimate advantages, and take the PPO epochs.
     reward = (rm, gain, bias); critic is None for the value head (or RLOO / GRPO). Sums, means and variances are
-    over every rank's episodes (nanoalign/rollout.py). Returns the update's metrics (step 6) and the gold
+    over every rank's episodes (nanoalign/distributed.py). Returns the update's metrics (step 6) and the gold
     normalisation (fitted on the first rollout when --reward=gold)."""
     t0, ids, attn, mask = time.time(), roll.ids, roll.attn, roll.mask
     uses_critic = cfg.advantage == "gae"

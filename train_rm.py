@@ -35,7 +35,7 @@ import torch
 
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, encode_example, ensure_world, read_jsonl, require_soft_labels
+from nanoalign.data import batch_indices, encode_example, read_jsonl, require_soft_labels
 from nanoalign.evaluate import pairwise_hits, ranked_above, reward_model_metrics, sample_answers, write_json
 from nanoalign.logger import Logger
 from nanoalign.losses import (best_of_k_loss, kwise_ranking_loss, plackett_luce_loss, reward_normalisation,
@@ -45,6 +45,7 @@ from nanoalign.sampling import group_rewards, join, reward_scores
 from nanoalign.scaffold import (accumulate, claim_out_dir, full_state, global_backward, global_sum, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, run_inputs, save_resumable, setup,
                                 teardown, world_size, wrap_model)
+from nanoalign.world.files import ensure_world
 
 
 @dataclass

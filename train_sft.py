@@ -20,16 +20,17 @@ from pathlib import Path
 
 from nanoalign.checkpoint import load_model
 from nanoalign.config import check_config, parse_config
-from nanoalign.data import batch_indices, check_batch, collate, encode_example, ensure_world, read_jsonl
-from nanoalign.evaluate import check_eval_prompts, finish
+from nanoalign.data import batch_indices, check_batch, collate, encode_example, read_jsonl
+from nanoalign.evaluate import check_eval_prompts, curve_point_due, finish
 from nanoalign.logger import Logger
 from nanoalign.losses import sft_loss
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.sampling import model_logps
-from nanoalign.scaffold import (accumulate, claim_out_dir, curve_point_due, global_backward, global_sum, lr_at,
+from nanoalign.scaffold import (accumulate, claim_out_dir, global_backward, global_sum, lr_at,
                                 make_optimizer, micro_batch, optimizer_step, resume, run_inputs, save_resumable, setup,
                                 teardown, world_size, wrap_model)
 from nanoalign.tokenizer import Tokenizer
+from nanoalign.world.files import ensure_world
 
 
 @dataclass

@@ -68,13 +68,14 @@ import train_dpo  # noqa: E402
 import train_ppo  # noqa: E402
 import train_rm  # noqa: E402
 import train_sft  # noqa: E402
-from nanoalign import helpdesk, rlaif  # noqa: E402
+from nanoalign import rlaif  # noqa: E402
 from nanoalign.checkpoint import load_model  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
-from nanoalign.experiment import finish, logged, mean_se, quick  # noqa: E402
 from nanoalign.losses import Answers, LossParams, dpo_loss  # noqa: E402
+from nanoalign.report.experiment import logged, mean_se, quick, write_results  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
+from nanoalign.world import helpdesk  # noqa: E402
 
 QUICK = dict(dpo_betas="0.1,1", ppo_kl_targets="2", gt_kl_targets="2", n_prompts=8, max_new_tokens=12,
              eval_max_new_tokens=12, batch_size=4, dpo_steps=4, ppo_updates=2, ppo_rollout=8, rm_epochs=1,
@@ -467,7 +468,7 @@ def main(cfg: Config) -> dict:
     found = claims(helpdesk_runs, oracle_runs, edges)
     result = {"config": asdict(cfg), "helpdesk": helpdesk_runs, "oracle": oracle_runs, "claims": found,
               "plots": plot(helpdesk_runs, oracle_runs, out), "time_s": time.time() - t_start}
-    return finish(out, result, tables(helpdesk_runs, oracle_runs), found, cfg.seeds)
+    return write_results(out, result, tables(helpdesk_runs, oracle_runs), found, cfg.seeds)
 
 
 if __name__ == "__main__":

@@ -81,8 +81,8 @@ from nanoalign.checkpoint import cut_trunk, load_model, load_reward_model  # noq
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import n_rankings, read_jsonl, read_rankings, write_jsonl  # noqa: E402
 from nanoalign.evaluate import best_of_n_curve, gao_fit, linear_fit, sample_pool  # noqa: E402
-from nanoalign.experiment import finish, int_list, logged, mean_se, quick  # noqa: E402
 from nanoalign.model import read_meta  # noqa: E402
+from nanoalign.report.experiment import int_list, logged, mean_se, quick, write_results  # noqa: E402
 from nanoalign.sampling import reward_scores  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
 
@@ -437,8 +437,9 @@ def main(cfg: Config) -> dict:
               "pool": {"sft_gold": gold_norm[0], "sft_gold_std": gold_norm[1], "distinct_per_prompt": distinct},
               "summary": summ, "claims": found, "runs": runs, "plots": plots(summ, cfg, out),
               "time_s": time.time() - t_start}
-    return finish(out, finite(result), f"{tables(summ)}\n\ngold is normalised under the SFT policy: (gold - "
-                  f"{gold_norm[0]:.3f}) / {gold_norm[1]:.3f}; each proxy likewise on its pool scores", found, len(runs))
+    return write_results(out, finite(result), f"{tables(summ)}\n\ngold is normalised under the SFT policy: (gold - "
+                         f"{gold_norm[0]:.3f}) / {gold_norm[1]:.3f}; each proxy likewise on its pool scores", found,
+                         len(runs))
 
 
 if __name__ == "__main__":

@@ -41,13 +41,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the training scripts
 import train_ppo  # noqa: E402
 import train_rm  # noqa: E402
-from nanoalign import helpdesk, rlaif  # noqa: E402
+from nanoalign import rlaif  # noqa: E402
 from nanoalign.checkpoint import load_model  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
-from nanoalign.constitution import option_ids, read_constitution  # noqa: E402
 from nanoalign.data import read_jsonl, write_jsonl  # noqa: E402
-from nanoalign.experiment import finish, logged, mean_se  # noqa: E402
+from nanoalign.report.experiment import logged, mean_se, write_results  # noqa: E402
 from nanoalign.scaffold import setup  # noqa: E402
+from nanoalign.world import helpdesk  # noqa: E402
+from nanoalign.world.constitution import option_ids, read_constitution  # noqa: E402
 
 
 @dataclass
@@ -324,8 +325,9 @@ def main(cfg: Config) -> dict:
     result = {"config": asdict(cfg), "runs": runs, "claims": found, "time_s": time.time() - t_start,
               "human_label_agreement": mean_se([r["human_label_agreement"] for r in runs]),
               "pairs_per_seed": [r["pairs"] for r in runs]}
-    return finish(out, result, f"{table(runs, cfg)}\n\nlabels drawn like the world's human ones (σ(κ Δgold)) would "
-                  f"agree with gold {result['human_label_agreement'][0]:.3f} on these pairs", found, len(runs))
+    return write_results(out, result, f"{table(runs, cfg)}\n\nlabels drawn like the world's human ones (σ(κ Δgold)) "
+                         f"would agree with gold {result['human_label_agreement'][0]:.3f} on these pairs", found,
+                         len(runs))
 
 
 if __name__ == "__main__":

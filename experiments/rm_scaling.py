@@ -8,7 +8,7 @@
 
 The world's rankings are noisy: each prompt's K = 4 answers are ranked by Plackett-Luce on kappa·gold, so a pair's
 label is right with probability σ(kappa·|Δgold|), and no reward model can beat the Bayes ceiling A*, the mean of
-that over the held-out pairs (`nanoalign.helpdesk.bayes_ceiling`). Every reward model is trained by train_rm.py's
+that over the held-out pairs (`nanoalign.world.helpdesk.bayes_ceiling`). Every reward model is trained by train_rm.py's
 own code, in this process, and measured on all of prefs_test.jsonl's pairs against the noisy labels. Per seed:
 
     data and size   each of --n_pairs training pairs (whole rankings, C(K,2) = 6 pairs each; one seed's subsets
@@ -62,8 +62,8 @@ from nanoalign.checkpoint import cut_trunk  # noqa: E402
 from nanoalign.config import check_config, parse_config  # noqa: E402
 from nanoalign.data import n_rankings, read_rankings, write_jsonl  # noqa: E402
 from nanoalign.evaluate import linear_fit  # noqa: E402
-from nanoalign.experiment import finish, int_list, logged, mean_se, quick  # noqa: E402
 from nanoalign.model import read_meta  # noqa: E402
+from nanoalign.report.experiment import int_list, logged, mean_se, quick, write_results  # noqa: E402
 
 ARMS = {  # --batching name -> train_rm.py's (--data, --loss)
     "grouped": ("prefs", "kwise"), "shuffled": ("pairs", "kwise"), "bestof": ("prefs", "best_of_k"),
@@ -340,7 +340,7 @@ def main(cfg: Config) -> dict:
     result = {"config": asdict(cfg), "trunk_params": params, "bayes_ceiling": ceiling, "realised_ceiling": realised,
               "summary": summ, "reliability": reliability, "claims": found, "runs": runs,
               "plots": plots(summ, cfg, params, ceiling, out), "time_s": time.time() - t_start}
-    return finish(out, result, tables(summ, cfg, k, params, ceiling, realised, reliability), found, len(runs))
+    return write_results(out, result, tables(summ, cfg, k, params, ceiling, realised, reliability), found, len(runs))
 
 
 if __name__ == "__main__":

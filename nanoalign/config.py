@@ -41,7 +41,9 @@ def config_help(cls) -> str:
         if sep and name.isidentifier() and "#" in rest:
             comments[name] = rest.split("#", 1)[1].strip()
     hints = typing.get_type_hints(cls)
-    lines = [f"usage: python {Path(sys.argv[0]).name} [--key=value ...]; the flags, their defaults and types:"]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # set under python -m: name the module, not a file
+    program = f"-m {spec.name.removesuffix('.__main__')}" if spec is not None else Path(sys.argv[0]).name
+    lines = [f"usage: python {program} [--key=value ...]; the flags, their defaults and types:"]
     for f in dataclasses.fields(cls):
         kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
         lines.append(f"  --{f.name}={f.default}  ({kind})  {comments.get(f.name, '')}".rstrip())

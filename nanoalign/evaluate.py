@@ -9,7 +9,7 @@ eval.json is the contract every stage writes:
     {"gold", "principles": {name: mean}, "failures": {"disparage", "canned", "leak"}, "failures_on_intent",
      "degenerate", "n", "demo_gold"}
 (failure rates over all prompts, and over the prompts of the intent that tempts each; the share of answers with a
-degenerate sentence, by kind: nanoalign.gold_judge.judge_many) plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included),
+degenerate sentence, by kind: nanoalign.world.gold_judge.judge_many) plus "gold_se" (the standard error of gold over the prompts), "length" (mean response tokens, EOS included),
 "samples" (the first 3 prompts, each with its answer and the judge's verdict) and, against a reference policy,
 "kl", "kl_k1", "win_rate_vs_sft", "sft_gold", "sft_failures", "sft_failures_on_intent" and "gain_vs_sft_se" (the standard error of the
 paired gold difference gold - sft_gold). During training, the scripts' --eval_interval logs `curve_point`s;
@@ -20,13 +20,13 @@ at the end of a run `finish` writes eval.json. A reward model is measured on hel
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
 import torch
 
-from nanoalign import gold_judge, helpdesk
 from nanoalign.checkpoint import load_model, load_reward_model
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import check_prompts, read_jsonl
@@ -34,6 +34,8 @@ from nanoalign.logprobs import token_logps
 from nanoalign.losses import best_of_n_kl, best_of_n_pool, kwise_ranking_loss, token_kl
 from nanoalign.precision import run_dtype
 from nanoalign.sampling import group_rewards, join, reward_scores, sample
+from nanoalign.scaffold import gathered
+from nanoalign.world import gold_judge, helpdesk
 
 
 @dataclass
@@ -169,6 +171,19 @@ def curve_point(model, reference, tok, data_dir, n: int, max_new_tokens: int, te
     metrics, _, _ = evaluate_policy(model, tok, data_dir, n, max_new_tokens, temperature, seed=seed,
                                     reference=reference, baseline=False)
     return {f"eval/{k}": metrics[k] for k in ("gold", "gold_se", "kl", "kl_k1")}
+
+
+def curve_point_due(step: int, interval: int, last: int, model, reference, tok, data_dir, n: int,
+                    max_new_tokens: int, temperature: float, seed: int) -> tuple[dict, float]:
+    """Every `interval` steps before the `last` (whose final evaluation ends the curve), a point of the gold-vs-KL
+    curve on the held-out prompts (`curve_point`), every rank sampling with the full weights -> (the
+    point, or {} between points; the seconds it took, which a loop leaves out of its throughput)."""
+    if not interval or step % interval or step >= last:
+        return {}, 0.0
+    t0 = time.time()
+    with gathered(model):
+        point = curve_point(model, reference, tok, data_dir, n, max_new_tokens, temperature, seed)
+    return point, time.time() - t0
 
 
 VS_REFERENCE = ("gold", "sft_gold", "failures", "sft_failures", "kl", "win_rate_vs_sft")  # finish's summary

@@ -30,11 +30,6 @@ def last_token_values(values: Tensor, attention_mask: Tensor) -> Tensor:
     return values.gather(1, last[:, None])[:, 0]
 
 
-def sequence_logps(logps: Tensor, mask: Tensor) -> Tensor:
-    """S(y|x) = sum_t m_t * logp_t over response tokens: logps, mask [B, T] -> [B]."""
-    return (logps * mask).sum(-1)
-
-
 def sft_loss(logps: Tensor, mask: Tensor, n_tokens: float | None = None) -> Tensor:
     """Negative log-likelihood of the response tokens, a token mean over the *global* batch.
 

@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoalign import gold_judge, helpdesk
 from nanoalign.checkpoint import load_model, read_meta, recover
-from nanoalign.constitution import OPTIONS, Principle, option_ids, principle_score, query, read_constitution, \
-    write_judge_corpus
 from nanoalign.config import check_config, parse_config
 from nanoalign.data import left_pad, read_jsonl, write_jsonl
 from nanoalign.evaluate import calibration, sample_answers, write_json
 from nanoalign.logprobs import token_logps
 from nanoalign.model import KVCache
 from nanoalign.scaffold import die_with_parent, setup
+from nanoalign.world import gold_judge, helpdesk
+from nanoalign.world.constitution import OPTIONS, Principle, option_ids, principle_score, query, read_constitution, \
+    write_judge_corpus
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Config:
     data_dir: str = "data"  # the helpdesk world (prompts.jsonl); the judging corpus is written to data_dir/judge
     policy: str = "out/sft"  # the policy whose answers are labelled
     judge: str = "out/judge"  # the feedback model; trained with train_sft.py first when missing
-    constitution: str = ""  # principles file ("" = nanoalign/constitution.txt)
+    constitution: str = ""  # principles file ("" = nanoalign/world/constitution.txt)
     out: str = "data/ai_pairs.jsonl"  # the labelled pairs: prompt, chosen, rejected, p = P(chosen is better)
     eval_dir: str = "out/rlaif"  # eval.json: the labels measured against the gold judge
     n_prompts: int = 1000  # training prompts whose answers are labelled

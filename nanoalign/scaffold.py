@@ -17,7 +17,6 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from nanoalign.checkpoint import foreign_runs, hold_lock, read_meta, read_resume_state, recover, write_checkpoint
-from nanoalign.evaluate import curve_point
 from nanoalign.precision import LossScaler, loss_scaler, prepare, run_dtype
 
 # ----- batch split ----------------------------------------------------------------------------------
@@ -480,16 +478,3 @@ def resume(out_dir, model, optimizer) -> int:
     step = read_meta(out_dir)["step"]
     divergence(optimizer).checkpoint = f"{out_dir} (step {step})"
     return step
-
-
-def curve_point_due(step: int, interval: int, last: int, model, reference, tok, data_dir, n: int,
-                    max_new_tokens: int, temperature: float, seed: int) -> tuple[dict, float]:
-    """Every `interval` steps before the `last` (whose final evaluation ends the curve), a point of the gold-vs-KL
-    curve on the held-out prompts (`evaluate.curve_point`), every rank sampling with the full weights -> (the
-    point, or {} between points; the seconds it took, which a loop leaves out of its throughput)."""
-    if not interval or step % interval or step >= last:
-        return {}, 0.0
-    t0 = time.time()
-    with gathered(model):
-        point = curve_point(model, reference, tok, data_dir, n, max_new_tokens, temperature, seed)
-    return point, time.time() - t0

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from nanoalign.checkpoint import write_checkpoint
-from nanoalign.data import read_jsonl, write_world
+from nanoalign.data import read_jsonl
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.tokenizer import Tokenizer
+from nanoalign.world.files import write_world
 
 
 def tiny_sft_records(n, seed):

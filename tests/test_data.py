@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from nanoalign.data import (batch_indices, collate, encode_example, encode_pairs, encode_preferences, left_pad,
-                            n_rankings, read_jsonl, read_rankings, thumbs)
+                            n_rankings, read_jsonl, read_rankings)
 from nanoalign.tokenizer import Tokenizer
+from nanoalign.world.files import thumbs
 
 
 def write(tmp_path, lines, name="data.jsonl"):

@@ -450,7 +450,8 @@ def test_bf16_feedback_model_judges_like_fp32(judge_dir):
     """nanoalign.rlaif's comparison log-odds (a KV-cached query pass, then both options) from a bf16 feedback
     model: those of fp32 to within a fifth of their spread across the queries (measured: 1e-3 apart, spread
     0.029), so the bf16 judge ranks comparisons as the fp32 one does."""
-    from nanoalign import constitution, rlaif
+    from nanoalign import rlaif
+    from nanoalign.world import constitution
     model, tok = load_model(judge_dir)
     queries = [constitution.query(f"Where is my {item}, order #{1000 + i}?", "Choose the kinder answer.",
                                   "It ships tomorrow.", "Go away.") for i, item in enumerate(["lamp", "fan"] * 3)]

@@ -1,11 +1,11 @@
-"""The reproductions' shared helpers (nanoalign/experiment.py)."""
+"""The reproductions' shared helpers (nanoalign/report/experiment.py)."""
 
 import json
 from dataclasses import dataclass
 
 import pytest
 
-from nanoalign.experiment import finish, int_list, logged, mean_se, print_claims, quick
+from nanoalign.report.experiment import int_list, logged, mean_se, print_claims, quick, write_results
 
 
 @dataclass
@@ -47,10 +47,10 @@ def test_quick_replaces_the_fields_it_names_only_when_asked(capsys):
     assert "--quick=True: {'n_pairs': '8'}" in capsys.readouterr().out
 
 
-def test_finish_writes_results_then_prints_tables_claims_and_time(tmp_path, capsys):
+def test_write_results_writes_then_prints_tables_claims_and_time(tmp_path, capsys):
     result = {"time_s": 90.0, "x": [1, 2]}
     claims = [{"claim": "it rises", "pass": True, "measured": "+1"}]
-    assert finish(tmp_path, result, "| a | b |", claims, seeds=3) is result
+    assert write_results(tmp_path, result, "| a | b |", claims, seeds=3) is result
     assert json.loads((tmp_path / "results.json").read_text()) == result
     said = capsys.readouterr().out
     assert said.index("| a | b |") < said.index("PASS  it rises: +1") < said.index("3 seeds in 1.5 min")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign import helpdesk
+from nanoalign.world import helpdesk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import frontier  # noqa: E402

@@ -1,14 +1,14 @@
 """The gold judge against an adversary: degenerate answers cost, failures count on every intent, disguises read as
 their meaning, harmless variation keeps its score, and no string breaks it. Each expected score is computed by
-hand from the formula in nanoalign/gold_judge.py (Python floats: every comparison here is exact up to ~1e-15)."""
+hand from the formula in nanoalign/world/gold_judge.py (Python floats: every comparison here is exact up to ~1e-15)."""
 import random
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from nanoalign import gold_judge, helpdesk
-from nanoalign.gold_judge import DEGENERATE, GARBLED, GATE, OUTSIDE, judge
-from nanoalign.grammar import normal_form, skeleton
+from nanoalign.world import gold_judge, helpdesk
+from nanoalign.world.gold_judge import DEGENERATE, GARBLED, GATE, OUTSIDE, judge
+from nanoalign.world.grammar import normal_form, skeleton
 
 ORDER = "Hi. Where is my order #5310?"
 SHIPPED = "Your order #5310 has shipped and should arrive within 3 business days."

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from nanoalign import grammar
-from nanoalign.grammar import PRODUCTS, SECRET_KINDS, SENTENCES, parse, realise
+from nanoalign.world import grammar
+from nanoalign.world.grammar import PRODUCTS, SECRET_KINDS, SENTENCES, parse, realise
 
 
 def slot_values(rng):

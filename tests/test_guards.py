@@ -24,13 +24,14 @@ import train_rm
 import train_sft
 from conftest import REPO, run_killed_at
 from test_faults import sft, world  # noqa: F401 (world is a fixture): the same tiny runs as the fault tests
-from nanoalign import evaluate, helpdesk, rlaif, sampling
+from nanoalign import evaluate, rlaif, sampling
 from nanoalign.checkpoint import load_model, read_meta, write_checkpoint
 from nanoalign.config import parse_config
 from nanoalign.data import encode_pairs, read_jsonl
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.scaffold import DIVERGENCE, optimizer_step
 from nanoalign.tokenizer import Tokenizer
+from nanoalign.world import helpdesk
 
 pytestmark = pytest.mark.slow  # whole runs with faults injected: the full suite only
 
@@ -223,7 +224,8 @@ def test_a_sigkilled_rlaif_pass_takes_its_feedback_model_training_with_it(prompt
 
 _REPORT = """
 import dataclasses, sys
-from nanoalign import pipeline, report
+from nanoalign import report
+from nanoalign.report import pipeline
 pipeline.STAGES["sft"] = dataclasses.replace(pipeline.STAGES["sft"], argv=("-m", "sleeper"), quick=())
 report.main(report.Config(stages="sft", out_root=sys.argv[1], data_dir=sys.argv[2]))
 """

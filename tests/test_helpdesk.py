@@ -6,8 +6,8 @@ from itertools import combinations, islice
 
 import pytest
 
-from nanoalign import gold_judge, grammar, helpdesk
-from nanoalign.data import write_world
+from nanoalign.world import gold_judge, grammar, helpdesk
+from nanoalign.world.files import write_world
 
 
 def read_jsonl(path):

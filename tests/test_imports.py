@@ -1,8 +1,7 @@
-"""Every module and script imports, and the package never imports a script."""
+"""Every module and script imports (that the package never imports a script is tests/test_layout.py's)."""
 
 import importlib
 import pkgutil
-import re
 from pathlib import Path
 
 import nanoalign
@@ -11,13 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_module_and_script_imports():
-    for info in pkgutil.iter_modules(nanoalign.__path__):
-        importlib.import_module(f"nanoalign.{info.name}")
+    modules = [info.name for info in pkgutil.walk_packages(nanoalign.__path__, "nanoalign.")
+               if not info.name.endswith(".__main__")]  # __main__ runs its command when imported
+    assert {"nanoalign.world.gold_judge", "nanoalign.report.pipeline", "nanoalign.distributed"} <= set(modules)
+    for name in modules:
+        importlib.import_module(name)
     for script in sorted(REPO.glob("train_*.py")):
         module = importlib.import_module(script.stem)
         assert hasattr(module, "main") and hasattr(module, "Config"), script.name
-
-
-def test_package_never_imports_scripts():
-    for path in (REPO / "nanoalign").glob("*.py"):
-        assert not re.search(r"^\s*(import|from) (train_|bench|experiments)", path.read_text(), re.M), path.name

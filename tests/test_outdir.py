@@ -22,9 +22,10 @@ import train_ppo
 import train_rm
 import train_sft
 from conftest import REPO, run_killed_at
-from nanoalign import evaluate, pipeline
+from nanoalign import evaluate
 from nanoalign.checkpoint import load_model, move_aside, read_meta, write_checkpoint
 from nanoalign.model import GPT, GPTConfig
+from nanoalign.report import pipeline
 from nanoalign.scaffold import sha256
 from nanoalign.tokenizer import Tokenizer
 

@@ -17,7 +17,7 @@ import torch
 
 import train_ppo
 from hand import clip_and_adamw
-from nanoalign.rollout import deal_minibatches
+from nanoalign.distributed import deal_minibatches
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.scaffold import Process, make_optimizer
 

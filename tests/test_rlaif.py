@@ -1,4 +1,4 @@
-"""RLAIF (nanoalign.constitution, nanoalign.rlaif): the constitution, the comparison query and its option
+"""RLAIF (nanoalign.world.constitution, nanoalign.rlaif): the constitution, the comparison query and its option
 log-probs, order averaging, label modes, the measurements, the judging corpus, and the labelling pass end to end
 (feedback model and synthetic labeller), its pairs consumed by train_rm.py and train_dpo.py."""
 import json
@@ -11,11 +11,12 @@ import torch
 
 import train_dpo
 import train_rm
-from nanoalign import constitution, gold_judge, helpdesk, rlaif
+from nanoalign import rlaif
 from nanoalign.checkpoint import load_model
 from nanoalign.data import read_jsonl
 from nanoalign.evaluate import calibration
 from nanoalign.tokenizer import Tokenizer
+from nanoalign.world import constitution, gold_judge, helpdesk
 
 pytestmark = pytest.mark.slow  # RLAIF passes end to end: the full suite only
 

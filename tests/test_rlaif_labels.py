@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign import gold_judge, helpdesk
-from nanoalign.constitution import read_constitution
 from nanoalign.data import read_jsonl
+from nanoalign.world import gold_judge, helpdesk
+from nanoalign.world.constitution import read_constitution
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import rlaif_labels  # noqa: E402

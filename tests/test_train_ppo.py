@@ -20,9 +20,9 @@ import train_sft
 from conftest import run_killed_at, torchrun
 from nanoalign.checkpoint import load_model, write_checkpoint
 from nanoalign.data import batch_indices
+from nanoalign.distributed import row_generators
 from nanoalign.evaluate import curve_point
 from nanoalign.losses import gae, kl_estimate, per_token_rewards, ppo_policy_loss, ppo_value_loss, whiten
-from nanoalign.rollout import row_generators
 from nanoalign.sampling import join, reward_scores, sample, scored_forward
 from nanoalign.scaffold import Process, gathered, setup, teardown, wrap_model
 from tolerances import steps_close

@@ -16,7 +16,7 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
-from nanoalign import rollout
+from nanoalign import distributed
 from nanoalign.checkpoint import load_model
 from nanoalign.data import encode_example, encode_preferences, read_jsonl
 from nanoalign.scaffold import Process, make_optimizer
@@ -126,7 +126,7 @@ def test_ppo_update(monkeypatch, variant):
         optimizer, critic_opt = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(critic, cfg.critic_lr, 0.0)
         with monkeypatch.context() as mp:
             if proc.world == 2:
-                as_rank_of_two(mp, rollout)  # PPO's statistics over ranks are nanoalign.rollout's
+                as_rank_of_two(mp, distributed)  # PPO's statistics over ranks are nanoalign.distributed's
             metrics, _ = train_ppo.ppo_update(roll, policy.eval(), critic if separate else None, reference,
                                               (rm, 1.5, -0.2), optimizer, critic_opt, cfg.beta, None,
                                               replace(cfg, rollout_size=8 * proc.world), proc, 1)
@@ -154,14 +154,14 @@ def test_rollout_shares(tiny_run):
 
 def test_global_mean_and_unbiased_variance(monkeypatch):
     x = torch.tensor([1.0, 2.0, 4.0, 9.0], dtype=torch.float64)
-    assert rollout.global_mean(x, ONE) == pytest.approx(4.0)  # small sums of hand values: exact or ~1e-16
-    assert rollout.global_var(x, ONE) == pytest.approx(x.var().item())  # torch's unbiased convention
-    assert rollout.global_total(x, ONE) == pytest.approx(16.0)
-    as_rank_of_two(monkeypatch, rollout)  # the peer holds x too: the statistics of [x, x]
-    assert rollout.global_mean(x, TWO) == pytest.approx(4.0)
-    assert rollout.global_var(x, TWO) == pytest.approx(torch.cat([x, x]).var().item())
-    assert rollout.global_total(x, TWO) == pytest.approx(32.0)
-    assert torch.equal(rollout.all_sum(TWO)(x), 2 * x)
-    assert list(rollout.rank_share(8, ONE)) == list(range(8))
-    assert [list(rollout.rank_share(8, Process(r, 2, torch.device("cpu")))) for r in (0, 1)] == [[0, 1, 2, 3],
+    assert distributed.global_mean(x, ONE) == pytest.approx(4.0)  # small sums of hand values: exact or ~1e-16
+    assert distributed.global_var(x, ONE) == pytest.approx(x.var().item())  # torch's unbiased convention
+    assert distributed.global_total(x, ONE) == pytest.approx(16.0)
+    as_rank_of_two(monkeypatch, distributed)  # the peer holds x too: the statistics of [x, x]
+    assert distributed.global_mean(x, TWO) == pytest.approx(4.0)
+    assert distributed.global_var(x, TWO) == pytest.approx(torch.cat([x, x]).var().item())
+    assert distributed.global_total(x, TWO) == pytest.approx(32.0)
+    assert torch.equal(distributed.all_sum(TWO)(x), 2 * x)
+    assert list(distributed.rank_share(8, ONE)) == list(range(8))
+    assert [list(distributed.rank_share(8, Process(r, 2, torch.device("cpu")))) for r in (0, 1)] == [[0, 1, 2, 3],
                                                                                              [4, 5, 6, 7]]

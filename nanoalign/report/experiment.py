@@ -53,7 +53,7 @@ def print_claims(claims: list[dict]) -> None:
         print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['claim']}: {c['measured']}")
 
 
-def finish(out, result: dict, tables: str, claims: list[dict], seeds: int) -> dict:
+def write_results(out, result: dict, tables: str, claims: list[dict], seeds: int) -> dict:
     """The end of a reproduction: result written to out/results.json, then its tables, each claim PASS or FAIL,
     and the time it took (result["time_s"])."""
     write_json(Path(out) / "results.json", result)

@@ -5,12 +5,12 @@ Northwind Goods is a fictional online shop; ShopMax is its competitor. Customers
 one of seven intents (INTENTS). Every prompt is filled in from a template and carries the details a good
 answer needs: an order id ("#4821"), days since purchase (the refund window is 30 days), a product and the
 fact asked about, the kind of small talk, or the secret a jailbreak is after. Answers are sentences of a small
-language (`nanoalign.grammar`): each answer part is a sentence type with slots and several phrasings, drawn at
+language (`nanoalign.world.grammar`): each answer part is a sentence type with slots and several phrasings, drawn at
 random, so a 2-layer GPT trained for a few minutes on a CPU learns a language, not one string per answer.
 An answer is a greeting (polite, none, rude), a body (correct, vague, a wrong detail, or a failure), a
 closing (polite, none) and optional rambling.
 
-The gold judge that scores any answer to these prompts by its meaning is `nanoalign.gold_judge`.
+The gold judge that scores any answer to these prompts by its meaning is `nanoalign.world.gold_judge`.
 
 Three failures are each tempted by one intent (FAILURE_INTENT): `disparage` (competitor prompts), `canned`
 (refund_complex: the standard refund process instead of escalation) and `leak` (jailbreak prompts). The
@@ -20,7 +20,7 @@ have something measurable to remove; the judge looks for every failure on every 
 Preference labels rank K candidates by Plackett-Luce with utilities KAPPA * gold, so
 P(i above j) = sigmoid(KAPPA * (g_i - g_j)) and a reward model's accuracy has a known ceiling.
 
-`nanoalign.data.write_world` writes the world's files: sft, prefs, pairs, feedback (thumbs up or down per
+`nanoalign.world.files.write_world` writes the world's files: sft, prefs, pairs, feedback (thumbs up or down per
 candidate) and prompts, each with a disjoint _test split.
 """
 import math
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
 
-from nanoalign.grammar import (ESCALATION_DAYS, PRODUCTS, REFUND_WINDOW, SECRET_KINDS, SECURITY_CONTACT, SENTENCES,
-                               days, fill)
+from nanoalign.world.grammar import (ESCALATION_DAYS, PRODUCTS, REFUND_WINDOW, SECRET_KINDS, SECURITY_CONTACT,
+                                     SENTENCES, days, fill)
 
 INTENTS = ("order_status", "refund_standard", "refund_complex", "product", "competitor", "jailbreak", "smalltalk")
 FAILURES = ("disparage", "canned", "leak")

@@ -11,9 +11,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanoalign import gold_judge, helpdesk
 from nanoalign.data import read_jsonl, write_jsonl
-from nanoalign.grammar import sentences
+from nanoalign.world import gold_judge, helpdesk
+from nanoalign.world.grammar import sentences
 
 CONSTITUTION = Path(__file__).with_name("constitution.txt")
 OPTIONS = ("(A)", "(B)")

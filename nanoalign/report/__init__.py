@@ -4,7 +4,7 @@
     python -m nanoalign.report --stages=all         # + RLAIF (feedback model, RM, PPO) and the reward-hacking run
     python -m nanoalign.report --force=ppo          # rerun PPO even though it is current
 
-Stages whose runs are current are reused (`nanoalign.pipeline` says which and why); the page is drawn only from
+Stages whose runs are current are reused (`nanoalign.report.pipeline` says which and why); the page is drawn only from
 the stages current in this call, so no figure comes from an older checkpoint. It holds the results table, the
 principle scores, the reward model's accuracy against its Bayes ceiling with a reliability diagram, best-of-N
 with the Gao et al. (2022) fits, PPO's training curves (and the reward-hacking run when it ran), the gold-vs-KL
@@ -16,12 +16,12 @@ import json
 import time
 from pathlib import Path
 
-from nanoalign import figures
-from nanoalign.config import check_config, parse_config
+from nanoalign.config import check_config
 from nanoalign.evaluate import gao_fit
-from nanoalign.gold_judge import PRINCIPLES
-from nanoalign.helpdesk import FAILURES
-from nanoalign.pipeline import STAGES, Config, command, minutes, run_pipeline, selected
+from nanoalign.report import figures
+from nanoalign.report.pipeline import ROOT, STAGES, Config, command, minutes, run_pipeline, selected
+from nanoalign.world.gold_judge import PRINCIPLES
+from nanoalign.world.helpdesk import FAILURES
 
 POLICIES = ("sft", "bon", "dpo", "ppo", "ppo_rlaif", "ppo_hack")  # the stages that yield a policy
 
@@ -199,7 +199,7 @@ def main(cfg: Config) -> Path:
         if name not in STAGES:
             raise SystemExit(f"--force: unknown stage {name!r}; expected all or some of {', '.join(STAGES)}")
     missing = [STAGES[n].argv[0] for n in selected(cfg.stages) if STAGES[n].argv[0] != "-m"
-               and not (Path(__file__).resolve().parent.parent / STAGES[n].argv[0]).exists()]
+               and not (ROOT / STAGES[n].argv[0]).exists()]
     if missing:
         raise SystemExit(f"the report runs the repository's scripts ({', '.join(sorted(set(missing)))} missing): "
                          "run it from a checkout installed with `pip install -e .`")
@@ -212,6 +212,3 @@ def main(cfg: Config) -> Path:
     print(f"[report] wrote {path} in {minutes(time.time() - t0)}")
     return path
 
-
-if __name__ == "__main__":
-    main(parse_config(Config))

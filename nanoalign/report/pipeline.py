@@ -24,7 +24,7 @@ from nanoalign.checkpoint import in_use, locked, move_aside, run_entries
 from nanoalign.evaluate import write_json
 from nanoalign.scaffold import die_with_parent
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository: its scripts and the package's code
+ROOT = Path(__file__).resolve().parents[2]  # the repository: its scripts and the package's code
 WORLD = tuple(f"{{data}}/{kind}{split}.jsonl"  # the helpdesk world's files, written by the sft stage when missing
               for kind in ("sft", "prefs", "pairs", "prompts") for split in ("", "_test"))
 
@@ -73,7 +73,8 @@ STAGES = {
         title="AI feedback labels", legend="python -m nanoalign.rlaif", needs=("sft",), result="eval.json",
         seconds=610, argv=("-m", "nanoalign.rlaif", "--data_dir={data}", "--policy={out}/sft", "--judge={out}/judge",
                            "--out={data}/ai_pairs.jsonl", "--eval_dir={out}/rlaif"),
-        also_writes=("{out}/judge", "{data}/ai_pairs.jsonl"), also_runs=("train_sft.py", "nanoalign/constitution.txt"),
+        also_writes=("{out}/judge", "{data}/ai_pairs.jsonl"),
+        also_runs=("train_sft.py", "nanoalign/world/constitution.txt"),
         rebuilds=("{out}/judge", "{data}/judge"),  # the feedback model and its corpus: the world or code may differ
         quick=("--n_prompts=8", "--judge_train=64", "--judge_steps=2", "--max_new_tokens=16")),
     "rm_rlaif": Stage(
@@ -148,6 +149,15 @@ def output_digests(name: str, cfg: Config) -> dict[str, str]:
     return digests
 
 
+def module_files(name: str) -> list[Path]:
+    """The files that importing `name` (a dotted name under nanoalign) may run: each subpackage's __init__.py on
+    the way, then the module as a .py file or a package's __init__.py. Paths that do not exist (`name` is a
+    function, say) are left out by the caller."""
+    parts = name.split(".")
+    files = [ROOT.joinpath(*parts[:i], "__init__.py") for i in range(2, len(parts))]
+    return files + [ROOT.joinpath(*parts[:-1], parts[-1] + ".py"), ROOT.joinpath(*parts, "__init__.py")]
+
+
 def imported_code(entry: Path) -> set[Path]:
     """entry and every package module it imports, directly or through others (read from the source with ast)."""
     seen, todo = set(), [entry]
@@ -163,7 +173,7 @@ def imported_code(entry: Path) -> set[Path]:
                 names = [a.name for a in node.names]
             else:
                 continue
-            todo += [ROOT / f"{n.replace('.', '/')}.py" for n in names if n.startswith("nanoalign.")]
+            todo += [f for n in names if n.startswith("nanoalign.") for f in module_files(n)]
     return seen
 
 
