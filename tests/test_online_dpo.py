@@ -28,15 +28,17 @@ def online(world, out, **kw):
 
 
 class Longer:
-    """A test labeller that prefers the longer answer (½ on equal lengths), recording what it was asked."""
+    """A test labeller that prefers the longer answer, ½ on equal lengths and on each step's first pair (a tie
+    every step, so that the DPO step's mean is over fewer pairs than were labelled), recording what it was
+    asked."""
 
     def __init__(self):
         self.asked = []
 
     def __call__(self, pairs, step):
         self.asked.append((step, pairs))
-        return torch.tensor([0.5 if len(a) == len(b) else float(len(a) > len(b)) for _, a, b in pairs],
-                            dtype=torch.float64)
+        return torch.tensor([0.5 if len(a) == len(b) or i == 0 else float(len(a) > len(b))
+                             for i, (_, a, b) in enumerate(pairs)], dtype=torch.float64)
 
 
 @pytest.fixture
@@ -85,7 +87,7 @@ def test_pairs_come_from_the_current_policy_and_the_labellers_choice(quick_world
     # the chosen answer is the labeller's preferred one; ties (equal lengths) are not trained on
     for (step, pairs), records in zip(asked, recorded["records"]):
         assert records == [{"prompt": p, "chosen": max(a, b, key=len), "rejected": min(a, b, key=len), "p": 1.0}
-                           for p, a, b in pairs if len(a) != len(b)]
+                           for p, a, b in pairs[1:] if len(a) != len(b)]
     # the label budget: 6 and 6 prompts, then the 3 labels left; the log counts them
     assert [len(pairs) for _, pairs in asked] == [6, 6, 3]
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -108,7 +110,7 @@ def test_gold_labeller_run_measures_itself_against_gold(quick_world, tmp_path):
 def test_online_steps_equal_hand_written_dpo_steps_on_their_pairs(quick_world, tmp_path, recorded):
     """Two online steps in float64 against the DPO steps written by hand (test_dpo_reference's unpadded
     log-probs and loss, hand.py's AdamW) on the pairs each step trained on: the online plumbing (orientation,
-    ties skipped, the mean over the pairs kept, the live reference) takes the offline DPO step."""
+    ties skipped, the mean over the pairs kept, the live reference) takes the offline DPO step, and logs its loss."""
     cfg = online(quick_world, tmp_path / "run", max_steps=2, weight_decay=0.1, grad_clip=0.5, label_smoothing=0.1)
     torch.set_default_dtype(torch.float64)
     try:
@@ -116,7 +118,7 @@ def test_online_steps_equal_hand_written_dpo_steps_on_their_pairs(quick_world, t
         policy, tok = load_model(cfg.init_from)
         policy = policy.double()
         reference = load_model(cfg.init_from)[0].double().requires_grad_(False)
-        state = {}
+        state, losses = {}, []
         assert all(len(records) >= 2 for records in recorded["records"])  # each step trained on pairs
         for step, records in enumerate(recorded["records"]):
             total = 0.0
@@ -127,11 +129,15 @@ def test_online_steps_equal_hand_written_dpo_steps_on_their_pairs(quick_world, t
                     rc, _ = sequence_logp(reference, tok, r["prompt"], r["chosen"])
                     rr, _ = sequence_logp(reference, tok, r["prompt"], r["rejected"])
                 total = total + pair_loss(cfg, pc, pr, rc, rr, lc, lr_, cfg.label_smoothing)
-            (total / len(records)).backward()
+            loss = total / len(records)
+            loss.backward()
+            losses.append(loss.item())
             lr = warmup_cosine(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
             clip_and_adamw(policy.parameters(), lr, state, cfg.grad_clip, 1e-8, cfg.weight_decay)
     finally:
         torch.set_default_dtype(torch.float32)
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(losses, rel=1e-9, abs=1e-12)  # float64 scalars; AdamW alone hides a loss scale
     got = load_file(tmp_path / "run" / "model.safetensors")
     # float64 both sides, only the order of sums differs (~1e-14); a wrong pair, sign or mean moves lr-sized steps
     for name, p in policy.named_parameters():
