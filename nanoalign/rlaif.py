@@ -114,6 +114,16 @@ def model_preferences(model, tok, items: list[tuple], batch_size: int = 16) -> d
     return {"p_ab": torch.sigmoid(logits[:, 0]), "p_ba": torch.sigmoid(logits[:, 1])}
 
 
+def ai_preferences(model, tok, pairs: list[tuple], principles: list[Principle], rng: random.Random,
+                   batch_size: int = 16) -> torch.Tensor:
+    """The feedback model's P(y1 ≻ y2) [N] float64 for each (prompt, y1, y2): one principle drawn by rng per pair
+    (CAI §4.1), both orders averaged (RLAIF §2), as the labelling pass writes its soft labels."""
+    drawn = [rng.randrange(len(principles)) for _ in pairs]
+    pref = model_preferences(model, tok, [(p, principles[m].text, y1, y2) for (p, y1, y2), m in zip(pairs, drawn)],
+                             batch_size)
+    return combine(pref["p_ab"], pref["p_ba"])
+
+
 def synthetic_preferences(s1: torch.Tensor, s2: torch.Tensor, kappa: float, noise: float, position_bias: float,
                           generator: torch.Generator) -> dict:
     """The controlled labeller: slot A's log-odds are kappa·(s(A) - s(B)) + position_bias + N(0, noise²), a fresh
@@ -213,7 +223,13 @@ def sample_pairs(policy, tok, prompts: list, cfg: Config, source: str = "the pol
                                 cfg.temperature, seed=cfg.seed)
     pairs = [(p, answers[i * cfg.k + a], answers[i * cfg.k + b]) for i, p in enumerate(prompts)
              for a in range(cfg.k) for b in range(a + 1, cfg.k)]
-    return [(p, y1, y2) for p, y1, y2 in pairs if y1 != y2 and y1.strip() and y2.strip()], len(pairs)
+    return [(p, y1, y2) for p, y1, y2 in pairs if comparable(y1, y2)], len(pairs)
+
+
+def comparable(y1: str, y2: str) -> bool:
+    """Whether a pair is worth a label: two different non-empty answers (equal answers, or an empty one, say
+    nothing about which is better)."""
+    return y1 != y2 and bool(y1.strip()) and bool(y2.strip())
 
 
 def preferences(pairs: list[tuple], comparisons: list[tuple], principles: list[Principle], cfg: Config, judge=None,

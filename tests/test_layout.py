@@ -1,6 +1,6 @@
 """The package's layers, read from the source with ast (nothing is imported): the core trains and scores on any
-data and imports nothing from the helpdesk world (nanoalign/world/), the report (nanoalign/report/) or the two
-stage entry points that join them (nanoalign.evaluate, nanoalign.rlaif); and no module of the package imports a
+data and imports nothing from the helpdesk world (nanoalign/world/), the report (nanoalign/report/) or the stage
+modules that join them (nanoalign.evaluate, nanoalign.rlaif, nanoalign.online); and no module of the package imports a
 script (train_*.py, experiments/, bench/)."""
 
 import ast
@@ -11,7 +11,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nanoalign"
 CORE = ("model", "tokenizer", "logprobs", "losses", "sampling", "data", "checkpoint", "config", "precision", "logger",
         "scaffold", "distributed")
-ENTRY_POINTS = ("evaluate", "rlaif")  # python -m nanoalign.evaluate / nanoalign.rlaif: core and world together
+# python -m nanoalign.evaluate / nanoalign.rlaif, and online DPO's sampling and labellers: core and world together
+ENTRY_POINTS = ("evaluate", "rlaif", "online")
 SUBPACKAGES = ("world", "report")
 SCRIPTS = ("bench", "experiments", "common", "conftest", "tests")  # and every train_*
 
