@@ -8,6 +8,7 @@ EXERCISES is the one list of changes: docs/exercises.md has one section per reco
 record's id), showing the record's file, its old and new lines as a diff, and the tests that fail;
 `test_the_page_shows_every_exercise_and_only_these` holds the page to the list."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -231,7 +232,7 @@ def scratch_copy(tmp_path: Path) -> Path:
 
 def run(copy: Path, *args: str) -> subprocess.CompletedProcess:
     """A Python process in the copy, importing the copy's nanoalign and scripts."""
-    env = {**__import__("os").environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=copy, env=env, capture_output=True, text=True, timeout=900)
 
 
