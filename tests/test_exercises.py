@@ -100,16 +100,17 @@ print(ppo_value_loss(values, old, returns, torch.ones(1, 3), 0.2)[0].item())
 
 DPO_LOSS_PREFERRING_CHOSEN = """
 import torch
-from nanoalign.losses import dpo_loss
+from nanoalign.losses import Answers, LossParams, dpo_loss
 ref = torch.tensor([-12.0, -12.0])
-print(dpo_loss(torch.tensor([-10.0, -12.0]), torch.tensor([-14.0, -13.0]), ref, ref, 0.1)[0].mean().item())
+a = Answers.pairs(torch.tensor([-10.0, -12.0]), torch.tensor([-14.0, -13.0]), ref, ref)
+print(dpo_loss(a, LossParams(beta=0.1))[0].mean().item())
 """
 
 DPO_LOSS_AT_THE_START = """
 import math, torch
-from nanoalign.losses import dpo_loss
+from nanoalign.losses import Answers, LossParams, dpo_loss
 s_w, s_l = torch.tensor([-30.0, -12.0]), torch.tensor([-20.0, -25.0])  # the policy is the reference
-print(abs(dpo_loss(s_w, s_l, s_w, s_l, 0.1)[0].mean().item() - math.log(2)))
+print(abs(dpo_loss(Answers.pairs(s_w, s_l, s_w, s_l), LossParams(beta=0.1))[0].mean().item() - math.log(2)))
 """
 
 LABELS_OFF_A_TIE = """
@@ -187,15 +188,13 @@ EXERCISES = [
          tests=[PPO_REF], passes=[PPO_REF.replace("[head]", "[temperature_1]")],
          probe=PPO_KL_AT_START, moves="up"),
     dict(id="dpo-flip", stage="DPO", file="nanoalign/losses.py",
-         old="    h = chosen_logratios - rejected_logratios\n",
-         new="    h = rejected_logratios - chosen_logratios\n",
+         old="    h = chosen - rejected\n    eps = a.label_smoothing\n",
+         new="    h = rejected - chosen\n    eps = a.label_smoothing\n",
          tests=["tests/test_preference_losses.py::test_dpo_sigmoid_hand_values_and_bt_equivalence"],
          probe=DPO_LOSS_PREFERRING_CHOSEN, moves="up"),
     dict(id="dpo-no-reference", stage="DPO", file="nanoalign/losses.py",
-         old="    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B]\n"
-             "    rejected_logratios = policy_rejected_logps - ref_rejected_logps\n",
-         new="    chosen_logratios = policy_chosen_logps  # [B]\n"
-             "    rejected_logratios = policy_rejected_logps\n",
+         old="    return a.logps - a.ref_logps\n",
+         new="    return a.logps\n",
          tests=["tests/test_dpo_reference.py::test_dpo_steps_equal_the_hand_written_reference[sigmoid-kw0]"],
          passes=["tests/test_preference_losses.py::test_dpo_sigmoid_hand_values_and_bt_equivalence"],
          probe=DPO_LOSS_AT_THE_START, moves="up"),
