@@ -232,7 +232,7 @@ def test_the_wrong_kind_of_checkpoint_is_refused(tiny_run, world, tmp_path):
 
 
 def test_evaluate_writes_into_out(tiny_run, world, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate.gold_judge, "judge_many", lambda prompts, answers: {"gold": 1.0, "failures": {}})
+    monkeypatch.setattr(evaluate.gold_judge, "judge_many", lambda prompts, answers: {"gold": 1.0, "failures": {}, "failures_on_intent": {}})
     monkeypatch.setattr(evaluate.gold_judge, "judge", lambda prompt, answer: {"gold": 1.0})
     evaluate.main(evaluate.Config(checkpoint=str(tiny_run / "init"), data_dir=str(world), n=2, max_new_tokens=4,
                                   out=str(tmp_path / "e")))

@@ -108,7 +108,7 @@ def test_a_data_dir_with_other_files_is_never_written_over(tiny_run, pairs_dir, 
     needed = "sft.jsonl" if script is train_sft else "prefs.jsonl"
     cfg = script.Config(data_dir=str(data), out_dir=str(tmp_path / "out"), init_from=str(tiny_run / "init"))
     with pytest.raises(SystemExit, match=rf"--data_dir={data}: no {needed}, and the folder holds other files "
-                                         r"\(pairs.jsonl, sft_test.jsonl\): the helpdesk world is written only into "
+                                         r"\(feedback.jsonl, pairs.jsonl, sft_test.jsonl\): the helpdesk world is written only into "
                                          r"a missing or empty folder"):
         script.main(cfg)
     assert snapshot(data) == before and not (tmp_path / "out").exists()

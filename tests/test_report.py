@@ -171,7 +171,8 @@ def test_a_stage_depends_on_the_code_it_runs():
         assert {"nanoalign/world/__init__.py", "nanoalign/world/gold_judge.py"} <= set(code)  # every stage is judged
         assert not [path for path in code if path.startswith("nanoalign/report/")]
         assert not {"train_dpo.py", "train_ppo.py"} & set(code) or name in ("dpo", "ppo", "ppo_rlaif", "ppo_hack")
-    assert "nanoalign/rlaif.py" not in pipeline.code_digests("dpo")
+    assert "nanoalign/online.py" in pipeline.code_digests("dpo")  # online DPO's labellers are in train_dpo.py
+    assert "nanoalign/online.py" not in pipeline.code_digests("ppo")
     assert "nanoalign/distributed.py" in pipeline.code_digests("ppo")
     rlaif = set(pipeline.code_digests("rlaif"))
     assert {"nanoalign/rlaif.py", "nanoalign/world/constitution.txt", "nanoalign/world/__init__.py",

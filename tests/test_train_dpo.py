@@ -39,7 +39,7 @@ def log(out, key="loss"):
 def test_dpo_learns_and_writes_eval(tiny_run, pairs_dir, tmp_path, monkeypatch):
     import nanoalign.evaluate
     monkeypatch.setattr(nanoalign.evaluate.gold_judge, "judge_many",  # the tiny world has no gold judge
-                        lambda prompts, answers: {"gold": float(len(answers)), "failures": {}})
+                        lambda prompts, answers: {"gold": float(len(answers)), "failures": {}, "failures_on_intent": {}})
     monkeypatch.setattr(nanoalign.evaluate.gold_judge, "judge", lambda prompt, answer: {"gold": 0.0})
     result = train_dpo.main(tiny(tiny_run, pairs_dir, tmp_path / "dpo", n_eval=4, max_steps=30))
     loss = log(tmp_path / "dpo")
@@ -59,7 +59,7 @@ def test_kto_and_orpo_learn_and_write_eval(tiny_run, pairs_dir, tmp_path, monkey
     likelihood rises (its SFT term)."""
     import nanoalign.evaluate
     monkeypatch.setattr(nanoalign.evaluate.gold_judge, "judge_many",  # the tiny world has no gold judge
-                        lambda prompts, answers: {"gold": float(len(answers)), "failures": {}})
+                        lambda prompts, answers: {"gold": float(len(answers)), "failures": {}, "failures_on_intent": {}})
     monkeypatch.setattr(nanoalign.evaluate.gold_judge, "judge", lambda prompt, answer: {"gold": 0.0})
     loads = []
     monkeypatch.setattr(train_dpo, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))

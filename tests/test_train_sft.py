@@ -34,7 +34,7 @@ def losses(out):
 def test_sft_learns_and_writes_eval(tiny_run, tmp_path, monkeypatch):
     import nanoalign.evaluate
     monkeypatch.setattr(nanoalign.evaluate.gold_judge, "judge_many",  # the tiny world has no gold judge
-                        lambda prompts, answers: {"gold": float(len(answers)), "failures": {}})
+                        lambda prompts, answers: {"gold": float(len(answers)), "failures": {}, "failures_on_intent": {}})
     result = train_sft.main(tiny(tiny_run, tmp_path / "sft", n_eval=4, max_steps=40, lr=1e-2))
     curve = losses(tmp_path / "sft")
     assert curve[-1] < 0.5 * curve[0]
